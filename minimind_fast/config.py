@@ -1,0 +1,144 @@
+"""Model configuration: MiniMind2 defaults, MiniMind-3 switches, named presets.
+
+Field names follow MiniMind's `MiniMindConfig` (model/model_minimind.py) so a config dict
+round-trips between the two projects. `validate()` turns every impossible combination into a
+one-line ValueError that names the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """MiniMind's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 64."""
+    return 64 * math.ceil(hidden_size * 8 / 3 / 64)
+
+
+@dataclass
+class MiniMindConfig:
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    intermediate_size: Optional[int] = None  # None: default_intermediate_size(hidden_size)
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    rope_scaling: Optional[dict] = None  # YaRN: {"factor", "original_max_position_embeddings", ...}
+    hidden_act: str = "silu"
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    qk_norm: bool = False  # MiniMind-3 / Qwen3: RMSNorm over head_dim on q and k
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    # MoE (MiniMind names)
+    use_moe: bool = False
+    n_routed_experts: int = 4
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.01
+    seq_aux: bool = True
+    norm_topk_prob: bool = True
+    extra: dict = field(default_factory=dict)  # unknown keys from foreign configs, kept verbatim
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; pick a head count that divides it (or set head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None and self.hidden_size > 0:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
+            positive(name)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}; pick KV heads that divide the query heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use 'silu'")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token = getattr(self, name)
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is outside the vocabulary [0, {self.vocab_size})")
+        if self.use_moe:
+            positive("n_routed_experts")
+            positive("num_experts_per_tok")
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise ValueError(
+                    f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts="
+                    f"{self.n_routed_experts}; route each token to at most that many experts")
+            if self.n_shared_experts < 0:
+                raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+            if self.scoring_func not in ("softmax", "sigmoid"):
+                raise ValueError(f"scoring_func={self.scoring_func!r} must be 'softmax' or 'sigmoid'")
+            if self.aux_loss_alpha < 0:
+                raise ValueError(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MiniMindConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        extra = {k: v for k, v in values.items() if k not in known}
+        kwargs.setdefault("extra", {}).update(extra)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "MiniMindConfig":
+        if "hidden_size" in changes or "num_attention_heads" in changes:
+            changes.setdefault("head_dim", None)
+        if "hidden_size" in changes:
+            changes.setdefault("intermediate_size", None)
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few M parameters: trains visibly in minutes on 2 CPU cores.
+    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048),
+    "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
+    "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
+    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                          use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=128, qk_norm=True),
+    "minimind3-moe": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                          head_dim=128, qk_norm=True, use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
+                          n_shared_experts=0),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> MiniMindConfig:
+    """The named preset with `overrides` applied (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return MiniMindConfig(**values)
