@@ -1,4 +1,4 @@
-"""Transformer building blocks of the MiniMind decoder: RMSNorm, GQA attention, SwiGLU FFN.
+"""Transformer building blocks of the MiniMind decoder: GQA attention and the SwiGLU FFN.
 
 Parameter names and shapes follow MiniMind's model/model_minimind.py so state dicts are
 interchangeable. Every fused op is reached through `minimind_fast.ops`, which picks the
@@ -14,24 +14,9 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import MiniMindConfig
+from .nn import RMSNorm
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight over the last dim.  x: (..., H)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
-
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor):
-        """(rms_norm(residual + x), residual + x) in one fused pass."""
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -15,7 +15,8 @@ import torch.nn as nn
 from . import ops
 from .config import MiniMindConfig
 from .constants import IGNORE_INDEX
-from .layers import Attention, FeedForward, KVCache, RMSNorm
+from .layers import Attention, FeedForward, KVCache
+from .nn import RMSNorm
 from .moe import MOEFeedForward
 
 

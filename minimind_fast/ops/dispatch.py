@@ -8,7 +8,7 @@ which is how the tests run the real kernels on CPU. Model code never branches on
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from typing import Iterator, Optional
 
@@ -25,13 +25,11 @@ def _check(name: str, source: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # decided once, without importing it
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:

@@ -1,14 +1,102 @@
-"""RoPE ops (placeholder wiring to the reference until the Triton op lands)."""
-from __future__ import annotations
+"""Rotary position embedding: registered torch ops, autograd, backend dispatch.
 
+`apply_rotary` picks the backend through ops.dispatch.choose_backend: "torch" calls the
+reference (ops/reference.py, MiniMind's rotate-half apply_rotary_pos_emb) directly so
+torch.compile can fuse it; "triton" calls the registered ops below, implemented by the
+launchers in minimind_fast/kernels/rope.py. Registered ops (namespace minimind_fast):
+
+  apply_rotary(q, k, cos, sin) -> (q_rot, k_rot)
+  apply_rotary_backward(dq_rot, dk_rot, cos, sin) -> (dq, dk)      (rotation by -theta)
+
+with fake implementations and registered autograd. Outputs are new tensors; the inputs are
+never written. cos/sin are treated as constants (no gradient). Shapes: q (B, T, Hq, D),
+k (B, T, Hkv, D), cos/sin (T, D) fp32 (rope_tables(...) sliced to the positions).
+"""
 from typing import Optional
 
 import torch
 
 from . import reference
+from .dispatch import choose_backend
 from .reference import rope_tables  # noqa: F401  (re-exported)
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    from ..kernels import rope  # lazy: triton is imported only when the Triton path runs
+
+    return rope
+
+
+@torch.library.custom_op("minimind_fast::apply_rotary", mutates_args=())
+def _apply_rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().rope_fwd(q, k, cos, sin)
+
+
+@_apply_rotary_op.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("minimind_fast::apply_rotary_backward", mutates_args=())
+def _apply_rotary_backward_op(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().rope_bwd(dq_rot, dk_rot, cos, sin)
+
+
+@_apply_rotary_backward_op.register_fake
+def _(dq_rot, dk_rot, cos, sin):
+    return dq_rot.new_empty(dq_rot.shape), dk_rot.new_empty(dk_rot.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dq_rot, dk_rot):
+    cos, sin = ctx.saved_tensors
+    dq, dk = torch.ops.minimind_fast.apply_rotary_backward(dq_rot, dk_rot, cos, sin)
+    return dq, dk, None, None
+
+
+_apply_rotary_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"apply_rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, Hq, D) and "
+                         "(B, T, Hkv, D) with the same B, T and D")
+    expected = (q.shape[1], q.shape[3])
+    if cos.shape != expected or sin.shape != expected:
+        raise ValueError(f"apply_rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be (T, D) = "
+                         f"{expected}; slice the tables to the positions (cos[offset:offset + T]) or pass "
+                         "position_offset")
+    if q.shape[3] % 2:
+        raise ValueError(f"apply_rotary: head_dim {q.shape[3]} must be even (rotate-half)")
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 backend: Optional[str] = None):
-    return reference.apply_rotary(q, k, cos, sin)
+                 backend: Optional[str] = None, *, position_offset: Optional[int] = None):
+    """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) by cos/sin; math in fp32, outputs in q's/k's dtypes.
+
+    cos/sin are (T, D), already sliced to the positions; or, with `position_offset` (KV-cache
+    decoding), the full tables from which rows position_offset .. position_offset + T are used.
+    """
+    if position_offset is not None:
+        seq_len = q.shape[1] if q.dim() == 4 else 0
+        if position_offset < 0 or position_offset + seq_len > cos.shape[0]:
+            raise ValueError(f"apply_rotary: position_offset {position_offset} + T {seq_len} exceeds the "
+                             f"{cos.shape[0]} rows of the rotary tables; build them with a larger end")
+        cos = cos[position_offset:position_offset + seq_len]
+        sin = sin[position_offset:position_offset + seq_len]
+    _check(q, k, cos, sin)
+    if choose_backend(q.device, backend) == "torch":
+        return reference.apply_rotary(q, k, cos, sin)
+    for tensor in (q, k):
+        if tensor.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"apply_rotary: the Triton kernel takes float32/bfloat16/float16, got {tensor.dtype}; "
+                             "use backend='torch'")
+    return torch.ops.minimind_fast.apply_rotary(q, k, cos, sin)
