@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import MiniMindConfig
@@ -120,11 +121,13 @@ class MiniMindForCausalLM(nn.Module):
         if labels is None or return_logits:
             logits = self.lm_head(hidden)
         if labels is not None:
-            targets = labels[:, 1:].reshape(-1)
+            # Shift the targets, not the activations: position t predicts labels[t + 1] and the
+            # last position gets IGNORE_INDEX, so hidden/logits are used without a sliced copy.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
             if logits is not None:
-                loss = ops.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, IGNORE_INDEX)
+                loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, IGNORE_INDEX)
             else:
-                loss = ops.fused_linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                loss = ops.fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
                                                       self.lm_head.weight, targets, IGNORE_INDEX)
         return CausalLMOutput(loss, aux_loss, logits, presents)
 
