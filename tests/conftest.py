@@ -1,15 +1,20 @@
-"""Test setup: run the real Triton kernels on CPU through the interpreter when no GPU exists.
+"""Test setup: run the real Triton kernels on CPU through the interpreter when no GPU exists,
+and keep the data cache in a per-session temporary directory.
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs before any test
 module imports minimind_fast.
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never read or write the user's cache (~/.cache/minimind_fast): each session starts clean,
+# as CI does.
+os.environ.setdefault("MINIMIND_FAST_CACHE", tempfile.mkdtemp(prefix="minimind_fast_test_cache_"))
 
 HAS_CUDA = torch.cuda.is_available()
 
