@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before triton is first imported, so this runs befor
 module imports minimind_fast.
 """
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -14,9 +15,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never read or write the user's cache (~/.cache/minimind_fast): each session starts clean,
 # as CI does.
-os.environ.setdefault("MINIMIND_FAST_CACHE", tempfile.mkdtemp(prefix="minimind_fast_test_cache_"))
+_SESSION_CACHE = None
+if "MINIMIND_FAST_CACHE" not in os.environ:
+    _SESSION_CACHE = os.environ["MINIMIND_FAST_CACHE"] = tempfile.mkdtemp(prefix="minimind_fast_test_cache_")
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
