@@ -7,6 +7,7 @@ Each runs its Triton kernel on CUDA and its PyTorch reference elsewhere (see ops
 """
 from .config import PRESETS, MiniMindConfig, get_preset
 from .constants import IGNORE_INDEX
+from .interop import patch_hf_model
 from .losses import CrossEntropyLoss, FusedLinearCrossEntropyLoss
 from .model import MiniMindForCausalLM, count_parameters
 from .nn import RMSNorm
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "IGNORE_INDEX", "MiniMindConfig", "PRESETS", "get_preset", "MiniMindForCausalLM", "count_parameters",
     "RMSNorm", "rms_norm", "add_rms_norm", "apply_rotary", "cross_entropy", "fused_linear_cross_entropy",
-    "CrossEntropyLoss", "FusedLinearCrossEntropyLoss", "use_backend",
+    "CrossEntropyLoss", "FusedLinearCrossEntropyLoss", "use_backend", "patch_hf_model",
 ]

@@ -1,0 +1,197 @@
+"""patch_hf_model(model): run a Hugging Face Llama / Qwen3 model on minimind_fast's fused ops.
+
+Follows Liger-Kernel's `apply_liger_kernel_to_llama(model=...)` idea, but patches one model
+instance and leaves the transformers modules (and every other model) untouched:
+
+1. RMSNorm: each `LlamaRMSNorm` / `Qwen3RMSNorm` (including Qwen3's per-head q_norm / k_norm) is
+   replaced by minimind_fast's RMSNorm holding the *same* weight Parameter (optimizer state and
+   checkpoints keep working). Numerics: normalise in fp32, cast to the input dtype, multiply by
+   the weight — HF's. One difference: HF returns fp32 when an fp32 weight meets a bf16 input
+   outside autocast (type promotion); ours returns the input dtype.
+2. Rotary: HF's attention forward calls the module-level `apply_rotary_pos_emb(q, k, cos, sin)`
+   of its modeling file with q, k: (B, H, T, D) and cos, sin: (B or 1, T, D). Each attention
+   module of this model gets a copy of its forward (decorators rebuilt around it) whose globals
+   map that name to ours: q/k viewed as (B, T, H, D), `ops.apply_rotary(q, k, cos[0], sin[0])`
+   with the tables in fp32 (HF casts them to the activation dtype; the math is fp32 either way).
+   That is only right when every batch row has the same positions (cos has batch 1, as
+   transformers builds it by default, or all rows are equal — checked once per forward, a
+   host sync); rows with their own positions (explicit per-row position_ids) go to HF's own
+   function. The cos/sin tables themselves stay HF's (its rotary embedding module computes them).
+3. Loss: `model.loss_function` becomes `causal_lm_loss`, transformers' ForCausalLMLoss contract
+   (label shift, ignore_index, num_items_in_batch, shift_labels) on `ops.cross_entropy`, which
+   never materialises an fp32 copy of the logits. An all-ignored batch gives loss 0 (HF: NaN).
+
+Also covers the model types whose modeling files share Llama's code for all three (qwen2,
+mistral, qwen3_moe, qwen2_moe, mixtral). A patched model deep-copies fine but cannot be pickled
+whole (its attention forwards are per-instance functions); save its state_dict instead.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..constants import IGNORE_INDEX
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "qwen2_moe", "mixtral")
+_NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3MoeRMSNorm",
+                 "Qwen2MoeRMSNorm", "MixtralRMSNorm"}
+_ROTARY_NAME = "apply_rotary_pos_emb"
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   num_items_in_batch: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
+                   shift_labels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """transformers' ForCausalLMLoss on ops.cross_entropy.  logits: (B, T, V), labels: (B, T).
+
+    Position t predicts labels[:, t + 1]; mean over non-ignored targets, or the sum divided by
+    num_items_in_batch when given (gradient accumulation across micro-batches).
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat_logits = logits.reshape(-1, vocab_size)
+    targets = shift_labels.reshape(-1).to(flat_logits.device)
+    if num_items_in_batch is None:
+        return ops.cross_entropy(flat_logits, targets, ignore_index)
+    loss = ops.cross_entropy(flat_logits, targets, ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def _make_rotary(original: Callable) -> Callable:
+    """Our replacement for one modeling file's apply_rotary_pos_emb (HF's signature)."""
+    signature = inspect.signature(original)
+    last: dict = {}  # the most recent multi-row cos checked: weakref and verdict (one check per forward)
+
+    def rows_share_positions(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        if cos.shape[0] == 1 or cos.stride(0) == 0:
+            return True
+        if last.get("cos") is not None and last["cos"]() is cos:
+            return last["shared"]
+        shared = bool(torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin)))
+        last.update(cos=weakref.ref(cos), shared=shared)
+        return shared
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = 1
+        if args or kwargs:
+            bound = signature.bind(q, k, cos, sin, *args, **kwargs)
+            if bound.arguments.get("position_ids") is not None:
+                return original(q, k, cos, sin, *args, **kwargs)
+            unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
+        if (unsqueeze_dim not in (1, 2) or q.dim() != 4 or cos.dim() != 3
+                or not rows_share_positions(cos, sin)):
+            return original(q, k, cos, sin, *args, **kwargs)
+        cos, sin = cos[0].float(), sin[0].float()  # (T, D) fp32 tables, as our model passes them
+        if unsqueeze_dim == 1:  # (B, H, T, D) -> (B, T, H, D) views
+            q_rot, k_rot = ops.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
+        return ops.apply_rotary(q, k, cos, sin)
+
+    apply_rotary_pos_emb.__doc__ = f"minimind_fast rotary, falling back to {original.__module__}.{_ROTARY_NAME}"
+    return apply_rotary_pos_emb
+
+
+def _with_global(func: Callable, name: str, value) -> Callable:
+    """A copy of `func` whose global `name` is `value`; decorator wrappers (functools.wraps with the
+    wrapped function in a closure cell) are rebuilt around the copy. LookupError if impossible."""
+    inner = getattr(func, "__wrapped__", None)
+    if inner is None:
+        if name not in func.__code__.co_names:
+            raise LookupError(f"{func.__qualname__} does not call {name}")
+        namespace = dict(func.__globals__)
+        namespace[name] = value
+        new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+        new.__dict__.update(func.__dict__)
+    else:
+        new_inner = _with_global(inner, name, value)
+        cells = func.__closure__ or ()
+
+        def holds_inner(cell) -> bool:
+            try:
+                return cell.cell_contents is inner
+            except ValueError:  # empty cell
+                return False
+
+        if not any(holds_inner(c) for c in cells):
+            raise LookupError(f"cannot rebuild the decorator around {inner.__qualname__}")
+        cells = tuple(types.CellType(new_inner) if holds_inner(c) else c for c in cells)
+        new = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__, cells)
+        new.__dict__.update(func.__dict__)
+        new.__wrapped__ = new_inner
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__ = func.__qualname__
+    new.__doc__ = func.__doc__
+    return new
+
+
+def _swap_norms(model: torch.nn.Module) -> int:
+    from ..nn import RMSNorm
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__ in _NORM_CLASSES:
+                with torch.device("meta"):
+                    norm = RMSNorm(child.weight.shape[0], float(child.variance_epsilon))
+                norm.weight = child.weight
+                setattr(parent, child_name, norm)
+                swapped += 1
+    return swapped
+
+
+def _patch_rotary(model: torch.nn.Module) -> int:
+    rotaries: dict[int, Callable] = {}  # one replacement per modeling file (keyed by its globals)
+    forwards: dict[type, Callable] = {}
+    patched = 0
+    for module in model.modules():
+        cls = type(module)
+        if not cls.__name__.endswith("Attention"):
+            continue
+        if cls not in forwards:
+            inner = inspect.unwrap(cls.forward)
+            namespace = inner.__globals__
+            if _ROTARY_NAME not in namespace or _ROTARY_NAME not in inner.__code__.co_names:
+                continue
+            key = id(namespace)
+            if key not in rotaries:
+                rotaries[key] = _make_rotary(namespace[_ROTARY_NAME])
+            forwards[cls] = _with_global(cls.forward, _ROTARY_NAME, rotaries[key])
+        module.forward = types.MethodType(forwards[cls], module)
+        patched += 1
+    return patched
+
+
+def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True, loss: bool = True):
+    """Swap the RMSNorm modules, the rotary application and the loss of a transformers Llama / Qwen3
+    (or qwen2, mistral, qwen3_moe, qwen2_moe, mixtral) model for minimind_fast's ops, in place.
+
+    Returns the model. Calling it twice is a no-op. Raises ValueError for other models.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise ValueError(f"patch_hf_model expects a transformers PreTrainedModel (pip install transformers), "
+                         f"got {type(model).__name__}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"patch_hf_model supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; got "
+                         f"{model_type!r}, whose norm / rotary code may differ (e.g. Gemma's 1 + weight)")
+    if getattr(model, "_minimind_fast_patched", False):
+        return model
+    if rms_norm and _swap_norms(model) == 0:
+        raise ValueError(f"no RMSNorm module of a known class in this {model_type} model; nothing to swap")
+    if rope and _patch_rotary(model) == 0:
+        raise ValueError(f"this transformers version's {model_type} attention does not call a module-level "
+                         f"{_ROTARY_NAME}; call patch_hf_model(model, rope=False)")
+    if loss and hasattr(model, "loss_function"):
+        try:
+            model.loss_function = causal_lm_loss
+        except AttributeError:  # transformers without a loss_function setter
+            model.__dict__["_loss_function"] = causal_lm_loss
+    model._minimind_fast_patched = True
+    return model
