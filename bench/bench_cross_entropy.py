@@ -1,0 +1,89 @@
+"""Cross-entropy with ignore_index, and the fused lm_head + cross-entropy: ours vs eager reference
+vs torch.compile(reference) (vs Liger on GPU), with peak memory.
+
+Targets (issue 4): cross-entropy V=6400, N=16k: fwd+bwd >= 2x eager, and no fp32 (N, V)
+buffer beyond the logits (peak extra memory < N*V*4 bytes). Fused linear + CE at N=16k,
+V=6400, H=768: peak memory of the loss step (fwd+bwd) <= 1/4 of the unfused path (the eager
+reference: logits = hidden @ W.T, then CE) at <= 1.1x its time; the memory cut is also checked
+on CPU, where `ours` is the chunked PyTorch path. 5% of the targets are ignore_index.
+Bytes for CE: read the logits (fwd), plus write their gradient (fwd+bwd). FLOPs for the fused
+loss step: 2 N H V forward, 4 N H V backward (dhidden and dW).
+"""
+import pytest
+import torch
+
+from harness import (CUDA, DEVICE, DTYPE, compiled, grads_of, liger_functional, measure, ours_or_skip,
+                     record_bandwidth, record_flops, record_memory, size)
+from minimind_fast import ops
+from minimind_fast.constants import IGNORE_INDEX
+from minimind_fast.ops import reference
+
+V = 6400
+N_CE = size(2048, 16384)
+N_FLCE, H_FLCE = size(2048, 16384), 768
+
+
+def make_targets(n):
+    targets = torch.randint(0, V, (n,), device=DEVICE)
+    targets[torch.rand(n, device=DEVICE) < 0.05] = IGNORE_INDEX
+    return targets
+
+
+@pytest.mark.parametrize("impl", ["ours", "eager", "compiled", "liger"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_cross_entropy(benchmark, mode, impl):
+    benchmark.group = f"cross_entropy V{V} {mode}"
+    grad = mode == "fwdbwd"
+    if impl == "ours":
+        ours_or_skip()
+        fn = ops.cross_entropy
+    elif impl == "eager":
+        fn = reference.cross_entropy
+    elif impl == "compiled":
+        fn = compiled(reference.cross_entropy)
+    else:
+        liger = liger_functional()
+
+        def fn(logits, targets):
+            return liger.liger_cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    logits = torch.randn(N_CE, V, device=DEVICE, dtype=DTYPE).requires_grad_(grad)
+    targets = make_targets(N_CE)
+    if not grad:
+        def step():
+            return fn(logits, targets)
+    else:
+        def step():
+            return grads_of(fn(logits, targets), (logits,), None)
+    median = measure(benchmark, step)
+    unit = logits.numel() * logits.element_size()
+    benchmark.extra_info.update(n=N_CE, vocab=V, dtype=str(DTYPE), fp32_nv_bytes=N_CE * V * 4)
+    record_bandwidth(benchmark, (1 if not grad else 2) * unit, median)
+    record_memory(benchmark, step)
+
+
+@pytest.mark.parametrize("impl", ["ours", "unfused", "compiled", "liger"])
+def test_fused_linear_cross_entropy(benchmark, impl):
+    benchmark.group = f"fused_linear_cross_entropy H{H_FLCE} V{V} fwdbwd"
+    if impl == "ours":
+        ours_or_skip()
+        fn = ops.fused_linear_cross_entropy
+    elif impl == "unfused":
+        fn = reference.fused_linear_cross_entropy
+    elif impl == "compiled":
+        fn = compiled(reference.fused_linear_cross_entropy)
+    else:
+        liger = liger_functional()
+
+        def fn(hidden, weight, targets):
+            return liger.liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+    hidden = torch.randn(N_FLCE, H_FLCE, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (0.02 * torch.randn(V, H_FLCE, device=DEVICE)).to(DTYPE).requires_grad_()
+    targets = make_targets(N_FLCE)
+
+    def step():
+        return grads_of(fn(hidden, weight, targets), (hidden, weight), None)
+    # Each CPU call is ~60 GFLOP: keep the call count low there.
+    median = measure(benchmark, step, warmup=2 if CUDA else 1, min_rounds=3)
+    benchmark.extra_info.update(n=N_FLCE, hidden=H_FLCE, vocab=V, dtype=str(DTYPE))
+    record_flops(benchmark, 6 * N_FLCE * H_FLCE * V, median)
+    record_memory(benchmark, step)

@@ -1,0 +1,220 @@
+"""MoE routing op vs its pure-PyTorch reference, and the MoE layer vs MiniMind's per-expert loop.
+
+Routing (issue 8): `moe_route(router_logits (T, E), top_k, norm_topk_prob, scoring=...)` from
+the C++/CUDA extension vs minimind_fast/ops/moe_reference.py, forward and forward+backward
+(the backward reaches the router logits through the top-k weights and the aux-loss statistics),
+plus MiniMind's own gate maths (softmax, top-k, renormalise, sequence-level aux loss; no
+permutation) for scale. Targets: CPU fwd+bwd >= 10x the reference at T=8192 for (E, k) in
+{(4,1), (4,2), (8,2), (64,8)}; GPU forward within 2x of the bandwidth floor at T=64k (bytes:
+the logits read plus every output written, over copy[large]'s bandwidth). Sequences of 512
+tokens. "ours" is skipped when the extension is not built (the fallback is the reference).
+
+Layer: minimind_fast.moe.MOEFeedForward (ours, whatever the package ships) vs MiniMind's
+MOEFeedForward training loop (repeat_interleave, one boolean mask per expert, weighted sum)
+re-implemented here over the same module's weights. FLOPs: tokens x (k + shared) SwiGLU
+experts, 6 H I per token forward, x3 for fwd+bwd.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+
+from harness import CUDA, DEVICE, DTYPE, measure, record_bandwidth, record_flops, record_memory, size
+
+ROUTE_T = size(8192, 65536)
+SEQ_LEN = 512
+ROUTE_CASES = [(4, 1), (4, 2), (8, 2), (64, 8)]
+
+
+def _function(module_name: str, names: tuple[str, ...]):
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001  (absent, or broken while being written)
+        return None
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, types.ModuleType):
+            value = getattr(value, name, None)
+        if callable(value):
+            return value
+    return None
+
+
+def route_op():
+    fn = (_function("minimind_fast.ops", ("moe_route",)) or _function("minimind_fast", ("moe_route",))
+          or _function("minimind_fast.ops.moe_route", ("moe_route",)))
+    if fn is None:
+        pytest.skip("minimind_fast.ops.moe_route is not available yet (issue 8)")
+    try:
+        import minimind_fast._C  # noqa: F401
+    except ImportError:
+        pytest.skip("minimind_fast._C is not built: moe_route would time its pure-PyTorch fallback")
+    if CUDA and not torch._C._dispatch_has_kernel_for_dispatch_key("minimind_fast::moe_route", "CUDA"):
+        pytest.skip("minimind_fast._C has no CUDA kernel: moe_route would time its pure-PyTorch fallback")
+    return fn
+
+
+def route_reference():
+    fn = _function("minimind_fast.ops.moe_reference",
+                   ("moe_route_reference", "moe_route", "reference_moe_route"))
+    if fn is None:
+        pytest.skip("minimind_fast/ops/moe_reference.py (the routing reference) is not available yet")
+    return fn
+
+
+def call_route(fn, logits, top_k):
+    """Call a routing function whatever optional keywords it spells out."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {}
+    if "scoring" in params:
+        kwargs["scoring"] = "softmax"
+    for name in ("seq_len", "sequence_length", "seq_length"):
+        if name in params:
+            kwargs[name] = SEQ_LEN
+    return fn(logits, top_k, True, **kwargs)
+
+
+def minimind_gate(logits, top_k):
+    """MiniMind's MoEGate maths from router logits (T, E): weights, indices, seq-level aux loss."""
+    T, E = logits.shape
+    scores = logits.float().softmax(dim=-1)
+    topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    if top_k > 1:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+    batch = T // SEQ_LEN
+    counts = torch.zeros(batch, E, device=logits.device)
+    counts.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, SEQ_LEN * top_k, device=logits.device))
+    counts = counts.div(SEQ_LEN * top_k / E)
+    aux = (counts * scores.view(batch, SEQ_LEN, E).mean(dim=1)).sum(dim=1).mean()
+    return topk_weight, topk_idx, aux
+
+
+def tensors_of(result):
+    if hasattr(result, "__dataclass_fields__"):
+        result = vars(result)
+    leaves, _ = tree_flatten(result)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+@pytest.mark.parametrize("impl", ["ours", "reference", "minimind_gate"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("experts,top_k", ROUTE_CASES, ids=[f"E{e}k{k}" for e, k in ROUTE_CASES])
+def test_moe_route(benchmark, experts, top_k, mode, impl):
+    benchmark.group = f"moe_route E{experts}k{top_k} {mode}"
+    if impl == "ours":
+        op = route_op()
+
+        def fn(logits):
+            return call_route(op, logits, top_k)
+    elif impl == "reference":
+        ref = route_reference()
+
+        def fn(logits):
+            return call_route(ref, logits, top_k)
+    else:
+        def fn(logits):
+            return minimind_gate(logits, top_k)
+    grad = mode == "fwdbwd"
+    logits = torch.randn(ROUTE_T, experts, device=DEVICE, dtype=torch.float32, requires_grad=grad)
+    with torch.no_grad():
+        outputs = tensors_of(fn(logits))
+    out_bytes = sum(t.numel() * t.element_size() for t in outputs)
+    if not grad:
+        def step():
+            return fn(logits)
+    else:
+        def step():
+            floats = [t for t in tensors_of(fn(logits)) if t.requires_grad]
+            return torch.autograd.grad(floats, (logits,), [torch.ones_like(t) for t in floats])
+    median = measure(benchmark, step)
+    benchmark.extra_info.update(tokens=ROUTE_T, experts=experts, top_k=top_k, seq_len=SEQ_LEN,
+                                output_bytes=out_bytes)
+    record_bandwidth(benchmark, logits.numel() * logits.element_size() + out_bytes, median)
+    record_memory(benchmark, step)
+
+
+# ---------------------------------------------------------------------------- the MoE layer
+
+LAYER_CASES = {  # name: (preset whose MoE layout is used, hidden size on the small profile)
+    "minimind2-moe": ("minimind2-moe", 256),
+    "minimind3-moe": ("minimind3-moe", 256),
+}
+LAYER_B, LAYER_T = size(4, 16), size(256, 1024)
+
+
+def swiglu(expert, x):
+    return F.linear(F.silu(F.linear(x, expert.gate_proj.weight)) * F.linear(x, expert.up_proj.weight),
+                    expert.down_proj.weight)
+
+
+def minimind_moe_loop(module, config, x):
+    """MiniMind's MOEFeedForward.forward in training mode, over `module`'s parameters."""
+    B, T, H = x.shape
+    k, E = config.num_experts_per_tok, config.n_routed_experts
+    flat_x = x.reshape(-1, H)
+    scores = F.linear(flat_x, module.gate.weight).softmax(dim=-1)
+    topk_weight, topk_idx = torch.topk(scores, k=k, dim=-1, sorted=False)
+    if k > 1 and config.norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+    counts = torch.zeros(B, E, device=x.device)
+    counts.scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, T * k, device=x.device))
+    counts = counts.div(T * k / E)
+    aux = (counts * scores.view(B, T, E).mean(dim=1)).sum(dim=1).mean() * config.aux_loss_alpha
+    repeated = flat_x.repeat_interleave(k, dim=0)
+    flat_idx = topk_idx.view(-1)
+    y = torch.empty_like(repeated)
+    for i, expert in enumerate(module.experts):
+        mask = flat_idx == i
+        y[mask] = swiglu(expert, repeated[mask]).to(y.dtype)
+    y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1).view(B, T, H)
+    for expert in module.shared_experts:
+        y = y + swiglu(expert, x)
+    return y, aux
+
+
+@pytest.mark.parametrize("impl", ["ours", "minimind_loop"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("layout", list(LAYER_CASES))
+def test_moe_layer(benchmark, layout, mode, impl):
+    from minimind_fast.config import get_preset
+    from minimind_fast.moe import MOEFeedForward
+
+    preset, small_hidden = LAYER_CASES[layout]
+    config = get_preset(preset, hidden_size=size(small_hidden, None))
+    benchmark.group = f"moe_layer {layout} {mode}"
+    module = MOEFeedForward(config).to(DEVICE).train()
+    x = torch.randn(LAYER_B, LAYER_T, config.hidden_size, device=DEVICE)
+    forward = (lambda: module(x)) if impl == "ours" else (lambda: minimind_moe_loop(module, config, x))
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else contextlib.nullcontext
+    if mode == "fwd":
+        def step():
+            with torch.no_grad(), amp():
+                return forward()
+    else:
+        x.requires_grad_(True)
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def step():
+            with amp():
+                y, aux = forward()
+                loss = y.float().square().mean() + aux
+            return torch.autograd.grad(loss, [x] + params, allow_unused=True)
+    median = measure(benchmark, step)
+    tokens = LAYER_B * LAYER_T
+    active = config.num_experts_per_tok + config.n_shared_experts
+    flops = tokens * active * 6 * config.hidden_size * config.intermediate_size * (1 if mode == "fwd" else 3)
+    benchmark.extra_info.update(tokens=tokens, hidden=config.hidden_size, experts=config.n_routed_experts,
+                                top_k=config.num_experts_per_tok, shared=config.n_shared_experts,
+                                dtype=str(DTYPE) if CUDA else "float32")
+    record_flops(benchmark, flops, median)
+    record_memory(benchmark, step)
