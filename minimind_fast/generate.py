@@ -1,7 +1,8 @@
 """Sample text from a trained checkpoint: `python -m minimind_fast.generate --ckpt PATH --prompt TEXT`.
 
 PATH is a run directory (--save_dir of pretrain: its newest complete checkpoint), a checkpoint
-directory, or a weights file (.safetensors, or MiniMind's .pth). The model config comes from the
+directory, a directory written by minimind_fast.export, or a weights file (.safetensors, or
+MiniMind's .pth), read by minimind_fast.interop.load_weights. The model config comes from the
 config.json next to the weights (or --preset for bare MiniMind files), the tokenizer from the
 tokenizer.json saved with the run (or --tokenizer_path). Prompts are encoded as MiniMind's
 pretraining documents begin: BOS, then the text. Follows MiniMind's eval_llm.py, minus chat.
@@ -9,43 +10,36 @@ pretraining documents begin: BOS, then the text. Follows MiniMind's eval_llm.py,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import PRESETS, MiniMindConfig, get_preset
+from .config import PRESETS, get_preset
 from .constants import BOS_TOKEN_ID, EOS_TOKEN_ID
 from .model import MiniMindForCausalLM
 
 
-def _find_next_to(file: Path, name: str) -> Optional[Path]:
-    """`name` beside the weights file (checkpoint and run directories hold config and tokenizer)."""
-    return file.parent / name if (file.parent / name).is_file() else None
-
-
 def load_for_inference(ckpt, device: torch.device, preset: Optional[str] = None, tokenizer_path=None):
-    """(model in eval mode on `device`, tokenizers.Tokenizer) for a run dir, checkpoint dir or file."""
+    """(model in eval mode on `device`, tokenizers.Tokenizer) for a run dir, checkpoint dir, exported
+    HF dir or weights file."""
+    from .interop import load_weights
     from .tokenizer import default_tokenizer_path, load_tokenizer
-    from .train.checkpoint import load_model_weights, load_weights, resolve_weights_file
+    from .train.checkpoint import resolve_checkpoint_path
 
-    file = resolve_weights_file(ckpt)
-    config_file = _find_next_to(file, "config.json")
-    if preset is not None:
-        config = get_preset(preset)
-    elif config_file is not None:
-        config = MiniMindConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
-    else:
-        raise ValueError(f"no config.json next to {file}; pass --preset (one of {', '.join(PRESETS)}) "
+    path = resolve_checkpoint_path(ckpt)
+    config = get_preset(preset) if preset is not None else None
+    found, state = load_weights(path, config)  # validated against config, else against the config found
+    config = config if config is not None else found
+    if config is None:
+        raise ValueError(f"no config.json next to {path}; pass --preset (one of {', '.join(PRESETS)}) "
                          "describing the weights")
     model = MiniMindForCausalLM(config)
-    load_model_weights(model, load_weights(file, config), source=str(file))
+    model.load_state_dict(state)
     model.to(device).eval()
     if tokenizer_path is None:
-        found = _find_next_to(file, "tokenizer.json")
-        tokenizer_path = found if found is not None else default_tokenizer_path(config.vocab_size)
+        found_tokenizer = (path if path.is_dir() else path.parent) / "tokenizer.json"
+        tokenizer_path = found_tokenizer if found_tokenizer.is_file() else default_tokenizer_path(config.vocab_size)
     return model, load_tokenizer(tokenizer_path)
 
 

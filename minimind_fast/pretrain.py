@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import MiniMindConfig, get_preset
 from .constants import IGNORE_INDEX
 from .data import count_tokens
+from .interop import load_weights, validate_state_dict
 from .model import MiniMindForCausalLM, count_parameters
 from .train import checkpoint, cli, distributed, metrics, optim, precision
 from .train.data_setup import build_data, remaining_steps
@@ -54,16 +54,17 @@ def evaluate(model, loader, max_batches, context, autocast) -> float:
 
 
 def resolve_from_weight(args, config):
-    """--from_weight: a path, or MiniMind's prefix form {save_dir}/{name}_{hidden}[_moe].pth."""
+    """--from_weight: a path (weights file, checkpoint / run / exported HF directory), or MiniMind's
+    prefix form {save_dir}/{name}_{hidden}[_moe].pth."""
     path = Path(args.from_weight).expanduser()
     if path.exists():
-        return path
+        return checkpoint.resolve_checkpoint_path(path)
     name = checkpoint.minimind_weight_name(args.from_weight, config.hidden_size, config.use_moe)
     prefixed = Path(args.save_dir) / name
     if prefixed.is_file():
         return prefixed
     raise ValueError(f"--from_weight {args.from_weight!r}: neither that path nor {prefixed} exists; pass a "
-                     ".safetensors/.pth file, a checkpoint or run directory, or 'none'")
+                     ".safetensors/.pth file, a checkpoint, run or exported Hugging Face directory, or 'none'")
 
 
 def main(argv=None) -> int:
@@ -101,6 +102,7 @@ def train(args, context) -> None:
             args.preset = state["args"]["preset"]
         args.preset = args.preset or ("minimind2-small" if device.type == "cuda" else "demo")
         cli.apply_preset_defaults(args, args.preset)
+        cli.check_model_flags(args, args.preset)
         overrides = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          vocab_size=args.vocab_size, dropout=args.dropout,
                          use_moe=None if args.use_moe is None else bool(args.use_moe))
@@ -118,6 +120,8 @@ def train(args, context) -> None:
                              f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}")
         dtype = precision.resolve_dtype(args.dtype or precision.default_dtype_name(device), device)
         args.dtype = str(dtype).replace("torch.", "")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--save_dir {run_dir} is a file, not a directory; pick another path")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / f".write-test-{context.rank}", "w"):
@@ -126,16 +130,22 @@ def train(args, context) -> None:
         except OSError as error:
             raise ValueError(f"--save_dir {run_dir} is not writable ({error.strerror}); "
                              "pick another directory") from None
-        loader, sampler, val_loader, tokenizer_dir = build_data(args, config, context)
+        loader, sampler, val_loader, tokenizer_dir = build_data(args, config, context, latest)
 
         distributed.seed_everything(args.seed)  # same initial weights on every rank
         model = MiniMindForCausalLM(config)
         if state is not None:
-            checkpoint.load_model_weights(model, state["model"], source=str(latest))
+            model.load_state_dict(validate_state_dict(state["model"], config, source=str(latest)))
         elif args.from_weight.lower() != "none":
             weights = resolve_from_weight(args, config)
-            checkpoint.load_model_weights(model, checkpoint.load_weights(weights, config), source=str(weights))
+            found, weights_state = load_weights(weights, config)  # validated against config's shapes
+            model.load_state_dict(weights_state)
             log(f"initial weights: {weights}")
+            found_values = found.to_dict() if found is not None else {}
+            differ = [f"{k}={v!r} (this run: {getattr(config, k)!r})" for k, v in found_values.items()
+                      if k not in ("dropout", "extra") and v != getattr(config, k)]
+            if differ:
+                log(f"warning: {weights} was configured with {', '.join(differ)}; this run uses its own values")
         model.to(device)
         if args.grad_checkpointing:
             optim.apply_grad_checkpointing(model)
@@ -186,11 +196,15 @@ def train(args, context) -> None:
     flops_per_token = metrics.flops_per_token(config, args.max_seq_len, counts["active"], counts["embedding"])
     peak = metrics.peak_flops(device, dtype)
     if context.is_main:  # metrics.jsonl reads as one run: drop records past the resumed step (all, if fresh)
-        metrics.truncate_metrics(run_dir / "metrics.jsonl", step)
-        checkpoint.write_json_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_dict())
-        for name in checkpoint.TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, run_dir / name)
+        try:
+            metrics.truncate_metrics(run_dir / "metrics.jsonl", step)
+            checkpoint.write_json_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_dict())
+            for name in checkpoint.TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    checkpoint.copy_file_atomic(tokenizer_dir / name, run_dir / name)
+        except OSError as error:
+            raise checkpoint.CheckpointError(f"writing to {run_dir} failed: {error}; free disk space or pick "
+                                             "another --save_dir") from error
     log(f"model {args.preset}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
         f"{args.dtype} on {device} x{context.world_size}; {num_samples} rows of {args.max_seq_len} tokens "
         f"({'packed' if args.packing else 'padded'}); global batch {args.batch_size}x{args.accumulation_steps}"

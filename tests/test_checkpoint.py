@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minimind_fast.config import get_preset
+from minimind_fast.interop import load_weights
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.train import checkpoint
 
@@ -18,6 +19,12 @@ CONFIG = dict(hidden_size=32, num_hidden_layers=2, vocab_size=300)
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return MiniMindForCausalLM(get_preset("demo", **{**CONFIG, **overrides}))
+
+
+def load_into(model, path, config=None):
+    """What --from_weight does: resolve a run directory, load and validate, load_state_dict."""
+    _, state = load_weights(checkpoint.resolve_checkpoint_path(path), config or model.config)
+    model.load_state_dict(state)
 
 
 def save(run_dir, step, model, keep=3):
@@ -36,13 +43,13 @@ def test_checkpoint_loads_back_into_a_fresh_model(tmp_path, tied):
     reference = {k: v.half() for k, v in model.state_dict().items()}
     for source in (path / "model.safetensors", path / "pretrain_32.pth", path, tmp_path):
         fresh = tiny_model(seed=1, tie_word_embeddings=tied)
-        checkpoint.load_model_weights(fresh, checkpoint.load_weights(source, fresh.config))
+        load_into(fresh, source)
         for key, value in fresh.state_dict().items():
             assert torch.equal(value.half(), reference[key]), (source, key)
         if tied:
             assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     exact = tiny_model(seed=2, tie_word_embeddings=tied)  # the fp32 copy in the resume state is exact
-    checkpoint.load_model_weights(exact, checkpoint.load_weights(path / "resume.pt"))
+    load_into(exact, path / "resume.pt")
     for key, value in exact.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
 
@@ -70,7 +77,7 @@ def test_prefixed_state_dicts_are_cleaned(tmp_path):
     wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     torch.save(wrapped, tmp_path / "wrapped.pth")
     fresh = tiny_model(seed=1)
-    checkpoint.load_model_weights(fresh, checkpoint.load_weights(tmp_path / "wrapped.pth"))
+    load_into(fresh, tmp_path / "wrapped.pth")
     assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
 
 
@@ -106,7 +113,7 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010"]  # no debris
     assert (tmp_path / "pretrain_32.pth").read_bytes() == mirror_before
     fresh = tiny_model(seed=1)
-    checkpoint.load_model_weights(fresh, checkpoint.load_weights(tmp_path))
+    load_into(fresh, tmp_path)
     assert torch.equal(fresh.model.norm.weight, torch.ones(32))
     assert checkpoint.load_resume_state(good)["progress"]["step"] == 10
 
@@ -143,7 +150,7 @@ def test_code_executing_pickle_is_refused(tmp_path):
     torch.save({"model.norm.weight": _Exploit(str(target))}, tmp_path / "evil2.pth")
     for name in ("evil.pth", "evil2.pth"):
         with pytest.raises(ValueError, match="refusing to load|cannot read"):
-            checkpoint.load_weights(tmp_path / name)
+            load_weights(tmp_path / name)
     assert not target.exists()
 
 
@@ -152,25 +159,26 @@ def test_truncated_and_corrupt_files_give_clear_errors(tmp_path):
     data = (path / "pretrain_32.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="cut.pth"):
-        checkpoint.load_weights(tmp_path / "cut.pth")
+        load_weights(tmp_path / "cut.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="bad.safetensors"):
-        checkpoint.load_weights(tmp_path / "bad.safetensors")
+        load_weights(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="does not exist"):
-        checkpoint.load_weights(tmp_path / "missing.safetensors")
-    (tmp_path / "empty_run").mkdir()
+        load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        checkpoint.load_weights(tmp_path / "empty_run")
+        checkpoint.resolve_checkpoint_path(tmp_path / "empty_run")
 
 
 def test_weights_of_another_size_are_rejected(tmp_path):
     path = save(tmp_path, 1, tiny_model())
     other = tiny_model(hidden_size=64)
-    with pytest.raises(ValueError, match="shape mismatch .*hidden_size"):
-        checkpoint.load_model_weights(other, checkpoint.load_weights(path), source=str(path))
+    with pytest.raises(ValueError, match=r"has shape \(300, 32\) but the config expects \(300, 64\).*hidden_size"):
+        load_into(other, path)
     deeper = tiny_model(num_hidden_layers=3)
-    with pytest.raises(ValueError, match="missing 9 keys"):
-        checkpoint.load_model_weights(deeper, checkpoint.load_weights(path), source=str(path))
+    with pytest.raises(ValueError, match=r"missing key 'model\.layers\.2\..*' \(and 8 more\).*"
+                                         "num_hidden_layers=3: the checkpoint has 2 layers"):
+        load_into(deeper, path)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

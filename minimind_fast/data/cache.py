@@ -9,9 +9,9 @@ Layout (nanoGPT's `train.bin` idea, with document boundaries kept):
         meta.json         fingerprint, counts, dtype, skipped-line summary (written last)
 
 The fingerprint covers the data file (path, size, mtime, BLAKE2b of its bytes), the sha256 of
-tokenizer.json, the format version and the short-document rule; a cache with the same fingerprint
-is reused, anything else is rebuilt (the superseded cache of the same file and tokenizer is
-deleted; caches made with other tokenizers are kept). A build runs under an fcntl lock into a temp
+tokenizer.json, the format version and the short-document and long-line rules; a cache with the
+same fingerprint is reused, anything else is rebuilt (the superseded cache of the same file and
+tokenizer is deleted; caches made with other tokenizers are kept). A build runs under an fcntl lock into a temp
 directory that is renamed into place at the end, so a crash or a racing process (DDP ranks) never
 sees a half cache and the loser of a race simply reuses the winner's result.
 
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..constants import BOS_TOKEN_ID, EOS_TOKEN_ID
 from ..corpus import default_cache_dir
 from ..tokenizer import load_tokenizer, tokenizer_file
+from . import reader
 from .reader import FORMAT_HINT, TOO_SHORT, DataError, SkipStats, check_data_path, iter_documents
 
 logger = logging.getLogger("minimind_fast.data")
@@ -174,12 +175,12 @@ def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress
             offsets.append(num_tokens + np.cumsum(lengths + 2))
             num_tokens += int((lengths + 2).sum())
             bar.update(stats.bytes_read - bar.n)
-    stats.log()
     doc_offsets = np.concatenate(offsets)
-    if len(doc_offsets) == 1:
+    if len(doc_offsets) == 1:  # the error carries the skip summary: no separate warning line
         detail = stats.summary() or "no documents found"
         raise DataError(f"no usable documents in {data_path}: {detail}. Write {FORMAT_HINT}; "
                         f"each document needs at least {MIN_DOC_TOKENS} tokens.")
+    stats.log()
     np.save(out_dir / "doc_offsets.npy", doc_offsets)
     meta.update(num_docs=len(doc_offsets) - 1, num_tokens=num_tokens, dtype=dtype.name,
                 skipped=stats.as_dict())
@@ -199,6 +200,7 @@ def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool 
     stat = data_path.stat()
     fingerprint = {
         "format_version": CACHE_FORMAT_VERSION, "min_doc_tokens": MIN_DOC_TOKENS,
+        "max_line_bytes": reader.MAX_LINE_BYTES,
         "data_path": str(data_path), "data_size": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
         "data_blake2b": file_digest(data_path),
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),

@@ -5,11 +5,13 @@ Formats (chosen by file extension):
   (extra keys are ignored, blank lines are skipped silently).
 - `.txt` / `.text` / `.md`: documents separated by one or more blank lines.
 
-The file is read line by line in binary mode, so a 1 GB file never lives in memory. Bad lines
-(malformed JSON, no "text" key, non-string text, bytes that are not UTF-8) are skipped and
-counted in `SkipStats`, which logs one summary naming the file, the counts and the first line
-numbers. Problems that make a file unusable (missing, a directory, empty, wrong extension) raise
-`DataError` up front, before any training or DataLoader worker starts.
+The file is read line by line in binary mode, so a 1 GB file never lives in memory; a line longer
+than MAX_LINE_BYTES (a whole JSON array on one line, a file without newlines) is skipped without
+being held in memory, and a .txt document is cut into pieces of about that size. Bad lines
+(malformed JSON, no "text" key, non-string text, bytes that are not UTF-8, over-long lines) are
+skipped and counted in `SkipStats`, which logs one summary naming the file, the counts and the
+first line numbers. Problems that make a file unusable (missing, a directory, empty, wrong
+extension) raise `DataError` up front, before any training or DataLoader worker starts.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ logger = logging.getLogger("minimind_fast.data")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 MAX_LINES_SHOWN = 5
+MAX_LINE_BYTES = 8 << 20  # one JSONL line (one document) is at most 8 MiB; read at call time
 FORMAT_HINT = ('one JSON object {"text": "..."} per line (.jsonl, UTF-8) or a .txt file with '
                "documents separated by blank lines")
 
@@ -32,6 +35,11 @@ NO_TEXT = 'missing "text" field'
 NOT_STRING = '"text" is not a string'
 NOT_UTF8 = "not valid UTF-8"
 TOO_SHORT = "too short"
+
+
+def _too_long_reason() -> str:
+    size = MAX_LINE_BYTES
+    return f"line longer than {f'{size >> 20} MiB' if size >= 1 << 20 else f'{size} bytes'} (split it into documents)"
 
 
 class DataError(ValueError):
@@ -119,10 +127,29 @@ def _decode(raw: bytes, line_number: int, stats: SkipStats) -> str | None:
     return line[1:] if line_number == 1 and line.startswith("\ufeff") else line  # drop a BOM
 
 
+def _raw_lines(file, stats: SkipStats) -> Iterator[tuple[int, bytes]]:
+    """(line_number, bytes) of each line of a binary file; a line longer than MAX_LINE_BYTES is
+    drained in 1 MiB pieces, counted in stats and not yielded."""
+    limit = MAX_LINE_BYTES
+    line_number = 0
+    while True:
+        raw = file.readline(limit + 1)
+        if not raw:
+            return
+        line_number += 1
+        stats.bytes_read += len(raw)
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = file.readline(1 << 20)
+                stats.bytes_read += len(raw)
+            stats.add(_too_long_reason(), line_number)
+            continue
+        yield line_number, raw
+
+
 def _iter_jsonl(path: Path, stats: SkipStats) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, start=1):
-            stats.bytes_read += len(raw)
+        for line_number, raw in _raw_lines(file, stats):
             line = _decode(raw, line_number, stats)
             if line is None or not line.strip():
                 continue
@@ -143,10 +170,9 @@ def _iter_jsonl(path: Path, stats: SkipStats) -> Iterator[tuple[int, str]]:
 
 def _iter_text(path: Path, stats: SkipStats) -> Iterator[tuple[int, str]]:
     lines: list[str] = []
-    first_line = 0
+    first_line = size = 0
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, start=1):
-            stats.bytes_read += len(raw)
+        for line_number, raw in _raw_lines(file, stats):
             line = _decode(raw, line_number, stats)
             if line is None:
                 continue
@@ -154,8 +180,11 @@ def _iter_text(path: Path, stats: SkipStats) -> Iterator[tuple[int, str]]:
                 if not lines:
                     first_line = line_number
                 lines.append(line)
-            elif lines:
+                size += len(raw)
+                if size < MAX_LINE_BYTES:
+                    continue
+            if lines:  # a blank line, or a document that reached MAX_LINE_BYTES: cut it here
                 yield first_line, "".join(lines).rstrip("\r\n")
-                lines = []
+                lines, size = [], 0
     if lines:
         yield first_line, "".join(lines).rstrip("\r\n")

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -29,7 +32,8 @@ from .hf_export import HF_ARCHITECTURES, hf_rope_scaling
 
 PathLike = Union[str, Path]
 _DROPPED_SUFFIXES = ("freqs_cos", "freqs_sin", "pos_cis", "rotary_emb.inv_freq")  # recomputed, never loaded
-_FIX = "pass the config the checkpoint was trained with (--config JSON, or a config.json beside the weights)"
+_FIX = ("use the model config the weights were trained with (a config.json beside them, or the matching "
+        "--preset / --hidden_size / --num_hidden_layers / --vocab_size / --use_moe flags)")
 
 
 def normalize_keys(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -90,6 +94,10 @@ def validate_state_dict(state_dict: dict, config: MiniMindConfig, source: str = 
             hint = _field_hint(keys[0], config)
             if kind == "missing" and keys[0] == head:
                 hint = "tie_word_embeddings: the checkpoint ties lm_head to embed_tokens"
+            layer = re.match(r"model\.layers\.(\d+)\.", keys[0])
+            if kind == "missing" and layer and not any(k.startswith(layer.group(0)) for k in state):
+                found_layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
+                hint = f"num_hidden_layers={config.num_hidden_layers}: the checkpoint has {found_layers} layers"
             raise ValueError(f"{source}: {kind} key {keys[0]!r}{more} for this config (check {hint}); {_FIX}")
     for key, shape in shapes.items():
         if tuple(state[key].shape) != shape:
@@ -241,12 +249,38 @@ def from_hf_state_dict(tensors: dict, config: MiniMindConfig, model_type: str, s
     return validate_state_dict(state, config, source)
 
 
+def load_torch_file(path: PathLike) -> Any:
+    """torch.load(path, weights_only=True) on CPU: tensors and plain containers only, never code.
+    One-line ValueError for a file that is truncated, not a checkpoint, or holds other Python objects."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # a plain-pickle file draws a protocol warning; the error says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(error))
+        raise ValueError(f"refusing to load {path}: it holds Python objects beyond tensors and plain containers "
+                         f"({found.group(1) if found else 'not a plain state dict'}), which could run code when "
+                         "unpickled; re-save it as safetensors or a plain state dict") from None
+    except FileNotFoundError:
+        raise ValueError(f"cannot read {path}: the file does not exist") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot read {path}: {first}. The file is truncated or not a PyTorch checkpoint; "
+                         "use another one") from None
+
+
 def _load_safetensors(files: list[Path]) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read {file}: {error}. The file is truncated or corrupt (a bad safetensors "
+                             "header); use another copy of the weights") from None
     return state
 
 
@@ -262,7 +296,7 @@ def import_hf(directory: PathLike) -> tuple[MiniMindConfig, dict]:
     elif (directory / "model.safetensors").is_file():
         tensors = _load_safetensors([directory / "model.safetensors"])
     elif (directory / "pytorch_model.bin").is_file():
-        tensors = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = load_torch_file(directory / "pytorch_model.bin")
     else:
         raise ValueError(f"{directory} has config.json but no model.safetensors (or index / pytorch_model.bin)")
     return config, from_hf_state_dict(tensors, config, hf["model_type"], source=str(directory))
@@ -272,10 +306,7 @@ def load_minimind_pth(path: PathLike, config: Optional[MiniMindConfig] = None) -
     """A MiniMind .pth (state dict, or a resume checkpoint holding one under "model"), normalised and,
     given a config, validated."""
     path = Path(path).expanduser()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types
-        raise ValueError(f"cannot load {path} with torch.load(weights_only=True): {error}") from None
+    state = load_torch_file(path)
     if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()):
         nested = state.get("model", state.get("state_dict"))
         if not isinstance(nested, dict):
@@ -306,7 +337,10 @@ def load_weights(path: PathLike, config: Optional[MiniMindConfig] = None) -> tup
     config_file = directory / "config.json"
     found, hf_type = None, None
     if config_file.is_file():
-        values = json.loads(config_file.read_text(encoding="utf-8"))
+        try:
+            values = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {config_file}: {error}; fix or remove that config.json") from None
         if values.get("model_type") in HF_ARCHITECTURES:
             if path.is_dir():
                 found, state = import_hf(path)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..constants import IGNORE_INDEX
 from . import reference
+from .checks import check_floating, check_same_device
 from .dispatch import choose_backend
 
 DEBUG_ENV = "MINIMIND_FAST_DEBUG"
@@ -88,6 +89,8 @@ def _flatten(inputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor
                          f"got targets {tuple(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"{name}: targets must be class indices (an integer dtype), got {targets.dtype}")
+    check_floating(name, input=inputs)
+    check_same_device(name, input=inputs, targets=targets)
     return inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1)
 
 
@@ -349,6 +352,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} must be (..., H) and "
                          f"weight {tuple(weight.shape)} must be (V, H)")
+    check_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
+    check_same_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

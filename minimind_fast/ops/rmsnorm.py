@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .checks import check_floating, check_same_device
 from .dispatch import choose_backend
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,6 +95,10 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rm
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> None:
+    tensors = dict(x=x, weight=weight, **({} if residual is None else {"residual": residual}))
+    op = "rms_norm" if residual is None else "add_rms_norm"
+    check_floating(op, **tensors)
+    check_same_device(op, **tensors)
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be (H,) with H = x.shape[-1] "
                          f"(x shape {tuple(x.shape)})")

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .checks import check_floating, check_same_device
 from .dispatch import choose_backend
 from .reference import rope_tables  # noqa: F401  (re-exported)
 
@@ -66,6 +67,8 @@ _apply_rotary_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    check_floating("apply_rotary", q=q, k=k, cos=cos, sin=sin)
+    check_same_device("apply_rotary", q=q, k=k, cos=cos, sin=sin)
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"apply_rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, Hq, D) and "
                          "(B, T, Hkv, D) with the same B, T and D")

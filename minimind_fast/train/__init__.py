@@ -6,6 +6,6 @@
 - precision: dtype choice, autocast, GradScaler (float16 only)
 - optim: AdamW groups (no decay on norms/biases/embeddings), clip + non-finite skip, activation checkpointing
 - schedule: warmup + cosine LR as a pure function of the optimizer step
-- checkpoint: atomic checkpoints, resume state, weight loading (safetensors / weights_only)
+- checkpoint: atomic checkpoints, resume state (weights are read by interop.load_weights)
 - metrics: FLOPs/MFU, progress output, JSONL/wandb/TensorBoard, loss-curve PNG
 """

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic directory-per-checkpoint saves, keep-last-K, resume state, weight loading.
+"""Checkpoints: atomic directory-per-checkpoint saves, keep-last-K, resume state.
 
 Layout of a run directory (--save_dir):
 
@@ -22,26 +22,29 @@ next save), and the previous checkpoint is never touched until the new one is co
 newest checkpoint is the complete one with the highest `sequence` (so a fresh run saving into an
 old run's directory supersedes it cleanly); the K newest are kept.
 
-Loading never unpickles code: safetensors, or `torch.load(weights_only=True)`. Follows MiniMind's
-`lm_checkpoint` (trainer/trainer_utils.py) for what is saved, torchtitan for atomicity.
+Loading never unpickles code: safetensors, or `torch.load(weights_only=True)`. Weights (for
+--from_weight, generate, export) are read by minimind_fast.interop.load_weights, which validates
+them against the config; this module only resolves a run directory to its newest checkpoint and
+reads resume states. Follows MiniMind's `lm_checkpoint` (trainer/trainer_utils.py) for what is
+saved, torchtitan for atomicity.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
 import tempfile
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..interop.hf_import import load_torch_file
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -55,7 +58,7 @@ _PREFIX_PATTERN = re.compile(r"(?<![^.])(?:module|_orig_mod)\.")  # at the start
 
 
 class CheckpointError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions); the previous checkpoint is intact."""
+    """Writing to the run directory failed (disk full, permissions); the previous checkpoint is intact."""
 
 
 def new_run_id() -> str:
@@ -124,19 +127,50 @@ def inference_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -
 
 
 def _save_safetensors(weights: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = dict(weights)
-    if tied and "lm_head.weight" in tensors:  # stored once, restored by load_weights
+    if tied and "lm_head.weight" in tensors:  # stored once, restored by interop.load_weights
         del tensors["lm_head.weight"]
-    save_file(tensors, str(path), metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()})
+    except SafetensorError as error:  # how safetensors reports a failed write (disk full, file too large)
+        raise OSError(f"writing {path.name} failed: {error}") from error
+    os.chmod(path, 0o644)  # safetensors creates it owner-only; the checkpoint's other files are 0644
 
 
 def _save_torch(value: Any, path: Path) -> None:
     with open(path, "wb") as handle:
-        torch.save(value, handle)
+        try:
+            torch.save(value, handle)
+        except RuntimeError as error:  # torch's zip writer reports a short write (disk full) this way
+            raise OSError(f"writing {path.name} failed ({error}): the disk is full or a file size limit "
+                          "was reached") from error
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a fsynced temp file and os.replace: `target` is always
+    either the old file or the whole new one."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def sweep_run_dir_debris(run_dir) -> None:
+    """Remove the temp files a killed process can leave in `run_dir` (by write_json_atomic and
+    copy_file_atomic: `.<name>.<random>.tmp`). Only rank 0 writes there, so none is live."""
+    for debris in Path(run_dir).glob(".*.tmp"):
+        if debris.is_file():
+            debris.unlink(missing_ok=True)
 
 
 def _sequence_of(directory: Path) -> Optional[int]:
@@ -188,6 +222,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         root.mkdir(parents=True, exist_ok=True)
         for debris in root.glob(".t*-*"):  # temp dirs of crashed saves, half-deleted old ones
             shutil.rmtree(debris, ignore_errors=True)
+        sweep_run_dir_debris(run_dir)
         previous = list_checkpoints(run_dir)
         sequence = 1 + max((_sequence_of(p) or 0 for p in previous), default=0)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
@@ -211,15 +246,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         os.rename(tmp, final)
         tmp = None
         _fsync_dir(root)
-        mirror = run_dir / pth_name
-        mirror_tmp = run_dir / f".{pth_name}.{uuid.uuid4().hex[:6]}.tmp"
-        try:
-            shutil.copyfile(final / pth_name, mirror_tmp)
-            _fsync_file(mirror_tmp)
-            os.replace(mirror_tmp, mirror)
-        finally:
-            if mirror_tmp.exists():
-                mirror_tmp.unlink()
+        copy_file_atomic(final / pth_name, run_dir / pth_name)
         _fsync_dir(run_dir)
         for old in list_checkpoints(run_dir)[:-keep]:
             _remove_dir(old)
@@ -235,23 +262,10 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(error))
-        raise ValueError(f"refusing to load {path}: it holds Python objects beyond tensors and plain containers "
-                         f"({found.group(1) if found else 'not a plain state dict'}), which could run code when "
-                         "unpickled; re-export it as safetensors or a plain state dict") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"cannot read {path}: {str(error).splitlines()[0]}. The file is truncated or not a "
-                         "PyTorch checkpoint; use another one") from None
-
-
 def load_resume_state(checkpoint_dir) -> dict:
     """The resume state (resume.pt) of a checkpoint directory."""
     path = Path(checkpoint_dir) / RESUME_FILE
-    state = _torch_load(path)
+    state = load_torch_file(path)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a minimind_fast resume state (format {FORMAT_VERSION}); "
                          "start a new run with --from_resume 0 or another --save_dir")
@@ -273,63 +287,18 @@ def load_latest_resume_state(run_dir, warn=print) -> tuple[Optional[Path], Optio
     return None, None
 
 
-def resolve_weights_file(path) -> Path:
-    """A weights file for `path`: the file itself, a checkpoint directory's model.safetensors, or
-    the latest checkpoint's of a run directory."""
+def resolve_checkpoint_path(path) -> Path:
+    """A run directory (--save_dir: it has checkpoints/) -> its newest complete checkpoint
+    directory; any other path unchanged (interop.load_weights reads checkpoint directories,
+    exported HF directories and weights files)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        checkpoint = path if (path / MARKER).is_file() else latest_checkpoint(path)
-        if checkpoint is None or not (checkpoint / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{path} holds no complete checkpoint; pass a .safetensors/.pth file, a "
-                             "checkpoint directory or a run directory (--save_dir) that has saved one")
-        return checkpoint / WEIGHTS_FILE
-    if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist; pass a .safetensors or MiniMind .pth file")
+    if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir() and not (path / MARKER).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} holds no complete checkpoint; pass a .safetensors/.pth file, a checkpoint "
+                             "directory or a run directory (--save_dir) that has saved one")
+        return latest
     return path
-
-
-def load_weights(path, config=None) -> dict[str, torch.Tensor]:
-    """State dict (CPU tensors) from a .safetensors file, a MiniMind .pth (or a resume.pt), a
-    checkpoint directory or a run directory. Prefixes are stripped; a tied lm_head left out of
-    the file is restored from the embedding. Raises ValueError for unreadable/unsafe files."""
-    file = resolve_weights_file(path)
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(file))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"cannot read {file}: {error}. The file is truncated or corrupt; use "
-                             "another checkpoint") from None
-    else:
-        state = _torch_load(file)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a resume.pt
-            state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file} does not hold a state dict of tensors; pass MiniMind/minimind_fast weights")
-    state = clean_state_dict(state)
-    tied = True if config is None else bool(config.tie_word_embeddings)
-    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
-
-
-def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source="weights") -> None:
-    """model.load_state_dict(state, strict=True) with a one-line error naming what does not fit."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"shape mismatch {', '.join(wrong[:2])}" if wrong else "",
-            f"missing {len(missing)} keys (e.g. {missing[0]})" if missing else "",
-            f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})" if unexpected else "") if part)
-        raise ValueError(f"{source} does not fit this model ({details}); pass the --preset/--hidden_size/"
-                         "--num_hidden_layers/--use_moe it was trained with")
-    model.load_state_dict(state, strict=True)
 
 
 # --- RNG state -----------------------------------------------------------------------------------

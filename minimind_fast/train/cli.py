@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import NoReturn, Optional
 
-from ..config import PRESETS
+from ..config import PRESETS, MiniMindConfig
 
 PROG = "python -m minimind_fast.pretrain"
 # Training defaults per preset; "default" serves every preset but demo (MiniMind2's settings).
@@ -192,3 +192,19 @@ def apply_preset_defaults(args: argparse.Namespace, preset: str) -> argparse.Nam
     elif args.min_lr > args.learning_rate:
         fail(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr")
     return args
+
+
+def check_model_flags(args: argparse.Namespace, preset: str) -> None:
+    """ValueError when --hidden_size cannot be split into the preset's attention heads (there is
+    no head-count flag: the fix is another --hidden_size)."""
+    values = PRESETS[preset]
+    heads = values.get("num_attention_heads", MiniMindConfig.num_attention_heads)
+    if args.hidden_size is None or "head_dim" in values:
+        return
+    if args.hidden_size % (2 * heads):
+        multiple = 2 * heads
+        below, above = args.hidden_size // multiple * multiple, (args.hidden_size // multiple + 1) * multiple
+        raise ValueError(f"--hidden_size {args.hidden_size} gives head_dim={args.hidden_size / heads:g} with the "
+                         f"{preset} preset's {heads} attention heads, but head_dim must be a whole even number; "
+                         f"use a multiple of {multiple} (e.g. --hidden_size "
+                         f"{f'{below} or {above}' if below else above})")

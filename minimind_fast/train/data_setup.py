@@ -17,11 +17,17 @@ from ..tokenizer import default_tokenizer_path, tokenizer_file
 from . import distributed
 
 
-def build_data(args, config, context):
-    """Corpus -> tokenizer -> token cache (built once, rank 0 first) -> train/val datasets and loaders."""
+def build_data(args, config, context, resumed_from=None):
+    """Corpus -> tokenizer -> token cache (built once, rank 0 first) -> train/val datasets and loaders.
+    resumed_from: the checkpoint being resumed; its tokenizer must be the one in use."""
     with distributed.main_rank_first(context):
         data_path = args.data_path or build_default_corpus()
         tokenizer_dir = Path(args.tokenizer_path or default_tokenizer_path(config.vocab_size))
+        saved = Path(resumed_from) / "tokenizer.json" if resumed_from is not None else None
+        if saved is not None and saved.is_file() and saved.read_bytes() != tokenizer_file(tokenizer_dir).read_bytes():
+            raise ValueError(f"the tokenizer {tokenizer_file(tokenizer_dir)} is not the one {resumed_from} was trained "
+                             f"with, so token ids would change meaning; pass --tokenizer_path {resumed_from} (its "
+                             "copy), or start a new run in another --save_dir")
         cache = build_token_cache(data_path, tokenizer_dir, progress=context.is_main)
     tokenizer_dir = tokenizer_file(tokenizer_dir).parent
     if cache.vocab_size > config.vocab_size:

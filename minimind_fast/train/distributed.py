@@ -4,7 +4,9 @@ Follows torchrun's environment contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_AD
 nanoGPT's DDP setup: one process per device, nccl on CUDA, gloo on CPU, rank 0 logs and writes.
 Failure handling: torchrun's agent stops the surviving ranks as soon as one exits with an error,
 so a failing rank must exit promptly: `teardown(failed=True)` aborts communicators (never waits
-on peers), and every collective has a timeout as the last line of defence.
+on peers), and every collective has a timeout as the last line of defence. With
+`torchrun --max-restarts=N` the restarted workers get a process-group store of their own attempt
+(see `_restart_safe_store`) and continue from the last checkpoint with --from_resume 1.
 """
 from __future__ import annotations
 
@@ -75,9 +77,29 @@ def init_distributed(device_name: Optional[str] = None, timeout_s: float = 1800.
     context = DistContext(rank, local_rank, world_size, device)
     if context.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_safe_store(world_size, timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **({} if store is None else dict(store=store, rank=rank, world_size=world_size)))
     return context
+
+
+def _restart_safe_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's store for this restart attempt, or None (init_process_group's default).
+
+    torchrun shares its rendezvous TCPStore with the workers (TORCHELASTIC_USE_AGENT_STORE=True)
+    and, on one node, keeps that store across `--max-restarts` attempts: the process group's keys
+    of the previous attempt are still there, so a restarted rank reads the addresses of its dead
+    peers and init fails ("Gloo connectFullMesh failed ... Connection refused"; pytorch issue
+    #135712). On one node every worker of an attempt has the same TORCHELASTIC_RESTART_COUNT, so
+    a per-attempt prefix isolates the attempts. Across nodes the agents count restarts separately,
+    so there torch's default is kept (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _env_int("GROUP_WORLD_SIZE", 1) != 1:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"minimind_fast/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def teardown(context: DistContext, failed: bool = False) -> None:

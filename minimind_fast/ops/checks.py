@@ -1,0 +1,25 @@
+"""Input checks shared by the op wrappers (rms_norm, apply_rotary, cross_entropy): floating-point
+dtypes and one device, as one-line ValueErrors naming the argument, the value and the fix, before
+a kernel or the reference sees the tensors (which would otherwise compute garbage in integer
+arithmetic, or fail with PyTorch's generic device message)."""
+from __future__ import annotations
+
+import torch
+
+
+def check_floating(op: str, **tensors: torch.Tensor) -> None:
+    """ValueError unless every tensor has a floating-point dtype."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {tensor.dtype}; "
+                             f"cast it first (e.g. {name}.float())")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """ValueError unless all tensors live on one device."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.device != first.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but {first_name} is on {first.device}; "
+                             f"move them to one device (e.g. {name}.to({first_name}.device))")
