@@ -1,6 +1,7 @@
 # Two commands: `make pretrain` (train on the bundled corpus, then sample) and `make test`.
 # Both create or reuse .venv and install what they need. torch is pinned to the CPU wheel so a
 # CPU machine never downloads a CUDA build; override with `make TORCH=torch==2.14.1 ...`.
+# `make test` requires the C++ extension (MINIMIND_FAST_REQUIRE_EXT=1): a broken build fails loudly.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -24,7 +25,7 @@ pretrain: $(STAMP)
 	$(BIN)/python -m minimind_fast.pretrain $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests/ -q $(ARGS)
+	MINIMIND_FAST_REQUIRE_EXT=1 $(BIN)/python -m pytest tests/ -q $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/ --benchmark-only -q $(ARGS)

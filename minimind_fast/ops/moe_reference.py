@@ -1,0 +1,128 @@
+"""Pure-PyTorch MoE routing: the oracle of the fused `moe_route` op and its fallback.
+
+Follows MiniMind's MoEGate (model/model_minimind.py): softmax (or sigmoid) scores, top-k,
+renormalisation `w / (sum(w) + 1e-20)` only when `top_k > 1 and norm_topk_prob`, and the
+statistics its aux losses use. Written for clarity, not speed (it argsorts where the op counts).
+
+Expert order: by logit, descending, stable (ties -> lower expert id, NaN first, as torch.sort).
+Softmax and sigmoid are monotone, so this is the top-k of the scores; ranking the logits keeps
+the choice exact and identical on every device whatever exp() rounds to.
+
+Also here: `minimind_moe_forward`, MiniMind's literal per-expert boolean-mask MoE loop, kept as
+the test reference for the grouped layer in minimind_fast/moe.py (not used in production).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-20  # MiniMind's epsilon in the top-k renormalisation
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+
+
+def moe_route_reference(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                        scoring: str = "softmax", seq_len: int = 0) -> tuple[torch.Tensor, ...]:
+    """router_logits: (T, E) -> the ten outputs of `minimind_fast::moe_route`, in its order:
+
+    topk_weight (T, k), topk_idx (T, k) int64, scores (T, E), prob_mean (E,), seq_prob_mean (B, E),
+    expert_counts (E,) int64, seq_expert_counts (B, E) int64, sorted_pairs (T*k,) int64,
+    expert_offsets (E+1,) int64, pair_positions (T*k,) int64; B = T / seq_len (seq_len 0: T).
+    Real outputs are fp32 (fp64 for fp64 logits). Differentiable through topk_weight, scores,
+    prob_mean and seq_prob_mean.
+    """
+    T, E = router_logits.shape
+    L = seq_len or T
+    B = T // L
+    logits = router_logits.to(_acc_dtype(router_logits))
+    scores = _scores(logits, scoring)
+    topk_idx = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
+    topk_weight = scores.gather(1, topk_idx)
+    if top_k > 1 and norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
+    prob_mean = scores.mean(dim=0)
+    seq_prob_mean = scores.view(B, L, E).mean(dim=1)
+    seq_counts = torch.zeros(B, E, dtype=torch.int64, device=logits.device)
+    seq_counts.scatter_add_(1, topk_idx.view(B, L * top_k), torch.ones_like(topk_idx).view(B, L * top_k))
+    expert_counts = seq_counts.sum(dim=0)
+    flat_idx = topk_idx.reshape(-1)
+    sorted_pairs = torch.sort(flat_idx, stable=True).indices
+    expert_offsets = F.pad(expert_counts.cumsum(0), (1, 0))
+    pair_positions = torch.empty_like(sorted_pairs)
+    pair_positions[sorted_pairs] = torch.arange(T * top_k, device=logits.device)
+    return (topk_weight, topk_idx, scores, prob_mean, seq_prob_mean, expert_counts, seq_counts, sorted_pairs,
+            expert_offsets, pair_positions)
+
+
+def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor], grad_scores: Optional[torch.Tensor],
+                                 grad_prob_mean: Optional[torch.Tensor], grad_seq_prob_mean: Optional[torch.Tensor],
+                                 scores: torch.Tensor, topk_idx: torch.Tensor, norm_topk_prob: bool, scoring: str,
+                                 seq_len: int, logits_dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of router_logits (T, E) from the forward's scores, written out (see the maths
+    in csrc/moe_route.cpp). Any incoming gradient may be None."""
+    T, E = scores.shape
+    k = topk_idx.shape[1]
+    L = seq_len or T
+    grad = torch.zeros_like(scores) if grad_scores is None else grad_scores.clone()
+    if grad_prob_mean is not None:
+        grad = grad + grad_prob_mean / T
+    if grad_seq_prob_mean is not None:
+        grad = grad + (grad_seq_prob_mean / L).repeat_interleave(L, dim=0)
+    if grad_topk_weight is not None:
+        selected = scores.gather(1, topk_idx)
+        if k > 1 and norm_topk_prob:
+            denom = selected.sum(dim=-1, keepdim=True) + NORM_EPS
+            dot = (grad_topk_weight * selected).sum(dim=-1, keepdim=True) / denom
+            grad_selected = (grad_topk_weight - dot) / denom
+        else:
+            grad_selected = grad_topk_weight
+        grad = grad.scatter_add(1, topk_idx, grad_selected)
+    if scoring == "softmax":
+        grad = scores * (grad - (grad * scores).sum(dim=-1, keepdim=True))
+    else:
+        grad = grad * scores * (1 - scores)
+    return grad.to(logits_dtype)
+
+
+def minimind_moe_forward(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniMind's MOEFeedForward.forward, literally (training branch), on `layer`'s parameters.
+
+    `layer` is a minimind_fast.moe.MOEFeedForward. x: (B, T, H) -> (y (B, T, H), aux_loss ()).
+    """
+    gate = layer.gate
+    B, T, H = x.shape
+    logits = F.linear(x.reshape(-1, H), gate.weight)
+    scores = logits.softmax(dim=-1) if gate.scoring_func == "softmax" else logits.sigmoid()
+    topk_weight, topk_idx = torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
+    if gate.top_k > 1 and gate.norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
+    if gate.training and gate.alpha > 0.0:
+        idx = topk_idx.view(B, -1)
+        if gate.seq_aux:
+            ce = torch.zeros(B, gate.num_experts, device=x.device)
+            ce.scatter_add_(1, idx, torch.ones(B, T * gate.top_k, device=x.device))
+            ce = ce.div(T * gate.top_k / gate.num_experts)
+            aux_loss = (ce * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * gate.alpha
+        else:
+            fraction = F.one_hot(idx.reshape(-1), num_classes=gate.num_experts).float().mean(0)
+            aux_loss = (scores.mean(0) * fraction * gate.num_experts).sum() * gate.alpha
+    else:
+        aux_loss = scores.new_zeros(())
+    flat = x.reshape(-1, H).repeat_interleave(gate.top_k, dim=0)
+    flat_idx = topk_idx.reshape(-1)
+    y = torch.zeros_like(flat)
+    for e, expert in enumerate(layer.experts):
+        mask = flat_idx == e
+        y[mask] = expert(flat[mask]).to(y.dtype)
+    y = (y.view(*topk_weight.shape, H) * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1).view(B, T, H)
+    for expert in layer.shared_experts:
+        y = y + expert(x)
+    return y, aux_loss
