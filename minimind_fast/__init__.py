@@ -11,7 +11,8 @@ from .interop import patch_hf_model
 from .losses import CrossEntropyLoss, FusedLinearCrossEntropyLoss
 from .model import MiniMindForCausalLM, count_parameters
 from .nn import RMSNorm
-from .ops import add_rms_norm, apply_rotary, cross_entropy, fused_linear_cross_entropy, rms_norm, use_backend
+from .ops import (add_rms_norm, apply_rotary, cross_entropy, fused_linear_cross_entropy, moe_route, rms_norm,
+                  use_backend)
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "IGNORE_INDEX", "MiniMindConfig", "PRESETS", "get_preset", "MiniMindForCausalLM", "count_parameters",
     "RMSNorm", "rms_norm", "add_rms_norm", "apply_rotary", "cross_entropy", "fused_linear_cross_entropy",
     "CrossEntropyLoss", "FusedLinearCrossEntropyLoss", "use_backend", "patch_hf_model",
+    "moe_route",
 ]
