@@ -111,6 +111,11 @@ def teardown(context: DistContext, failed: bool = False) -> None:
         if failed and abort is not None and context.device.type == "cuda":
             abort()
         else:
+            if not failed:
+                # Every rank reaches teardown before any destroys its group: a rank that tears
+                # down while rank 0 still saves leaves gloo pairs half-open, and the process
+                # can abort at exit ("terminate called without an active exception").
+                barrier(context)
             dist.destroy_process_group()
 
 
