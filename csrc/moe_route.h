@@ -1,5 +1,5 @@
 // Torch-side declarations of the fused MoE routing op, shared by the CPU implementation
-// (moe_route.cpp), the CUDA binding (cuda/moe_route_binding.cpp) and the C++ unit test.
+// (moe_route.cpp and moe_route_*_cpu.cpp), the CUDA binding (cuda/moe_route_binding.cpp) and the C++ unit test.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,6 +38,14 @@ RouteShape check_route_backward_inputs(const OptionalTensor& grad_topk_weight, c
                                        const OptionalTensor& grad_prob_mean, const OptionalTensor& grad_seq_prob_mean,
                                        const at::Tensor& scores, const at::Tensor& topk_idx, bool norm_topk_prob,
                                        c10::string_view scoring, int64_t seq_len, at::ScalarType logits_dtype);
+
+// The backward's incoming gradients, made dense (a .sum() hands back stride-0 tensors);
+// undefined where autograd passed None.
+struct RouteGrads {
+  at::Tensor topk_weight, scores, prob_mean, seq_prob_mean;
+};
+RouteGrads dense_route_grads(const OptionalTensor& grad_topk_weight, const OptionalTensor& grad_scores,
+                             const OptionalTensor& grad_prob_mean, const OptionalTensor& grad_seq_prob_mean);
 
 // Allocates the ten forward outputs (real ones fp64 for fp64 logits, fp32 otherwise).
 RouteResult allocate_route_outputs(const at::Tensor& router_logits, const RouteShape& shape);

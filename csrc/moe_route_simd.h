@@ -336,64 +336,62 @@ MINIMIND_FAST_SIMD void block_top_k(const typename Vec<W>::I* keys, int64_t E, i
 // Top-k (k <= 8) of a block of 8 tokens for larger E, branch-free: each token's experts become
 // distinct 64-bit composites (key << 32 | ~id: larger = ranks first), sorted in groups of 8 by
 // an optimal 19-comparator network, and groups merged keeping the best 8 (max(a_i, b_7-i) is
-// bitonic, then a 12-comparator bitonic sort). AVX2 only (vpcmpgtq); 8 token lanes = two
-// 4 x int64 vectors per composite.
+// bitonic, then a 12-comparator bitonic sort). AVX2 only (vpcmpgtq). The 8 token lanes are done
+// as two halves of 4 (one 4 x int64 vector per composite), so that a half's 16 composites (the
+// best 8 and the incoming group) stay in the 16 ymm registers: the networks are fully unrolled.
 typedef int64_t L4 __attribute__((vector_size(32)));
 typedef int32_t I4 __attribute__((vector_size(16)));
-struct Composite {
-  L4 lo, hi;  // tokens 0-3, 4-7
-};
 
-MINIMIND_FAST_SIMD void compare_exchange(Composite& a, Composite& b) {  // a <- larger, b <- smaller
-  const L4 swap_lo = b.lo > a.lo, swap_hi = b.hi > a.hi;
-  const L4 a_lo = swap_lo ? b.lo : a.lo, b_lo = swap_lo ? a.lo : b.lo;
-  const L4 a_hi = swap_hi ? b.hi : a.hi, b_hi = swap_hi ? a.hi : b.hi;
-  a.lo = a_lo, b.lo = b_lo, a.hi = a_hi, b.hi = b_hi;
+MINIMIND_FAST_SIMD void compare_exchange(L4& a, L4& b) {  // a <- larger, b <- smaller
+  const L4 swap = b > a;
+  const L4 larger = swap ? b : a;
+  b = swap ? a : b;
+  a = larger;
 }
 
-MINIMIND_FAST_SIMD void sort8_descending(Composite* v) {
-  static constexpr int kPairs[19][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}, {0, 4}, {1, 5}, {2, 6}, {3, 7}, {0, 1}, {2, 3},
-                                        {4, 5}, {6, 7}, {2, 4}, {3, 5}, {1, 4}, {3, 6}, {1, 2}, {3, 4}, {5, 6}};
-  for (const auto& pair : kPairs) compare_exchange(v[pair[0]], v[pair[1]]);
+template <int N>
+MINIMIND_FAST_SIMD void run_network(L4* v, const int (&pairs)[N][2]) {
+#pragma GCC unroll 32
+  for (int i = 0; i < N; ++i) compare_exchange(v[pairs[i][0]], v[pairs[i][1]]);
 }
 
-MINIMIND_FAST_SIMD void bitonic8_descending(Composite* v) {
-  static constexpr int kPairs[12][2] = {{0, 4}, {1, 5}, {2, 6}, {3, 7}, {0, 2}, {1, 3},
-                                        {4, 6}, {5, 7}, {0, 1}, {2, 3}, {4, 5}, {6, 7}};
-  for (const auto& pair : kPairs) compare_exchange(v[pair[0]], v[pair[1]]);
+constexpr int kSort8[19][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}, {0, 4}, {1, 5}, {2, 6}, {3, 7}, {0, 1}, {2, 3},
+                               {4, 5}, {6, 7}, {2, 4}, {3, 5}, {1, 4}, {3, 6}, {1, 2}, {3, 4}, {5, 6}};
+constexpr int kBitonic8[12][2] = {{0, 4}, {1, 5}, {2, 6}, {3, 7}, {0, 2}, {1, 3},
+                                  {4, 6}, {5, 7}, {0, 1}, {2, 3}, {4, 5}, {6, 7}};
+
+// Composites of experts g..g+7 for token lanes 4h..4h+3; experts past E pad below every real one.
+MINIMIND_FAST_SIMD void load_group(const typename Vec<8>::I* keys, int64_t E, int64_t g, int h, L4* v) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const int64_t e = g + i;
+    if (e >= E) {
+      v[i] = L4{} + std::numeric_limits<int64_t>::min();
+      continue;
+    }
+    I4 half;
+    std::memcpy(&half, reinterpret_cast<const char*>(&keys[e]) + h * sizeof(I4), sizeof(half));
+    v[i] = (__builtin_convertvector(half, L4) << 32) | static_cast<int64_t>(~static_cast<uint32_t>(e));
+  }
 }
 
 MINIMIND_FAST_SIMD void block_top_k_network(const typename Vec<8>::I* keys, int64_t E, int64_t k,
                                             typename Vec<8>::I* top_id) {
-  Composite best[8], group[8];
-  for (int64_t g = 0; g < E; g += 8) {
-    Composite* v = g == 0 ? best : group;
-    for (int i = 0; i < 8; ++i) {
-      const int64_t e = g + i;
-      if (e >= E) {  // padding: below every real composite
-        v[i].lo = v[i].hi = L4{} + std::numeric_limits<int64_t>::min();
-        continue;
-      }
-      I4 half[2];
-      std::memcpy(half, &keys[e], sizeof(half));
-      const int64_t low_bits = static_cast<int64_t>(~static_cast<uint32_t>(e));
-      v[i].lo = (__builtin_convertvector(half[0], L4) << 32) | low_bits;
-      v[i].hi = (__builtin_convertvector(half[1], L4) << 32) | low_bits;
+  for (int h = 0; h < 2; ++h) {
+    L4 best[8], group[8];
+    load_group(keys, E, 0, h, best);
+    run_network(best, kSort8);
+    for (int64_t g = 8; g < E; g += 8) {
+      load_group(keys, E, g, h, group);
+      run_network(group, kSort8);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) best[i] = best[i] > group[7 - i] ? best[i] : group[7 - i];
+      run_network(best, kBitonic8);
     }
-    sort8_descending(v);
-    if (g == 0) continue;
-    for (int i = 0; i < 8; ++i) {
-      best[i].lo = best[i].lo > group[7 - i].lo ? best[i].lo : group[7 - i].lo;
-      best[i].hi = best[i].hi > group[7 - i].hi ? best[i].hi : group[7 - i].hi;
+    for (int64_t j = 0; j < k; ++j) {
+      const I4 ids = ~__builtin_convertvector(best[j], I4);  // the low word held ~id
+      std::memcpy(reinterpret_cast<char*>(&top_id[j]) + h * sizeof(I4), &ids, sizeof(ids));
     }
-    bitonic8_descending(best);
-  }
-  for (int64_t j = 0; j < k; ++j) {
-    const I4 lo = __builtin_convertvector(best[j].lo, I4), hi = __builtin_convertvector(best[j].hi, I4);
-    typename Vec<8>::I low_words;
-    std::memcpy(&low_words, &lo, sizeof(lo));
-    std::memcpy(reinterpret_cast<char*>(&low_words) + sizeof(lo), &hi, sizeof(hi));
-    top_id[j] = ~low_words;  // the low word held ~id
   }
 }
 

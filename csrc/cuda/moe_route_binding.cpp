@@ -61,14 +61,11 @@ at::Tensor moe_route_backward_cuda(const OptionalTensor& grad_topk_weight, const
   TORCH_CHECK(scores.is_cuda(), "moe_route_backward_cuda: scores must be a CUDA tensor");
   const cuda::RouteProblem problem = to_problem(shape, logits_dtype);
   const c10::cuda::CUDAGuard guard(scores.device());
-  auto dense = [](const OptionalTensor& grad) -> at::Tensor {  // a .sum() hands back stride-0 gradients
-    return grad.has_value() && grad->defined() ? grad->contiguous() : at::Tensor();
-  };
-  const at::Tensor gw = dense(grad_topk_weight), gs = dense(grad_scores), gm = dense(grad_prob_mean),
-                   gsm = dense(grad_seq_prob_mean);
+  const RouteGrads grads = dense_route_grads(grad_topk_weight, grad_scores, grad_prob_mean, grad_seq_prob_mean);
   at::Tensor grad_logits = at::empty(scores.sizes(), scores.options().dtype(logits_dtype));
-  const cuda::RouteBackwardInputs in{pointer_or_null(gw), pointer_or_null(gs), pointer_or_null(gm),
-                                     pointer_or_null(gsm), scores.const_data_ptr(),
+  const cuda::RouteBackwardInputs in{pointer_or_null(grads.topk_weight), pointer_or_null(grads.scores),
+                                     pointer_or_null(grads.prob_mean),   pointer_or_null(grads.seq_prob_mean),
+                                     scores.const_data_ptr(),
                                      topk_idx.const_data_ptr<int64_t>()};
   const cudaError_t status =
       cuda::launch_route_backward(problem, in, grad_logits.data_ptr(), at::cuda::getCurrentCUDAStream());
