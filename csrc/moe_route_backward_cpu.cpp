@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -79,17 +80,23 @@ MINIMIND_FAST_SIMD void route_backward_rows(const BackwardIn<real_t>& in, const 
   }
 }
 
-// The fp32 backward on transposed blocks of W tokens: the maths of route_backward_rows, with
-// every per-expert step a W-lane vector operation.
-template <int W, typename scalar_t>
+// Experts at or above this count take the row-major path (vectors over experts, no transposes).
+constexpr int64_t kWideExperts = 16;
+
+// The fp32 backward for E < kWideExperts on transposed blocks of W tokens: the maths of
+// route_backward_rows with every per-expert step a W-lane vector operation, the top-k terms
+// included (slots as lane vectors, added to expert e where a lane's slot holds e). kE, kK > 0:
+// E and k known at compile time (the vectors stay in registers); 0: known at run time.
+template <int W, int kE, int kK, typename scalar_t>
 MINIMIND_FAST_SIMD void route_backward_blocks(const BackwardIn<float>& in, const RouteShape& shape,
                                               int64_t block_begin, int64_t block_end, scalar_t* grad_logits) {
   using F = typename simd::Vec<W>::F;
-  const int64_t T = shape.tokens, E = shape.experts, k = shape.top_k, L = shape.seq_len;
+  using I = typename simd::Vec<W>::I;
+  const int64_t T = shape.tokens, E = kE ? kE : shape.experts, k = kK ? kK : shape.top_k, L = shape.seq_len;
   const float inv_tokens = 1.0f / static_cast<float>(T), inv_len = 1.0f / static_cast<float>(L);
-  AlignedArray<F> score_storage(E), grad_storage(E);
-  F* s = score_storage.data();
-  F* g = grad_storage.data();
+  F s[kWideExperts], g[kWideExperts];
+  F slot_grad[kWideExperts], slot_score[kWideExperts];  // k <= E < kWideExperts
+  I slot_id[kWideExperts];
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t t0 = b * W;
     const int n = static_cast<int>(std::min<int64_t>(W, T - t0));
@@ -117,22 +124,24 @@ MINIMIND_FAST_SIMD void route_backward_blocks(const BackwardIn<float>& in, const
       }
     }
     if (in.grad_weight) {
-      for (int w = 0; w < n; ++w) {
-        const int64_t* id = in.topk_idx + (t0 + w) * k;
-        const float* gw = in.grad_weight + (t0 + w) * k;
-        if (shape.normalize) {
-          float selected = 0.0f, weighted = 0.0f;
-          for (int64_t j = 0; j < k; ++j) {
-            selected += s[id[j]][w];
-            weighted += gw[j] * s[id[j]][w];
-          }
-          const float denom = selected + static_cast<float>(kNormEps);
-          const float dot = weighted / denom;
-          for (int64_t j = 0; j < k; ++j) g[id[j]][w] += (gw[j] - dot) / denom;
-        } else {
-          for (int64_t j = 0; j < k; ++j) g[id[j]][w] += gw[j];
-        }
+      simd::load_slots<W>(in.grad_weight + t0 * k, in.topk_idx + t0 * k, k, n, slot_grad, slot_id);
+      for (int64_t j = 0; j < k; ++j) {
+        F selected = simd::splat<W>(0.0f);
+        for (int64_t e = 0; e < E; ++e) selected = slot_id[j] == static_cast<int32_t>(e) ? s[e] : selected;
+        slot_score[j] = selected;
       }
+      if (shape.normalize) {  // padding lanes: score 0, grad 0 -> term 0
+        F selected = simd::splat<W>(0.0f), weighted = simd::splat<W>(0.0f);
+        for (int64_t j = 0; j < k; ++j) {
+          selected += slot_score[j];
+          weighted += slot_grad[j] * slot_score[j];
+        }
+        const F denom = selected + static_cast<float>(kNormEps);
+        const F dot = weighted / denom;
+        for (int64_t j = 0; j < k; ++j) slot_grad[j] = (slot_grad[j] - dot) / denom;
+      }
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t e = 0; e < E; ++e) g[e] += slot_id[j] == static_cast<int32_t>(e) ? slot_grad[j] : 0.0f;
     }
     if (shape.scoring == Scoring::kSoftmax) {
       F dot = simd::splat<W>(0.0f);
@@ -150,30 +159,123 @@ MINIMIND_FAST_SIMD void route_backward_blocks(const BackwardIn<float>& in, const
   }
 }
 
+// The fp32 backward for E >= kWideExperts, one token at a time with W-lane vectors over the
+// experts. The top-k terms touch k of the E entries, so they are kept out of the vector passes:
+//   base_e = g_scores + g_prob_mean / T + g_seq_prob_mean / L   (vectors, stored in `base`)
+//   c_j    = the top-k term of slot j (route_backward_rows)     (scalars)
+//   dot    = sum_e base_e s_e + sum_j c_j s_{idx_j}
+//   softmax: out_e = s_e (base_e - dot), then out_{idx_j} = s (base + c_j - dot) at the k ids.
+template <int W, typename scalar_t>
+MINIMIND_FAST_SIMD void route_backward_wide(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin,
+                                            int64_t end, float* base, float* scratch_row, scalar_t* grad_logits) {
+  using F = typename simd::Vec<W>::F;
+  const int64_t T = shape.tokens, E = shape.experts, k = shape.top_k, L = shape.seq_len;
+  const float inv_tokens = 1.0f / static_cast<float>(T), inv_len = 1.0f / static_cast<float>(L);
+  const int64_t vector_end = E - E % W;
+  std::vector<float> slot_term(k);
+  for (int64_t t = begin; t < end; ++t) {
+    const float* s = in.scores + t * E;
+    float* row = scratch_row;  // the output row in fp32: the output itself when it is fp32
+    if constexpr (std::is_same_v<scalar_t, float>) row = grad_logits + t * E;
+    const float* g_scores = in.grad_scores ? in.grad_scores + t * E : nullptr;
+    const float* g_seq = in.grad_seq_mean ? in.grad_seq_mean + (t / L) * E : nullptr;
+    auto base_at = [&](int64_t e) {
+      float value = g_scores ? g_scores[e] : 0.0f;
+      if (in.grad_mean) value += in.grad_mean[e] * inv_tokens;
+      if (g_seq) value += g_seq[e] * inv_len;
+      return value;
+    };
+    F partial = simd::splat<W>(0.0f);
+    for (int64_t e = 0; e < vector_end; e += W) {
+      F value = g_scores ? simd::load_row<W>(g_scores + e) : simd::splat<W>(0.0f);
+      if (in.grad_mean) value += simd::load_row<W>(in.grad_mean + e) * inv_tokens;
+      if (g_seq) value += simd::load_row<W>(g_seq + e) * inv_len;
+      std::memcpy(base + e, &value, sizeof(F));
+      partial += value * simd::load_row<W>(s + e);
+    }
+    float dot = 0.0f;
+    for (int w = 0; w < W; ++w) dot += partial[w];
+    for (int64_t e = vector_end; e < E; ++e) dot += (base[e] = base_at(e)) * s[e];
+    const int64_t* id = in.topk_idx + t * k;
+    if (in.grad_weight) {
+      const float* g = in.grad_weight + t * k;
+      if (shape.normalize) {
+        float selected = 0.0f, weighted = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          selected += s[id[j]];
+          weighted += g[j] * s[id[j]];
+        }
+        const float denom = selected + static_cast<float>(kNormEps);
+        const float weighted_mean = weighted / denom;
+        for (int64_t j = 0; j < k; ++j) slot_term[j] = (g[j] - weighted_mean) / denom;
+      } else {
+        for (int64_t j = 0; j < k; ++j) slot_term[j] = g[j];
+      }
+      for (int64_t j = 0; j < k; ++j) dot += slot_term[j] * s[id[j]];
+    }
+    if (shape.scoring == Scoring::kSoftmax) {
+      const F dot_vector = simd::splat<W>(dot);
+      for (int64_t e = 0; e < vector_end; e += W) {
+        const F value = simd::load_row<W>(s + e) * (simd::load_row<W>(base + e) - dot_vector);
+        std::memcpy(row + e, &value, sizeof(F));
+      }
+      for (int64_t e = vector_end; e < E; ++e) row[e] = s[e] * (base[e] - dot);
+      if (in.grad_weight)
+        for (int64_t j = 0; j < k; ++j) row[id[j]] = s[id[j]] * ((base[id[j]] + slot_term[j]) - dot);
+    } else {
+      for (int64_t e = 0; e < vector_end; e += W) {
+        const F score = simd::load_row<W>(s + e);
+        const F value = simd::load_row<W>(base + e) * score * (1.0f - score);
+        std::memcpy(row + e, &value, sizeof(F));
+      }
+      for (int64_t e = vector_end; e < E; ++e) row[e] = base[e] * s[e] * (1.0f - s[e]);
+      if (in.grad_weight)
+        for (int64_t j = 0; j < k; ++j) row[id[j]] = (base[id[j]] + slot_term[j]) * s[id[j]] * (1.0f - s[id[j]]);
+    }
+    if constexpr (!std::is_same_v<scalar_t, float>)
+      for (int64_t e = 0; e < E; ++e) grad_logits[t * E + e] = static_cast<scalar_t>(row[e]);
+  }
+}
+// One thread's share: blocks of W tokens [begin, end) (E < kWideExperts) or tokens (wide E).
+template <int W, typename scalar_t>
+MINIMIND_FAST_SIMD void backward_range(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin,
+                                       int64_t end, scalar_t* grad_logits) {
+  const int64_t E = shape.experts, k = shape.top_k;
+  if (E >= kWideExperts) {
+    AlignedArray<float> base(E), row(E);
+    return route_backward_wide<W>(in, shape, begin, end, base.data(), row.data(), grad_logits);
+  }
+  if (E == 4 && k == 1) return route_backward_blocks<W, 4, 1>(in, shape, begin, end, grad_logits);
+  if (E == 4 && k == 2) return route_backward_blocks<W, 4, 2>(in, shape, begin, end, grad_logits);
+  if (E == 8 && k == 1) return route_backward_blocks<W, 8, 1>(in, shape, begin, end, grad_logits);
+  if (E == 8 && k == 2) return route_backward_blocks<W, 8, 2>(in, shape, begin, end, grad_logits);
+  route_backward_blocks<W, 0, 0>(in, shape, begin, end, grad_logits);
+}
+
 template <typename scalar_t>
-void route_backward_fp32_sse(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin, int64_t end,
-                             scalar_t* grad_logits) {
-  route_backward_blocks<4>(in, shape, begin, end, grad_logits);
+void backward_range_sse(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin, int64_t end,
+                        scalar_t* grad_logits) {
+  backward_range<4>(in, shape, begin, end, grad_logits);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void route_backward_fp32_avx2(const BackwardIn<float>& in,
-                                                                 const RouteShape& shape, int64_t begin, int64_t end,
-                                                                 scalar_t* grad_logits) {
-  route_backward_blocks<8>(in, shape, begin, end, grad_logits);
+__attribute__((target("avx2,fma"))) void backward_range_avx2(const BackwardIn<float>& in, const RouteShape& shape,
+                                                            int64_t begin, int64_t end, scalar_t* grad_logits) {
+  backward_range<8>(in, shape, begin, end, grad_logits);
 }
 #endif
 
 template <typename scalar_t>
 void run_backward(const BackwardIn<float>& in, const RouteShape& shape, scalar_t* out, bool avx2) {
   const int width = avx2 ? 8 : 4;
-  const int64_t blocks = (shape.tokens + width - 1) / width;
-  at::parallel_for(0, blocks, 2048 / width, [&](int64_t begin, int64_t end) {
+  const bool wide = shape.experts >= kWideExperts;  // the range is over tokens, else over blocks
+  const int64_t items = wide ? shape.tokens : (shape.tokens + width - 1) / width;
+  at::parallel_for(0, items, wide ? 2048 : 2048 / width, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (avx2) return route_backward_fp32_avx2(in, shape, begin, end, out);
+    if (avx2) return backward_range_avx2(in, shape, begin, end, out);
 #endif
-    route_backward_fp32_sse(in, shape, begin, end, out);
+    backward_range_sse(in, shape, begin, end, out);
   });
 }
 

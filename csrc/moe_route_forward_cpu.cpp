@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -99,7 +100,6 @@ struct ForwardOut {
   double* chunk_prob;    // [chunk][expert]
 };
 
-// 64-byte aligned storage for n trivially constructible T (vector types need their alignment).
 // Scratch of one thread for the fp32 block path.
 template <int W>
 struct BlockScratch {
@@ -112,22 +112,28 @@ struct BlockScratch {
         sort_keys(E) {}
 };
 
-// Pass 1 for one chunk, fp32 maths on transposed blocks of W tokens.
-template <int W, typename scalar_t>
+// Pass 1 for one chunk, fp32 maths on transposed blocks of W tokens. kE, kK > 0: E and k known
+// at compile time (MiniMind's shapes): the per-expert loops unroll and the block's vectors live in
+// local arrays that the compiler keeps in registers; 0: known at run time (scratch arrays).
+template <int W, int kE, int kK, typename scalar_t>
 MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& shape, int64_t c,
                                            const ForwardOut<float>& out, SegmentWriter<float>& seg,
                                            BlockScratch<W>& scratch) {
   using F = typename simd::Vec<W>::F;
   using I = typename simd::Vec<W>::I;
-  const int64_t T = shape.tokens, E = shape.experts, k = shape.top_k;
+  const int64_t T = shape.tokens, E = kE ? kE : shape.experts, k = kK ? kK : shape.top_k;
   const int64_t c0 = c * kChunkTokens, c1 = std::min(T, c0 + kChunkTokens);
-  F* value = scratch.value.data();
-  F* score = scratch.score.data();
-  F* acc = scratch.acc.data();
-  I* keys = scratch.keys.data();
-  I* top_key = scratch.top_key.data();
-  I* top_id = scratch.top_id.data();
-  I* count = scratch.count.data();
+  constexpr int kLocalE = kE ? kE : 1, kLocalK = kK ? kK : 1;
+  F local_value[kLocalE], local_score[kLocalE], local_acc[kLocalE], local_weight[kLocalK];
+  I local_keys[kLocalE], local_count[kLocalE], local_top_key[kLocalK], local_top_id[kLocalK];
+  F* value = kE ? local_value : scratch.value.data();
+  F* score = kE ? local_score : scratch.score.data();
+  F* acc = kE ? local_acc : scratch.acc.data();
+  I* keys = kE ? local_keys : scratch.keys.data();
+  I* count = kE ? local_count : scratch.count.data();
+  I* top_key = kK ? local_top_key : scratch.top_key.data();
+  I* top_id = kK ? local_top_id : scratch.top_id.data();
+  F* weight = kK ? local_weight : scratch.weight.data();
   int64_t* ids = scratch.ids.data();
   const bool vector_slots = k <= simd::kMaxBlockK;          // top-k slots as lane vectors
   const bool small_e = E <= 16;                              // select by blends, count by compares
@@ -174,7 +180,6 @@ MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& 
       for (int w = 0; w < n; ++w)
         for (int64_t e = 0; e < E; ++e) out.scores[(t0 + w) * E + e] = score[e][w];
     if (vector_slots) {  // weights of all lanes at once, summed in slot order as MiniMind does
-      F* weight = scratch.weight.data();
       F selected = simd::splat<W>(0.0f);
       for (int64_t j = 0; j < k; ++j) {
         if (small_e) {
@@ -244,11 +249,26 @@ MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& 
   seg.end_chunk(out.chunk_prob, out.chunk_count);
 }
 
+// The chunks [begin, end) of one thread, with E and k compile-time constants where they are
+// MiniMind's (4 or 8 experts, top-1 or top-2).
+template <int W, typename scalar_t>
+MINIMIND_FAST_SIMD void forward_chunks(const scalar_t* x, const RouteShape& shape, int64_t begin, int64_t end,
+                                       const ForwardOut<float>& out, SegmentWriter<float>& seg) {
+  BlockScratch<W> scratch(shape.experts, shape.top_k);
+  const int64_t E = shape.experts, k = shape.top_k;
+  for (int64_t c = begin; c < end; ++c) {
+    if (E == 4 && k == 1) forward_chunk_fp32<W, 4, 1>(x, shape, c, out, seg, scratch);
+    else if (E == 4 && k == 2) forward_chunk_fp32<W, 4, 2>(x, shape, c, out, seg, scratch);
+    else if (E == 8 && k == 1) forward_chunk_fp32<W, 8, 1>(x, shape, c, out, seg, scratch);
+    else if (E == 8 && k == 2) forward_chunk_fp32<W, 8, 2>(x, shape, c, out, seg, scratch);
+    else forward_chunk_fp32<W, 0, 0>(x, shape, c, out, seg, scratch);
+  }
+}
+
 template <typename scalar_t>
 void forward_chunks_sse(const scalar_t* x, const RouteShape& shape, int64_t begin, int64_t end,
                         const ForwardOut<float>& out, SegmentWriter<float>& seg) {
-  BlockScratch<4> scratch(shape.experts, shape.top_k);
-  for (int64_t c = begin; c < end; ++c) forward_chunk_fp32<4>(x, shape, c, out, seg, scratch);
+  forward_chunks<4>(x, shape, begin, end, out, seg);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -256,8 +276,7 @@ template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void forward_chunks_avx2(const scalar_t* x, const RouteShape& shape,
                                                             int64_t begin, int64_t end, const ForwardOut<float>& out,
                                                             SegmentWriter<float>& seg) {
-  BlockScratch<8> scratch(shape.experts, shape.top_k);
-  for (int64_t c = begin; c < end; ++c) forward_chunk_fp32<8>(x, shape, c, out, seg, scratch);
+  forward_chunks<8>(x, shape, begin, end, out, seg);
 }
 #endif
 
@@ -341,14 +360,14 @@ void forward_typed(const at::Tensor& logits, const RouteShape& shape, RouteResul
   });
 
   // Pass 2: exclusive scan over (expert, chunk) -> offsets and per-chunk start positions.
+  std::vector<int64_t> chunk_start(NC * E);
   int64_t running = 0;
   for (int64_t e = 0; e < E; ++e) {
     int64_t count = 0;
     double prob = 0.0;
     for (int64_t c = 0; c < NC; ++c) {
-      const int64_t v = chunk_count[c * E + e];
-      chunk_count[c * E + e] = running + count;
-      count += v;
+      chunk_start[c * E + e] = running + count;
+      count += chunk_count[c * E + e];
       prob += chunk_prob[c * E + e];
     }
     expert_counts[e] = count;
@@ -358,17 +377,25 @@ void forward_typed(const at::Tensor& logits, const RouteShape& shape, RouteResul
   }
   offsets[E] = running;
 
-  // Pass 3: counting-sort scatter; visiting pairs in order keeps each expert's run stable.
+  // Pass 3: counting sort of each chunk's pairs into a local buffer (visiting pairs in order keeps
+  // each expert's run stable), then one contiguous copy per expert run. Scattering pair by pair
+  // straight into sorted_pairs would keep E write streams open whose addresses, about T*k/E
+  // pairs apart, often share an L1 set (E = 64: every stream 8 KiB apart, one set).
   at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> cursor(E);
+    std::vector<int64_t> local_begin(E), cursor(E), local(C * k);
     for (int64_t c = begin; c < end; ++c) {
-      std::copy(chunk_count.begin() + c * E, chunk_count.begin() + (c + 1) * E, cursor.begin());
-      const int64_t p_end = std::min(T, (c + 1) * C) * k;
-      for (int64_t p = c * C * k; p < p_end; ++p) {
-        const int64_t position = cursor[topk_idx[p]]++;
-        sorted_pairs[position] = p;
-        pair_positions[p] = position;
+      const int64_t* count = chunk_count.data() + c * E;
+      const int64_t* start = chunk_start.data() + c * E;
+      for (int64_t e = 0, at = 0; e < E; at += count[e], ++e) local_begin[e] = cursor[e] = at;
+      const int64_t p_begin = c * C * k, p_end = std::min(T, (c + 1) * C) * k;
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t e = topk_idx[p];
+        const int64_t slot = cursor[e]++;
+        local[slot] = p;
+        pair_positions[p] = start[e] + (slot - local_begin[e]);
       }
+      for (int64_t e = 0; e < E; ++e)
+        std::memcpy(sorted_pairs + start[e], local.data() + local_begin[e], sizeof(int64_t) * count[e]);
     }
   });
 

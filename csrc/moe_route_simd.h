@@ -250,6 +250,24 @@ MINIMIND_FAST_SIMD void store_slots(const typename Vec<W>::F* weight, const type
     }
 }
 
+// The inverse of store_slots: slots [0, k) of rows t0 .. t0 + n - 1 of (T, k) inputs as lane
+// vectors (lanes >= n: weight 0, id 0).
+template <int W>
+MINIMIND_FAST_SIMD void load_slots(const float* weight_rows, const int64_t* id_rows, int64_t k, int n,
+                                   typename Vec<W>::F* weight, typename Vec<W>::I* id) {
+  if (k == 1 && n == W) {
+    weight[0] = load_row<W>(weight_rows);
+    for (int w = 0; w < W; ++w) id[0][w] = static_cast<int32_t>(id_rows[w]);
+    return;
+  }
+  for (int64_t j = 0; j < k; ++j) weight[j] = splat<W>(0.0f), id[j] = splat_i<W>(0);
+  for (int w = 0; w < n; ++w)
+    for (int64_t j = 0; j < k; ++j) {
+      weight[j][w] = weight_rows[w * k + j];
+      id[j][w] = static_cast<int32_t>(id_rows[w * k + j]);
+    }
+}
+
 // Signed int32 key with the order of the logits: -0 == +0, every NaN above +inf.
 template <int W>
 MINIMIND_FAST_SIMD typename Vec<W>::I order_key(typename Vec<W>::F v) {
