@@ -288,19 +288,31 @@ MINIMIND_FAST_SIMD void block_scores(const typename Vec<W>::F* value, int64_t E,
     F max_value = splat<W>(-std::numeric_limits<float>::infinity());
     for (int64_t e = 0; e < E; ++e) max_value = value[e] > max_value ? value[e] : max_value;
     // the denominator: fp32 sums of 8 experts, added up in fp64 (one long fp32 chain would
-    // drift by several ulp at E = 256; converting every term would cost more than the exp)
-    using D = typename Vec<W>::D;
-    D sum = D{} + 0.0;
-    F group = splat<W>(0.0f);
-    for (int64_t e = 0; e < E; ++e) {
-      score[e] = exp_vec<W>(value[e] - max_value);
-      group += score[e];
-      if ((e & 7) == 7 || e + 1 == E) {
-        sum += __builtin_convertvector(group, D);
-        group = splat<W>(0.0f);
+    // drift by several ulp at E = 256; converting every term would cost more than the exp).
+    // E <= 8 is one group: 1 / sum in fp32 is then the same number (a quotient of floats
+    // computed in fp64 and rounded to fp32 is correctly rounded), without the fp64 division.
+    F inv_sum;
+    if (E <= 8) {
+      F sum = splat<W>(0.0f);
+      for (int64_t e = 0; e < E; ++e) {
+        score[e] = exp_vec<W>(value[e] - max_value);
+        sum += score[e];
       }
+      inv_sum = 1.0f / sum;
+    } else {
+      using D = typename Vec<W>::D;
+      D sum = D{} + 0.0;
+      F group = splat<W>(0.0f);
+      for (int64_t e = 0; e < E; ++e) {
+        score[e] = exp_vec<W>(value[e] - max_value);
+        group += score[e];
+        if ((e & 7) == 7 || e + 1 == E) {
+          sum += __builtin_convertvector(group, D);
+          group = splat<W>(0.0f);
+        }
+      }
+      inv_sum = __builtin_convertvector(1.0 / sum, F);
     }
-    const F inv_sum = __builtin_convertvector(1.0 / sum, F);
     for (int64_t e = 0; e < E; ++e) score[e] *= inv_sum;
   } else {
     for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + exp_vec<W>(-value[e]));
