@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
+
+from minimind_fast.ops.moe_reference import moe_route_reference
 
 from harness import CUDA, DEVICE, DTYPE, measure, record_bandwidth, record_flops, record_memory, size
 
@@ -33,55 +32,16 @@ SEQ_LEN = 512
 ROUTE_CASES = [(4, 1), (4, 2), (8, 2), (64, 8)]
 
 
-def _function(module_name: str, names: tuple[str, ...]):
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:  # noqa: BLE001  (absent, or broken while being written)
-        return None
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, types.ModuleType):
-            value = getattr(value, name, None)
-        if callable(value):
-            return value
-    return None
-
-
 def route_op():
-    fn = (_function("minimind_fast.ops", ("moe_route",)) or _function("minimind_fast", ("moe_route",))
-          or _function("minimind_fast.ops.moe_route", ("moe_route",)))
-    if fn is None:
-        pytest.skip("minimind_fast.ops.moe_route is not available yet (issue 8)")
-    try:
-        import minimind_fast._C  # noqa: F401
-    except ImportError:
+    """The extension's moe_route (skipped where only the pure-PyTorch fallback would run)."""
+    route_module = importlib.import_module("minimind_fast.ops.moe_route")  # the package attribute is the function
+    if not route_module.EXTENSION_LOADED:
         pytest.skip("minimind_fast._C is not built: moe_route would time its pure-PyTorch fallback")
-    if CUDA and not torch._C._dispatch_has_kernel_for_dispatch_key("minimind_fast::moe_route", "CUDA"):
-        pytest.skip("minimind_fast._C has no CUDA kernel: moe_route would time its pure-PyTorch fallback")
-    return fn
-
-
-def route_reference():
-    fn = _function("minimind_fast.ops.moe_reference",
-                   ("moe_route_reference", "moe_route", "reference_moe_route"))
-    if fn is None:
-        pytest.skip("minimind_fast/ops/moe_reference.py (the routing reference) is not available yet")
-    return fn
+    return route_module.moe_route
 
 
 def call_route(fn, logits, top_k):
-    """Call a routing function whatever optional keywords it spells out."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    kwargs = {}
-    if "scoring" in params:
-        kwargs["scoring"] = "softmax"
-    for name in ("seq_len", "sequence_length", "seq_length"):
-        if name in params:
-            kwargs[name] = SEQ_LEN
-    return fn(logits, top_k, True, **kwargs)
+    return fn(logits, top_k, True, scoring="softmax", seq_len=SEQ_LEN)
 
 
 def minimind_gate(logits, top_k):
@@ -100,10 +60,7 @@ def minimind_gate(logits, top_k):
 
 
 def tensors_of(result):
-    if hasattr(result, "__dataclass_fields__"):
-        result = vars(result)
-    leaves, _ = tree_flatten(result)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    return [leaf for leaf in result if isinstance(leaf, torch.Tensor)]  # a MoERouting or a tuple
 
 
 @pytest.mark.parametrize("impl", ["ours", "reference", "minimind_gate"])
@@ -117,10 +74,8 @@ def test_moe_route(benchmark, experts, top_k, mode, impl):
         def fn(logits):
             return call_route(op, logits, top_k)
     elif impl == "reference":
-        ref = route_reference()
-
         def fn(logits):
-            return call_route(ref, logits, top_k)
+            return call_route(moe_route_reference, logits, top_k)
     else:
         def fn(logits):
             return minimind_gate(logits, top_k)

@@ -27,14 +27,21 @@ at::ScalarType real_dtype(at::ScalarType logits_dtype) {
 
 }  // namespace
 
-bool cpu_uses_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* off = std::getenv("MINIMIND_FAST_CPU_NO_AVX2");
-  return supported && !(off && std::string(off) == "1");
-#else
-  return false;
+CpuIsa cpu_isa() {
+  CpuIsa best = CpuIsa::kBaseline;
+#ifdef MINIMIND_FAST_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  best = avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
 #endif
+  const char* cap = std::getenv("MINIMIND_FAST_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string name(cap);
+  TORCH_CHECK(name == "baseline" || name == "avx2" || name == "avx512", "MINIMIND_FAST_CPU_ISA=", name,
+              " is not an instruction set of moe_route; use baseline, avx2 or avx512 (or unset it)");
+  const CpuIsa limit = name == "avx512" ? CpuIsa::kAvx512 : name == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
+  return static_cast<int>(limit) < static_cast<int>(best) ? limit : best;
 }
 
 RouteShape check_route_inputs(const at::Tensor& router_logits, int64_t top_k, bool norm_topk_prob,

@@ -160,90 +160,103 @@ MINIMIND_FAST_SIMD void route_backward_blocks(const BackwardIn<float>& in, const
 }
 
 // The fp32 backward for E >= kWideExperts, one token at a time with W-lane vectors over the
-// experts. The top-k terms touch k of the E entries, so they are kept out of the vector passes:
-//   base_e = g_scores + g_prob_mean / T + g_seq_prob_mean / L   (vectors, stored in `base`)
-//   c_j    = the top-k term of slot j (route_backward_rows)     (scalars)
+// experts. The top-k terms touch k of the E entries, so they are kept out of the per-expert passes
+// and computed first for a block of W tokens at once (slots as lane vectors, like the forward):
+//   c_j    = the top-k term of slot j (route_backward_rows)     (lane vectors over the block)
+//   base_e = g_scores + g_prob_mean / T + g_seq_prob_mean / L   (vectors over experts, in `base`)
 //   dot    = sum_e base_e s_e + sum_j c_j s_{idx_j}
 //   softmax: out_e = s_e (base_e - dot), then out_{idx_j} = s (base + c_j - dot) at the k ids.
 template <int W, typename scalar_t>
-MINIMIND_FAST_SIMD void route_backward_wide(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin,
-                                            int64_t end, float* base, float* scratch_row, scalar_t* grad_logits) {
+MINIMIND_FAST_SIMD void route_backward_wide(const BackwardIn<float>& in, const RouteShape& shape, int64_t block_begin,
+                                            int64_t block_end, float* base, float* scratch_row,
+                                            typename simd::Vec<W>::F* slot_grad, typename simd::Vec<W>::F* slot_score,
+                                            typename simd::Vec<W>::I* slot_id, scalar_t* grad_logits) {
   using F = typename simd::Vec<W>::F;
   const int64_t T = shape.tokens, E = shape.experts, k = shape.top_k, L = shape.seq_len;
   const float inv_tokens = 1.0f / static_cast<float>(T), inv_len = 1.0f / static_cast<float>(L);
   const int64_t vector_end = E - E % W;
-  std::vector<float> slot_term(k);
-  for (int64_t t = begin; t < end; ++t) {
-    const float* s = in.scores + t * E;
-    float* row = scratch_row;  // the output row in fp32: the output itself when it is fp32
-    if constexpr (std::is_same_v<scalar_t, float>) row = grad_logits + t * E;
-    const float* g_scores = in.grad_scores ? in.grad_scores + t * E : nullptr;
-    const float* g_seq = in.grad_seq_mean ? in.grad_seq_mean + (t / L) * E : nullptr;
-    auto base_at = [&](int64_t e) {
-      float value = g_scores ? g_scores[e] : 0.0f;
-      if (in.grad_mean) value += in.grad_mean[e] * inv_tokens;
-      if (g_seq) value += g_seq[e] * inv_len;
-      return value;
-    };
-    F partial = simd::splat<W>(0.0f);
-    for (int64_t e = 0; e < vector_end; e += W) {
-      F value = g_scores ? simd::load_row<W>(g_scores + e) : simd::splat<W>(0.0f);
-      if (in.grad_mean) value += simd::load_row<W>(in.grad_mean + e) * inv_tokens;
-      if (g_seq) value += simd::load_row<W>(g_seq + e) * inv_len;
-      std::memcpy(base + e, &value, sizeof(F));
-      partial += value * simd::load_row<W>(s + e);
-    }
-    float dot = 0.0f;
-    for (int w = 0; w < W; ++w) dot += partial[w];
-    for (int64_t e = vector_end; e < E; ++e) dot += (base[e] = base_at(e)) * s[e];
-    const int64_t* id = in.topk_idx + t * k;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t t0 = b * W;
+    const int n = static_cast<int>(std::min<int64_t>(W, T - t0));
+    F topk_dot = simd::splat<W>(0.0f);
     if (in.grad_weight) {
-      const float* g = in.grad_weight + t * k;
-      if (shape.normalize) {
-        float selected = 0.0f, weighted = 0.0f;
+      simd::load_slots<W>(in.grad_weight + t0 * k, in.topk_idx + t0 * k, k, n, slot_grad, slot_id);
+      for (int64_t j = 0; j < k; ++j) {
+        slot_score[j] = simd::splat<W>(0.0f);
+        for (int w = 0; w < n; ++w) slot_score[j][w] = in.scores[(t0 + w) * E + slot_id[j][w]];
+      }
+      if (shape.normalize) {  // padding lanes: score 0, grad 0 -> term 0
+        F selected = simd::splat<W>(0.0f), weighted = simd::splat<W>(0.0f);
         for (int64_t j = 0; j < k; ++j) {
-          selected += s[id[j]];
-          weighted += g[j] * s[id[j]];
+          selected += slot_score[j];
+          weighted += slot_grad[j] * slot_score[j];
         }
-        const float denom = selected + static_cast<float>(kNormEps);
-        const float weighted_mean = weighted / denom;
-        for (int64_t j = 0; j < k; ++j) slot_term[j] = (g[j] - weighted_mean) / denom;
+        const F denom = selected + static_cast<float>(kNormEps);
+        const F weighted_mean = weighted / denom;
+        for (int64_t j = 0; j < k; ++j) slot_grad[j] = (slot_grad[j] - weighted_mean) / denom;
+      }
+      for (int64_t j = 0; j < k; ++j) topk_dot += slot_grad[j] * slot_score[j];
+    }
+    for (int w = 0; w < n; ++w) {
+      const int64_t t = t0 + w;
+      const float* s = in.scores + t * E;
+      float* row = scratch_row;  // the output row in fp32: the output itself when it is fp32
+      if constexpr (std::is_same_v<scalar_t, float>) row = grad_logits + t * E;
+      const float* g_scores = in.grad_scores ? in.grad_scores + t * E : nullptr;
+      const float* g_seq = in.grad_seq_mean ? in.grad_seq_mean + (t / L) * E : nullptr;
+      F partial = simd::splat<W>(0.0f);
+      for (int64_t e = 0; e < vector_end; e += W) {
+        F value = g_scores ? simd::load_row<W>(g_scores + e) : simd::splat<W>(0.0f);
+        if (in.grad_mean) value += simd::load_row<W>(in.grad_mean + e) * inv_tokens;
+        if (g_seq) value += simd::load_row<W>(g_seq + e) * inv_len;
+        std::memcpy(base + e, &value, sizeof(F));
+        partial += value * simd::load_row<W>(s + e);
+      }
+      float dot = simd::sum_lanes<W>(partial) + topk_dot[w];
+      for (int64_t e = vector_end; e < E; ++e) {
+        base[e] = g_scores ? g_scores[e] : 0.0f;
+        if (in.grad_mean) base[e] += in.grad_mean[e] * inv_tokens;
+        if (g_seq) base[e] += g_seq[e] * inv_len;
+        dot += base[e] * s[e];
+      }
+      const int64_t* id = in.topk_idx + t * k;
+      if (shape.scoring == Scoring::kSoftmax) {
+        const F dot_vector = simd::splat<W>(dot);
+        for (int64_t e = 0; e < vector_end; e += W) {
+          const F value = simd::load_row<W>(s + e) * (simd::load_row<W>(base + e) - dot_vector);
+          std::memcpy(row + e, &value, sizeof(F));
+        }
+        for (int64_t e = vector_end; e < E; ++e) row[e] = s[e] * (base[e] - dot);
+        if (in.grad_weight)
+          for (int64_t j = 0; j < k; ++j) row[id[j]] = s[id[j]] * ((base[id[j]] + slot_grad[j][w]) - dot);
       } else {
-        for (int64_t j = 0; j < k; ++j) slot_term[j] = g[j];
+        for (int64_t e = 0; e < vector_end; e += W) {
+          const F score = simd::load_row<W>(s + e);
+          const F value = simd::load_row<W>(base + e) * score * (1.0f - score);
+          std::memcpy(row + e, &value, sizeof(F));
+        }
+        for (int64_t e = vector_end; e < E; ++e) row[e] = base[e] * s[e] * (1.0f - s[e]);
+        if (in.grad_weight)
+          for (int64_t j = 0; j < k; ++j)
+            row[id[j]] = (base[id[j]] + slot_grad[j][w]) * s[id[j]] * (1.0f - s[id[j]]);
       }
-      for (int64_t j = 0; j < k; ++j) dot += slot_term[j] * s[id[j]];
+      if constexpr (!std::is_same_v<scalar_t, float>)
+        for (int64_t e = 0; e < E; ++e) grad_logits[t * E + e] = static_cast<scalar_t>(row[e]);
     }
-    if (shape.scoring == Scoring::kSoftmax) {
-      const F dot_vector = simd::splat<W>(dot);
-      for (int64_t e = 0; e < vector_end; e += W) {
-        const F value = simd::load_row<W>(s + e) * (simd::load_row<W>(base + e) - dot_vector);
-        std::memcpy(row + e, &value, sizeof(F));
-      }
-      for (int64_t e = vector_end; e < E; ++e) row[e] = s[e] * (base[e] - dot);
-      if (in.grad_weight)
-        for (int64_t j = 0; j < k; ++j) row[id[j]] = s[id[j]] * ((base[id[j]] + slot_term[j]) - dot);
-    } else {
-      for (int64_t e = 0; e < vector_end; e += W) {
-        const F score = simd::load_row<W>(s + e);
-        const F value = simd::load_row<W>(base + e) * score * (1.0f - score);
-        std::memcpy(row + e, &value, sizeof(F));
-      }
-      for (int64_t e = vector_end; e < E; ++e) row[e] = base[e] * s[e] * (1.0f - s[e]);
-      if (in.grad_weight)
-        for (int64_t j = 0; j < k; ++j) row[id[j]] = (base[id[j]] + slot_term[j]) * s[id[j]] * (1.0f - s[id[j]]);
-    }
-    if constexpr (!std::is_same_v<scalar_t, float>)
-      for (int64_t e = 0; e < E; ++e) grad_logits[t * E + e] = static_cast<scalar_t>(row[e]);
   }
 }
-// One thread's share: blocks of W tokens [begin, end) (E < kWideExperts) or tokens (wide E).
+
+// One thread's share: the blocks of W tokens [begin, end).
 template <int W, typename scalar_t>
 MINIMIND_FAST_SIMD void backward_range(const BackwardIn<float>& in, const RouteShape& shape, int64_t begin,
                                        int64_t end, scalar_t* grad_logits) {
   const int64_t E = shape.experts, k = shape.top_k;
   if (E >= kWideExperts) {
     AlignedArray<float> base(E), row(E);
-    return route_backward_wide<W>(in, shape, begin, end, base.data(), row.data(), grad_logits);
+    AlignedArray<typename simd::Vec<W>::F> slot_grad(k), slot_score(k);
+    AlignedArray<typename simd::Vec<W>::I> slot_id(k);
+    return route_backward_wide<W>(in, shape, begin, end, base.data(), row.data(), slot_grad.data(),
+                                  slot_score.data(), slot_id.data(), grad_logits);
   }
   if (E == 4 && k == 1) return route_backward_blocks<W, 4, 1>(in, shape, begin, end, grad_logits);
   if (E == 4 && k == 2) return route_backward_blocks<W, 4, 2>(in, shape, begin, end, grad_logits);
@@ -258,28 +271,34 @@ void backward_range_sse(const BackwardIn<float>& in, const RouteShape& shape, in
   backward_range<4>(in, shape, begin, end, grad_logits);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef MINIMIND_FAST_X86
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void backward_range_avx2(const BackwardIn<float>& in, const RouteShape& shape,
-                                                            int64_t begin, int64_t end, scalar_t* grad_logits) {
+MINIMIND_FAST_TARGET_AVX2 void backward_range_avx2(const BackwardIn<float>& in, const RouteShape& shape,
+                                                   int64_t begin, int64_t end, scalar_t* grad_logits) {
+  backward_range<8>(in, shape, begin, end, grad_logits);
+}
+
+template <typename scalar_t>
+MINIMIND_FAST_TARGET_AVX512 void backward_range_avx512(const BackwardIn<float>& in, const RouteShape& shape,
+                                                       int64_t begin, int64_t end, scalar_t* grad_logits) {
   backward_range<8>(in, shape, begin, end, grad_logits);
 }
 #endif
 
 template <typename scalar_t>
-void run_backward(const BackwardIn<float>& in, const RouteShape& shape, scalar_t* out, bool avx2) {
-  const int width = avx2 ? 8 : 4;
-  const bool wide = shape.experts >= kWideExperts;  // the range is over tokens, else over blocks
-  const int64_t items = wide ? shape.tokens : (shape.tokens + width - 1) / width;
-  at::parallel_for(0, items, wide ? 2048 : 2048 / width, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (avx2) return backward_range_avx2(in, shape, begin, end, out);
+void run_backward(const BackwardIn<float>& in, const RouteShape& shape, scalar_t* out, CpuIsa isa) {
+  const int width = isa == CpuIsa::kBaseline ? 4 : 8;
+  const int64_t blocks = (shape.tokens + width - 1) / width;
+  at::parallel_for(0, blocks, 2048 / width, [&](int64_t begin, int64_t end) {
+#ifdef MINIMIND_FAST_X86
+    if (isa == CpuIsa::kAvx512) return backward_range_avx512(in, shape, begin, end, out);
+    if (isa == CpuIsa::kAvx2) return backward_range_avx2(in, shape, begin, end, out);
 #endif
     backward_range_sse(in, shape, begin, end, out);
   });
 }
 
-void run_backward(const BackwardIn<double>& in, const RouteShape& shape, double* out, bool /*avx2*/) {
+void run_backward(const BackwardIn<double>& in, const RouteShape& shape, double* out, CpuIsa /*isa*/) {
   at::parallel_for(0, shape.tokens, 256, [&](int64_t begin, int64_t end) {
     std::vector<double> grad_score(shape.experts);
     route_backward_rows(in, shape, begin, end, grad_score.data(), out);
@@ -290,14 +309,14 @@ void run_backward(const BackwardIn<double>& in, const RouteShape& shape, double*
 
 void route_backward_cpu(const RouteGrads& grads, const at::Tensor& scores, const at::Tensor& topk_idx,
                         const RouteShape& shape, at::Tensor& grad_logits) {
-  const bool avx2 = cpu_uses_avx2();
+  const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_logits.scalar_type(), "moe_route_backward_cpu", [&] {
     using real_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<real_t>() : nullptr; };
     const BackwardIn<real_t> in{ptr(grads.topk_weight), ptr(grads.scores),   ptr(grads.prob_mean),
                                 ptr(grads.seq_prob_mean), scores.const_data_ptr<real_t>(),
                                 topk_idx.const_data_ptr<int64_t>()};
-    run_backward(in, shape, grad_logits.data_ptr<scalar_t>(), avx2);  // fp64 overload or fp32 template
+    run_backward(in, shape, grad_logits.data_ptr<scalar_t>(), isa);  // fp64 overload or fp32 template
   });
 }
 

@@ -9,8 +9,20 @@
 
 namespace minimind_fast {
 
-// AVX2 + FMA present, unless MINIMIND_FAST_CPU_NO_AVX2=1 (the C++ test runs both paths).
-bool cpu_uses_avx2();
+// Instruction sets of the fp32 CPU paths, chosen at run time. AVX2 and AVX-512 run blocks of 8
+// token lanes (AVX-512 is the same code compiled with AVX-512VL: 64-bit max/min and mask
+// registers in the top-k networks); the SSE2/NEON baseline runs blocks of 4.
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best this CPU supports, capped by MINIMIND_FAST_CPU_ISA=baseline|avx2|avx512 (the tests run
+// every path that way).
+CpuIsa cpu_isa();
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MINIMIND_FAST_X86 1
+#define MINIMIND_FAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MINIMIND_FAST_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
+#endif
 
 // 64-byte aligned storage for n trivially constructible T (vector types need their alignment).
 template <typename T>

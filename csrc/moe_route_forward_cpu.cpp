@@ -5,7 +5,7 @@
 //
 // Over fixed 256-token chunks (so results do not depend on the thread count):
 //   1. (parallel) blocks of W tokens, transposed in registers, fp32 maths across the tokens
-//      (moe_route_simd.h; W = 8 under AVX2, else 4): scores, top-k by logit (a branch-free
+//      (moe_route_simd.h; W = 8 under AVX2 / AVX-512, else 4): scores, top-k by logit (a branch-free
 //      bubble over the k slots, sorting networks for k <= 8 and E > 16, a per-token partial sort
 //      for k > 16), weights; per chunk, the pair counts of each expert and the score sums of each
 //      sequence segment (moe_route_common.h);
@@ -271,11 +271,18 @@ void forward_chunks_sse(const scalar_t* x, const RouteShape& shape, int64_t begi
   forward_chunks<4>(x, shape, begin, end, out, seg);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef MINIMIND_FAST_X86
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void forward_chunks_avx2(const scalar_t* x, const RouteShape& shape,
-                                                            int64_t begin, int64_t end, const ForwardOut<float>& out,
-                                                            SegmentWriter<float>& seg) {
+MINIMIND_FAST_TARGET_AVX2 void forward_chunks_avx2(const scalar_t* x, const RouteShape& shape, int64_t begin,
+                                                   int64_t end, const ForwardOut<float>& out,
+                                                   SegmentWriter<float>& seg) {
+  forward_chunks<8>(x, shape, begin, end, out, seg);
+}
+
+template <typename scalar_t>
+MINIMIND_FAST_TARGET_AVX512 void forward_chunks_avx512(const scalar_t* x, const RouteShape& shape, int64_t begin,
+                                                       int64_t end, const ForwardOut<float>& out,
+                                                       SegmentWriter<float>& seg) {
   forward_chunks<8>(x, shape, begin, end, out, seg);
 }
 #endif
@@ -345,15 +352,16 @@ void forward_typed(const at::Tensor& logits, const RouteShape& shape, RouteResul
   const int64_t* topk_idx = out.topk_idx;
 
   // Pass 1: scores, top-k, weights, per-chunk counts and per-segment score sums.
-  const bool avx2 = cpu_uses_avx2();
+  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
     SegmentWriter<real_t> seg(E, L, seq_prob_mean, seq_counts, part_prob.data(), part_count.data());
     if constexpr (std::is_same_v<scalar_t, double>) {
       std::vector<int64_t> order(E);
       for (int64_t c = begin; c < end; ++c) forward_chunk_fp64(x, shape, c, out, seg, order);
     } else {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-      if (avx2) return forward_chunks_avx2(x, shape, begin, end, out, seg);
+#ifdef MINIMIND_FAST_X86
+      if (isa == CpuIsa::kAvx512) return forward_chunks_avx512(x, shape, begin, end, out, seg);
+      if (isa == CpuIsa::kAvx2) return forward_chunks_avx2(x, shape, begin, end, out, seg);
 #endif
       forward_chunks_sse(x, shape, begin, end, out, seg);
     }

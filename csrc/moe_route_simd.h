@@ -268,6 +268,21 @@ MINIMIND_FAST_SIMD void load_slots(const float* weight_rows, const int64_t* id_r
     }
 }
 
+// Sum of the lanes, pairwise (halves added until one lane is left).
+template <int W>
+MINIMIND_FAST_SIMD float sum_lanes(typename Vec<W>::F v) {
+  using I = typename Vec<W>::I;
+  if constexpr (W == 8) {
+    v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
+  } else {
+    v += __builtin_shuffle(v, I{2, 3, 0, 1});
+    v += __builtin_shuffle(v, I{1, 0, 3, 2});
+  }
+  return v[0];
+}
+
 // Signed int32 key with the order of the logits: -0 == +0, every NaN above +inf.
 template <int W>
 MINIMIND_FAST_SIMD typename Vec<W>::I order_key(typename Vec<W>::F v) {
@@ -373,9 +388,8 @@ typedef int64_t L4 __attribute__((vector_size(32)));
 typedef int32_t I4 __attribute__((vector_size(16)));
 
 MINIMIND_FAST_SIMD void compare_exchange(L4& a, L4& b) {  // a <- larger, b <- smaller
-  const L4 swap = b > a;
-  const L4 larger = swap ? b : a;
-  b = swap ? a : b;
+  const L4 larger = a > b ? a : b;  // max / min (one instruction each with AVX-512VL)
+  b = a > b ? b : a;
   a = larger;
 }
 

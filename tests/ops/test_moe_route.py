@@ -285,27 +285,39 @@ def test_require_ext_turns_fallback_into_error():
     assert "MINIMIND_FAST_REQUIRE_EXT=1 but the extension minimind_fast._C is unusable" in result.stderr
 
 
+CPU_ISAS = ["avx512", "avx2", "baseline"]  # MINIMIND_FAST_CPU_ISA caps; above the CPU's best it runs its best
+
+
 @pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
 @pytest.mark.parametrize("E,k", [(4, 2), (8, 1), (64, 8), (40, 20)])
-def test_cpu_vector_widths_agree(E, k, monkeypatch):
-    """AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) give the same routing."""
+def test_cpu_instruction_sets_agree(E, k, monkeypatch):
+    """AVX-512 and AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) give the same routing."""
     x = make_logits(777, E, "random")
-    wide = moe_route(x, k, True, "softmax", 111)
-    monkeypatch.setenv("MINIMIND_FAST_CPU_NO_AVX2", "1")
-    narrow = moe_route(x, k, True, "softmax", 111)
-    assert_routing_equal(narrow, tuple(wide))
-    assert_routing_equal(narrow, moe_route_reference(x, k, True, "softmax", 111))
+    want = moe_route_reference(x, k, True, "softmax", 111)
+    results = []
+    for isa in CPU_ISAS:
+        monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", isa)
+        results.append(moe_route(x, k, True, "softmax", 111))
+        assert_routing_equal(results[-1], want)
+    for other in results[1:]:
+        assert_routing_equal(other, tuple(results[0]))
+
+
+def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
+    monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="MINIMIND_FAST_CPU_ISA=sse9 is not an instruction set"):
+        moe_route(make_logits(8, 4, "random"), 2)
 
 
 @pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
-@pytest.mark.parametrize("avx2", ["1", "0"], ids=["avx2", "baseline"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (16, 4), (37, 5), (64, 8), (256, 3)])
-def test_backward_kernel_paths_match_reference(E, k, dtype, avx2, monkeypatch):
+def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
     """Every CPU backward path (compile-time (E, k) blocks, run-time blocks, the per-token path
     for E >= 16 with and without a vector tail) against the written-out reference backward, for
     each scoring, normalisation and subset of incoming gradients, with a partial last block."""
-    monkeypatch.setenv("MINIMIND_FAST_CPU_NO_AVX2", "0" if avx2 == "1" else "1")
+    monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", isa)
     T, seq_len = 203, 29
     x = make_logits(T, E, "random", dtype=dtype)
     g = torch.Generator().manual_seed(E * 100 + k)
