@@ -1,5 +1,5 @@
-// Plain C++ shared by the CPU implementation (moe_route.cpp) and the CUDA kernels
-// (cuda/moe_route_kernels.cu). No torch header here: nvcc must compile it on machines whose
+// Plain C++ shared by the CPU implementation (moe_route_*_cpu.cpp) and the CUDA kernels
+// (cuda/moe_route_*.cu). No torch header here: nvcc must compile it on machines whose
 // torch has no CUDA headers (see DESIGN.md, "CUDA code that CI can still check").
 //
 // Ordering contract of moe_route (both backends, and the PyTorch reference):

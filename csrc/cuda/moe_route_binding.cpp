@@ -1,6 +1,6 @@
 // CUDA binding of minimind_fast::moe_route: checks, output allocation, stream lookup, and the
 // TORCH_LIBRARY_IMPL(minimind_fast, CUDA) registration. Compiled only when torch has CUDA (its
-// CUDA headers are needed here); the kernels themselves live in moe_route_kernels.cu.
+// CUDA headers are needed here); the kernels themselves live in moe_route_forward.cu and moe_route_backward.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,6 @@
 // CUDA launchers of the fused MoE routing op: raw pointers, sizes and a stream in, no torch
-// header (nvcc must compile moe_route_kernels.cu on machines whose torch has no CUDA headers;
-// see DESIGN.md). The torch binding is moe_route_binding.cpp.
+// header (nvcc must compile moe_route_forward.cu and moe_route_backward.cu on machines whose
+// torch has no CUDA headers; see DESIGN.md). The torch binding is moe_route_binding.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>

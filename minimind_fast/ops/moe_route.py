@@ -3,8 +3,9 @@
 One pass over the router logits gives everything MiniMind's MoEGate and a grouped expert
 computation need: top-k weights and expert ids, the statistics of the sequence- and token-level
 aux losses, and the permutation that sorts the T*k (token, slot) pairs by expert. The op is
-`torch.ops.minimind_fast.moe_route`, defined in C++ (csrc/moe_route.cpp: schema + CPU kernel;
-csrc/moe_route_autograd.cpp: autograd; csrc/cuda/: CUDA kernels). This module registers its
+`torch.ops.minimind_fast.moe_route`, defined in C++ (csrc/moe_route.cpp: schema + checks;
+csrc/moe_route_{forward,backward}_cpu.cpp: CPU kernels; csrc/moe_route_autograd.cpp: autograd;
+csrc/cuda/: CUDA kernels). This module registers its
 fake (shape) implementation -- and its autograd when the extension is missing (backward = the
 op `minimind_fast::moe_route_backward`, from the saved scores) -- and is the one place that
 chooses the implementation:

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused MoE routing op (declared in moe_route_kernels.h). No torch header.
+// CUDA forward of the fused MoE routing op (declared in moe_route_kernels.h). No torch header.
 //
 // Forward, four kernels, no atomics (bitwise reproducible):
 //   1. route_forward_kernel: one warp per chunk of C consecutive tokens (C depends on T only);
@@ -15,24 +15,14 @@
 //      cursor per expert carries on -- a stable counting sort.
 //   4. route_seq_fixup_kernel: a sequence spanning chunks first..last gets
 //      tail(first) + (head prefix(last + 1) - head prefix(first + 1)).
-// Backward: one warp per token from the saved scores (maths in csrc/moe_route.cpp).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <climits>
-#include <cmath>
-
-#include "moe_route_kernels.h"
+#include "moe_route_device.cuh"
 
 namespace minimind_fast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kForwardWarps = 4;       // warps per block of the routing kernel
-constexpr int kBlockThreads = 256;     // scan / scatter / fixup / backward blocks
+using namespace detail;  // NOLINT: the shared device helpers of this op
+
 constexpr int kMaxSlotsPerLane = 8;    // top_k <= 256 = 8 slots x 32 lanes
 constexpr int64_t kMaxChunks = 16384;  // chunk size grows with T beyond 8 * kMaxChunks tokens
 
@@ -41,61 +31,6 @@ int64_t chunk_tokens(int64_t tokens) {
   return by_count > 8 ? by_count : 8;
 }
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
-template <typename T>
-__device__ __forceinline__ T from_acc(double x) { return x; }
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_max(acc_t v) {  // v is never NaN (callers skip NaN)
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
-    const acc_t other = __shfl_xor_sync(kFullMask, v, offset);
-    v = other > v ? other : v;
-  }
-  return v;
-}
-
-// Butterfly sum: every lane ends with the bit-identical total (a + b == b + a at each level).
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-// (value, expert) `a` ranks before `b`; expert INT_MAX marks "no candidate".
-template <typename acc_t>
-__device__ __forceinline__ bool beats(acc_t a_value, int a_expert, acc_t b_value, int b_expert) {
-  if (a_expert == INT_MAX) return false;
-  if (b_expert == INT_MAX) return true;
-  if (ranks_before(a_value, b_value)) return true;
-  if (ranks_before(b_value, a_value)) return false;
-  return a_expert < b_expert;
-}
 
 // Exclusive scan over a block of kBlockThreads threads, in a fixed order (deterministic even
 // for double: no subtraction). Every thread must call it; *total gets the block total.
@@ -455,81 +390,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <typename scalar_t, typename acc_t, int EPL>
-__global__ void __launch_bounds__(kBlockThreads)
-    route_backward_kernel(const RouteProblem p, const acc_t* __restrict__ grad_weight,
-                          const acc_t* __restrict__ grad_scores, const acc_t* __restrict__ grad_mean,
-                          const acc_t* __restrict__ grad_seq_mean, const acc_t* __restrict__ scores,
-                          const int64_t* __restrict__ topk_idx, scalar_t* __restrict__ grad_logits) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t T = p.tokens, E = p.experts, k = p.top_k, L = p.seq_len;
-  const acc_t inv_tokens = acc_t(1) / static_cast<acc_t>(T), inv_len = acc_t(1) / static_cast<acc_t>(L);
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp; t < T;
-       t += warps) {
-    const acc_t* s_row = scores + t * E;
-    acc_t s[EPL], g[EPL];
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int64_t e = lane + kWarp * i;
-      s[i] = g[i] = acc_t(0);
-      if (e < E) {
-        s[i] = s_row[e];
-        if (grad_scores) g[i] += grad_scores[t * E + e];
-        if (grad_mean) g[i] += grad_mean[e] * inv_tokens;
-        if (grad_seq_mean) g[i] += grad_seq_mean[(t / L) * E + e] * inv_len;
-      }
-    }
-    if (grad_weight) {
-      acc_t dot = 0, denom = 1;
-      if (p.normalize) {  // every lane walks the k slots (broadcast loads), in slot order
-        acc_t selected = 0, weighted = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t sj = s_row[topk_idx[t * k + j]];
-          selected += sj;
-          weighted += grad_weight[t * k + j] * sj;
-        }
-        denom = selected + static_cast<acc_t>(kNormEps);
-        dot = weighted / denom;
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const int expert = static_cast<int>(topk_idx[t * k + j]);
-        if (lane != expert % kWarp) continue;
-        const acc_t gj = grad_weight[t * k + j];
-        const acc_t add = p.normalize ? (gj - dot) / denom : gj;
-#pragma unroll
-        for (int i = 0; i < EPL; ++i)
-          if (i == expert / kWarp) g[i] += add;
-      }
-    }
-    acc_t out[EPL];
-    if (p.scoring == Scoring::kSoftmax) {
-      acc_t dot = 0;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) dot += g[i] * s[i];
-      dot = warp_sum(dot);
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) out[i] = s[i] * (g[i] - dot);
-    } else {
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) out[i] = g[i] * s[i] * (acc_t(1) - s[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int64_t e = lane + kWarp * i;
-      if (e < E) grad_logits[t * E + e] = from_acc<scalar_t>(out[i]);
-    }
-  }
-}
-
-int experts_per_lane(int64_t experts) {
-  return experts <= 32 ? 1 : experts <= 64 ? 2 : experts <= 128 ? 4 : 8;
-}
-
-unsigned grid_for(int64_t items, int64_t per_block, int64_t cap) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<unsigned>(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
-}
 
 template <typename scalar_t, int EPL>
 void forward_typed(const RouteProblem& p, const void* logits, const RouteForwardOutputs& out, void* workspace,
@@ -551,16 +411,6 @@ void forward_typed(const RouteProblem& p, const void* logits, const RouteForward
       p, chunk, NC, ws, static_cast<acc_t*>(out.seq_prob_mean), out.seq_expert_counts);
 }
 
-template <typename scalar_t, int EPL>
-void backward_typed(const RouteProblem& p, const RouteBackwardInputs& in, void* grad_logits, cudaStream_t stream) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  route_backward_kernel<scalar_t, acc_t, EPL>
-      <<<grid_for(p.tokens, kBlockThreads / kWarp, 65536), kBlockThreads, 0, stream>>>(
-          p, static_cast<const acc_t*>(in.grad_topk_weight), static_cast<const acc_t*>(in.grad_scores),
-          static_cast<const acc_t*>(in.grad_prob_mean), static_cast<const acc_t*>(in.grad_seq_prob_mean),
-          static_cast<const acc_t*>(in.scores), in.topk_idx, static_cast<scalar_t*>(grad_logits));
-}
-
 template <typename scalar_t>
 void forward_by_width(const RouteProblem& p, const void* logits, const RouteForwardOutputs& out, void* workspace,
                       cudaStream_t stream) {
@@ -571,17 +421,6 @@ void forward_by_width(const RouteProblem& p, const void* logits, const RouteForw
     default: return forward_typed<scalar_t, 8>(p, logits, out, workspace, stream);
   }
 }
-
-template <typename scalar_t>
-void backward_by_width(const RouteProblem& p, const RouteBackwardInputs& in, void* grad_logits, cudaStream_t stream) {
-  switch (experts_per_lane(p.experts)) {
-    case 1: return backward_typed<scalar_t, 1>(p, in, grad_logits, stream);
-    case 2: return backward_typed<scalar_t, 2>(p, in, grad_logits, stream);
-    case 4: return backward_typed<scalar_t, 4>(p, in, grad_logits, stream);
-    default: return backward_typed<scalar_t, 8>(p, in, grad_logits, stream);
-  }
-}
-
 }  // namespace
 
 size_t route_forward_workspace_bytes(const RouteProblem& problem) { return workspace_layout(problem).total; }
@@ -594,18 +433,6 @@ cudaError_t launch_route_forward(const RouteProblem& problem, const void* logits
     case DType::kBFloat16: forward_by_width<__nv_bfloat16>(problem, logits, out, workspace, stream); break;
     case DType::kFloat16: forward_by_width<__half>(problem, logits, out, workspace, stream); break;
     default: forward_by_width<float>(problem, logits, out, workspace, stream); break;
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t launch_route_backward(const RouteProblem& problem, const RouteBackwardInputs& in, void* grad_logits,
-                                  cudaStream_t stream) {
-  if (problem.experts < 1 || problem.experts > kMaxExperts || problem.tokens < 1) return cudaErrorInvalidValue;
-  switch (problem.dtype) {
-    case DType::kFloat64: backward_by_width<double>(problem, in, grad_logits, stream); break;
-    case DType::kBFloat16: backward_by_width<__nv_bfloat16>(problem, in, grad_logits, stream); break;
-    case DType::kFloat16: backward_by_width<__half>(problem, in, grad_logits, stream); break;
-    default: backward_by_width<float>(problem, in, grad_logits, stream); break;
   }
   return cudaGetLastError();
 }
