@@ -5,10 +5,11 @@
 //
 // Over fixed 256-token chunks (so results do not depend on the thread count):
 //   1. (parallel) blocks of W tokens, transposed in registers, fp32 maths across the tokens
-//      (moe_route_simd.h; W = 8 under AVX2 / AVX-512, else 4): scores, top-k by logit (a branch-free
-//      bubble over the k slots, sorting networks for k <= 8 and E > 16, a per-token partial sort
-//      for k > 16), weights; per chunk, the pair counts of each expert and the score sums of each
-//      sequence segment (moe_route_common.h);
+//      (moe_route_simd.h; W = 8 under AVX2 / AVX-512, else 4): scores, top-k by logit (a
+//      branch-free bubble over the k slots; with W = 8 and E * k > 32, 64-bit (key, id) composites
+//      through a chain of k slots for k <= 4 or sorting networks for k <= 8; a per-token partial
+//      sort for k > 16), weights; per chunk, the pair counts of each expert and the score sums of
+//      each sequence segment (moe_route_common.h);
 //   2. (serial, E x chunks) exclusive scan of the chunk counts -> expert offsets and the first
 //      output position of every (chunk, expert); token means of the scores;
 //   3. (parallel) counting-sort scatter of each chunk's pairs (stable: pairs visited in order);
@@ -138,7 +139,7 @@ MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& 
   const bool vector_slots = k <= simd::kMaxBlockK;          // top-k slots as lane vectors
   const bool small_e = E <= 16;                              // select by blends, count by compares
   const bool vector_counts = vector_slots && small_e;
-  const bool network = k <= 8 && E > 16 && E * k > 32;       // sorting networks beat the bubble
+  const bool composites = k <= 8 && E * k > 32;  // 64-bit (key, id) chains / networks beat the bubble
   I lane_index;
   for (int w = 0; w < W; ++w) lane_index[w] = w;
   seg.begin_chunk(c, c0, c1);
@@ -163,8 +164,12 @@ MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& 
     for (int64_t e = 0; e < E; ++e) keys[e] = simd::order_key<W>(value[e]);
     if (vector_slots) {
       if constexpr (W == 8) {
-        if (network) simd::block_top_k_network(keys, E, k, top_id);
-        else simd::block_top_k<W>(keys, E, k, top_key, top_id);
+        if (!composites) simd::block_top_k<W>(keys, E, k, top_key, top_id);
+        else if (k == 1) simd::block_top_k_chain<1>(keys, E, top_id);
+        else if (k == 2) simd::block_top_k_chain<2>(keys, E, top_id);
+        else if (k == 3) simd::block_top_k_chain<3>(keys, E, top_id);
+        else if (k == 4) simd::block_top_k_chain<4>(keys, E, top_id);
+        else simd::block_top_k_network(keys, E, k, top_id);
       } else {
         simd::block_top_k<W>(keys, E, k, top_key, top_id);
       }

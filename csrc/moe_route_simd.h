@@ -439,6 +439,30 @@ MINIMIND_FAST_SIMD void block_top_k_network(const typename Vec<8>::I* keys, int6
   }
 }
 
+// Top-k (k <= 4) of a block of 8 tokens for larger E: every expert's composite passes down k
+// slots, each keeping the larger and handing on the smaller (k max/min pairs per expert; the
+// networks above cost about 5 pairs per expert whatever k is).
+template <int K>
+MINIMIND_FAST_SIMD void block_top_k_chain(const typename Vec<8>::I* keys, int64_t E, typename Vec<8>::I* top_id) {
+  for (int h = 0; h < 2; ++h) {
+    L4 best[K];
+#pragma GCC unroll 4
+    for (int j = 0; j < K; ++j) best[j] = L4{} + std::numeric_limits<int64_t>::min();
+    for (int64_t e = 0; e < E; ++e) {
+      I4 half;
+      std::memcpy(&half, reinterpret_cast<const char*>(&keys[e]) + h * sizeof(I4), sizeof(half));
+      L4 candidate = (__builtin_convertvector(half, L4) << 32) | static_cast<int64_t>(~static_cast<uint32_t>(e));
+#pragma GCC unroll 4
+      for (int j = 0; j < K; ++j) compare_exchange(best[j], candidate);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < K; ++j) {
+      const I4 ids = ~__builtin_convertvector(best[j], I4);
+      std::memcpy(reinterpret_cast<char*>(&top_id[j]) + h * sizeof(I4), &ids, sizeof(ids));
+    }
+  }
+}
+
 // 64-bit (key, ~id) for a comparison sort: larger = ranks first, all distinct within a row.
 MINIMIND_FAST_SIMD uint64_t sort_key(int32_t key, int64_t expert) {
   const uint32_t high = static_cast<uint32_t>(key) ^ 0x80000000u;

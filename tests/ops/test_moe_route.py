@@ -60,6 +60,9 @@ CASES = [  # T, E, k, seq_len, scoring, norm
     (123, 8, 2, 41, "sigmoid", True),
     (300, 5, 5, 3, "softmax", False),
     (515, 64, 8, 5, "softmax", True),
+    (200, 33, 1, 40, "softmax", True),  # E * k > 32 with k <= 4: the (key, id) chains of the CPU kernel
+    (96, 48, 2, 0, "sigmoid", False),
+    (75, 16, 3, 25, "softmax", True),
     (260, 40, 20, 1, "sigmoid", False),
     (129, 256, 3, 129, "softmax", True),
 ]
@@ -289,7 +292,7 @@ CPU_ISAS = ["avx512", "avx2", "baseline"]  # MINIMIND_FAST_CPU_ISA caps; above t
 
 
 @pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
-@pytest.mark.parametrize("E,k", [(4, 2), (8, 1), (64, 8), (40, 20)])
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 1), (64, 8), (64, 1), (40, 20), (16, 4)])
 def test_cpu_instruction_sets_agree(E, k, monkeypatch):
     """AVX-512 and AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) give the same routing."""
     x = make_logits(777, E, "random")
