@@ -4,9 +4,18 @@ Collects bench/bench_*.py (function names test_*) whatever ini file pytest picke
 pyproject's settings for tests/ need no change and module names never clash with tests/.
 On CUDA every benchmark uses a timer that synchronises the device (see harness.py). The
 environment (torch/Triton versions, GPU, size profile) goes into the JSON's machine_info.
+
+Host heap: glibc hands the top of its heap back to the kernel once more than M_TRIM_THRESHOLD
+is free there, and mmaps (then unmaps) every chunk above M_MMAP_THRESHOLD. Whether a benchmark's
+temporaries land there depends on the allocation history, so some processes page-fault all of
+them in again on every call and others never do: moe_route E64k8 forward+backward measured 1.8 ms
+in one process and 5.3 ms (1,800 page faults a call) in the next. The suite keeps freed memory in
+the process, as tcmalloc / jemalloc do (PyTorch's CPU performance guide recommends either), so
+that a number does not depend on which process it came from. It applies to every implementation.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
@@ -21,6 +30,18 @@ if os.environ.get("MINIMIND_BENCH_THREADS"):  # e.g. 1 on a machine shared with 
     import torch
 
     torch.set_num_threads(int(os.environ["MINIMIND_BENCH_THREADS"]))
+
+def _keep_freed_host_memory() -> bool:
+    """Raise glibc's trim and mmap thresholds (see the module docstring); False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 256 << 20) and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+HOST_HEAP_KEPT = _keep_freed_host_memory()
 
 try:  # a larger cache than dynamo's default 8: reference functions are compiled per shape/mode
     import torch._dynamo
@@ -55,7 +76,7 @@ def pytest_runtest_setup(item):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["minimind_fast"] = harness.environment()
+    machine_info["minimind_fast"] = dict(harness.environment(), host_heap_kept=HOST_HEAP_KEPT)
 
 
 @pytest.fixture(autouse=True)
