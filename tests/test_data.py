@@ -105,6 +105,20 @@ def test_reused_then_rebuilt_on_data_or_tokenizer_change(tmp_path, tok_dir, tok_
     assert not list(changed.path.parent.glob(".tmp-*"))
 
 
+def test_a_given_digest_reopens_the_cache_without_reading_the_file(tmp_path, tok_dir, texts, cache, monkeypatch,
+                                                                   build_counter):
+    """DDP ranks other than 0 pass rank 0's digest: same cache, and the data file is never hashed."""
+    assert cache.data_digest == cache_module.file_digest(cache.meta["fingerprint"]["data_path"])
+
+    def no_hashing(path, *args, **kwargs):
+        raise AssertionError(f"{path} was hashed although its digest was given")
+
+    monkeypatch.setattr(cache_module, "file_digest", no_hashing)
+    again = build_token_cache(cache.meta["fingerprint"]["data_path"], tok_dir, tmp_path / "cache", progress=False,
+                              data_digest=cache.data_digest)
+    assert again.path == cache.path and not build_counter
+
+
 def test_small_batches_give_identical_cache(tmp_path, tok_dir, texts, cache):
     other = build_token_cache(write_jsonl(tmp_path / "other.jsonl", texts), tok_dir, tmp_path / "c2",
                               progress=False, batch_docs=3)

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -88,6 +89,7 @@ class TokenCache:
             raise DataError(f"token cache {self.path} is missing or corrupt ({error}); delete that "
                             "directory and rerun to rebuild it") from None
         self.vocab_size = int(self.meta["vocab_size"])
+        self.data_digest = self.meta["fingerprint"]["data_blake2b"]  # BLAKE2b of the data file it was built from
         self.num_docs = len(self.doc_offsets) - 1
         self.num_tokens = len(self.tokens)
 
@@ -188,10 +190,13 @@ def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress
 
 
 def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = True,
-                      batch_docs: int = BATCH_DOCS) -> TokenCache:
+                      batch_docs: int = BATCH_DOCS, data_digest: Optional[str] = None) -> TokenCache:
     """Tokenise `data_path` (JSONL or .txt) with `tokenizer_path` once; reuse the cache afterwards.
 
     cache_dir: root of the caches (default: `default_cache_dir() / "token_cache"`).
+    data_digest: `file_digest(data_path)` when the caller has it already (DDP ranks take rank 0's,
+    `TokenCache.data_digest`, instead of each reading the whole file); size and mtime still come
+    from this machine's file.
     Raises DataError for a missing/empty/unusable data file, ValueError for a bad tokenizer.
     """
     data_path = check_data_path(data_path)
@@ -202,7 +207,7 @@ def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool 
         "format_version": CACHE_FORMAT_VERSION, "min_doc_tokens": MIN_DOC_TOKENS,
         "max_line_bytes": reader.MAX_LINE_BYTES,
         "data_path": str(data_path), "data_size": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
-        "data_blake2b": file_digest(data_path),
+        "data_blake2b": data_digest or file_digest(data_path),
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]

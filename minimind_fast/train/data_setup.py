@@ -18,7 +18,8 @@ from . import distributed
 
 
 def build_data(args, config, context, resumed_from=None):
-    """Corpus -> tokenizer -> token cache (built once, rank 0 first) -> train/val datasets and loaders.
+    """Corpus -> tokenizer -> token cache (built once by rank 0, then opened by the others: only
+    rank 0 reads the whole data file to fingerprint it) -> train/val datasets and loaders.
     resumed_from: the checkpoint being resumed; its tokenizer must be the one in use."""
     with distributed.main_rank_first(context):
         data_path = args.data_path or build_default_corpus()
@@ -28,7 +29,11 @@ def build_data(args, config, context, resumed_from=None):
             raise ValueError(f"the tokenizer {tokenizer_file(tokenizer_dir)} is not the one {resumed_from} was trained "
                              f"with, so token ids would change meaning; pass --tokenizer_path {resumed_from} (its "
                              "copy), or start a new run in another --save_dir")
-        cache = build_token_cache(data_path, tokenizer_dir, progress=context.is_main)
+        if context.is_main:
+            cache = build_token_cache(data_path, tokenizer_dir, progress=True)
+    digest = distributed.broadcast_object(cache.data_digest if context.is_main else None, context)
+    if not context.is_main:  # rank 0's cache on a shared file system; else this node builds its own
+        cache = build_token_cache(data_path, tokenizer_dir, progress=False, data_digest=digest)
     tokenizer_dir = tokenizer_file(tokenizer_dir).parent
     if cache.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's vocab_size "
