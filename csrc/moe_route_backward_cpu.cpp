@@ -80,6 +80,23 @@ MINIMIND_FAST_SIMD void route_backward_rows(const BackwardIn<real_t>& in, const 
   }
 }
 
+// The top-k terms of a block's slots when the weights are renormalised (route_backward_rows's
+// maths on lane vectors): slot_grad[j] <- (g_j - sum_l g_l w_l) / S. Padding lanes (score 0,
+// grad 0) get 0.
+template <int W>
+MINIMIND_FAST_SIMD void renormalised_slot_terms(const typename simd::Vec<W>::F* slot_score, int64_t k,
+                                                typename simd::Vec<W>::F* slot_grad) {
+  using F = typename simd::Vec<W>::F;
+  F selected = simd::splat<W>(0.0f), weighted = simd::splat<W>(0.0f);
+  for (int64_t j = 0; j < k; ++j) {
+    selected += slot_score[j];
+    weighted += slot_grad[j] * slot_score[j];
+  }
+  const F denom = selected + static_cast<float>(kNormEps);
+  const F weighted_mean = weighted / denom;
+  for (int64_t j = 0; j < k; ++j) slot_grad[j] = (slot_grad[j] - weighted_mean) / denom;
+}
+
 // Experts at or above this count take the row-major path (vectors over experts, no transposes).
 constexpr int64_t kWideExperts = 16;
 
@@ -130,16 +147,7 @@ MINIMIND_FAST_SIMD void route_backward_blocks(const BackwardIn<float>& in, const
         for (int64_t e = 0; e < E; ++e) selected = slot_id[j] == static_cast<int32_t>(e) ? s[e] : selected;
         slot_score[j] = selected;
       }
-      if (shape.normalize) {  // padding lanes: score 0, grad 0 -> term 0
-        F selected = simd::splat<W>(0.0f), weighted = simd::splat<W>(0.0f);
-        for (int64_t j = 0; j < k; ++j) {
-          selected += slot_score[j];
-          weighted += slot_grad[j] * slot_score[j];
-        }
-        const F denom = selected + static_cast<float>(kNormEps);
-        const F dot = weighted / denom;
-        for (int64_t j = 0; j < k; ++j) slot_grad[j] = (slot_grad[j] - dot) / denom;
-      }
+      if (shape.normalize) renormalised_slot_terms<W>(slot_score, k, slot_grad);
       for (int64_t j = 0; j < k; ++j)
         for (int64_t e = 0; e < E; ++e) g[e] += slot_id[j] == static_cast<int32_t>(e) ? slot_grad[j] : 0.0f;
     }
@@ -185,16 +193,7 @@ MINIMIND_FAST_SIMD void route_backward_wide(const BackwardIn<float>& in, const R
         slot_score[j] = simd::splat<W>(0.0f);
         for (int w = 0; w < n; ++w) slot_score[j][w] = in.scores[(t0 + w) * E + slot_id[j][w]];
       }
-      if (shape.normalize) {  // padding lanes: score 0, grad 0 -> term 0
-        F selected = simd::splat<W>(0.0f), weighted = simd::splat<W>(0.0f);
-        for (int64_t j = 0; j < k; ++j) {
-          selected += slot_score[j];
-          weighted += slot_grad[j] * slot_score[j];
-        }
-        const F denom = selected + static_cast<float>(kNormEps);
-        const F weighted_mean = weighted / denom;
-        for (int64_t j = 0; j < k; ++j) slot_grad[j] = (slot_grad[j] - weighted_mean) / denom;
-      }
+      if (shape.normalize) renormalised_slot_terms<W>(slot_score, k, slot_grad);
       for (int64_t j = 0; j < k; ++j) topk_dot += slot_grad[j] * slot_score[j];
     }
     for (int w = 0; w < n; ++w) {
