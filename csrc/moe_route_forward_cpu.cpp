@@ -29,6 +29,7 @@
 
 #include "moe_route_cpu.h"
 #include "moe_route_simd.h"
+#include "moe_route_topk.h"
 
 // 32-byte vectors are passed only between always-inline helpers inside AVX2 functions.
 #pragma GCC diagnostic ignored "-Wpsabi"
