@@ -54,14 +54,12 @@ MINIMIND_FAST_SIMD typename Vec<W>::I splat_i(int32_t x) {
   return typename Vec<W>::I{} + x;
 }
 
+// exp of the reduced argument c (any finite float in [-87.3, 88.3]); the callers handle the rest.
 template <int W>
-MINIMIND_FAST_SIMD typename Vec<W>::F exp_vec(typename Vec<W>::F x) {
+MINIMIND_FAST_SIMD typename Vec<W>::F exp_reduced(typename Vec<W>::F c) {
   using F = typename Vec<W>::F;
   using I = typename Vec<W>::I;
   using U = typename Vec<W>::U;
-  F c = x != x ? splat<W>(0.0f) : x;
-  c = c < -87.3f ? splat<W>(-87.3f) : c;
-  c = c > 88.3f ? splat<W>(88.3f) : c;
   const F n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   F r = c - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -73,10 +71,27 @@ MINIMIND_FAST_SIMD typename Vec<W>::F exp_vec(typename Vec<W>::F x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const U bits = (U)(__builtin_convertvector(n, I) + 127) << 23;  // n + 127 in [1, 254]
-  F y = p * (F)bits;
+  return p * (F)bits;
+}
+
+template <int W>
+MINIMIND_FAST_SIMD typename Vec<W>::F exp_vec(typename Vec<W>::F x) {
+  using F = typename Vec<W>::F;
+  F c = x != x ? splat<W>(0.0f) : x;
+  c = c < -87.3f ? splat<W>(-87.3f) : c;
+  c = c > 88.3f ? splat<W>(88.3f) : c;
+  F y = exp_reduced<W>(c);
   y = x < -87.3f ? splat<W>(0.0f) : y;
   y = x > 88.3f ? splat<W>(std::numeric_limits<float>::infinity()) : y;
   return x != x ? x : y;
+}
+
+// exp_vec for x <= 0 or NaN (softmax's x - max): one clamp, which also turns NaN into a number.
+template <int W>
+MINIMIND_FAST_SIMD typename Vec<W>::F exp_nonpositive(typename Vec<W>::F x) {
+  using F = typename Vec<W>::F;
+  const F y = exp_reduced<W>(x > -87.3f ? x : splat<W>(-87.3f));
+  return x != x ? x : x < -87.3f ? splat<W>(0.0f) : y;
 }
 
 // ---- transposes: W rows (tokens) x W experts <-> W expert vectors over the W tokens ----
@@ -301,7 +316,7 @@ MINIMIND_FAST_SIMD void block_scores(const typename Vec<W>::F* value, int64_t E,
     if (E <= 8) {
       F sum = splat<W>(0.0f);
       for (int64_t e = 0; e < E; ++e) {
-        score[e] = exp_vec<W>(value[e] - max_value);
+        score[e] = exp_nonpositive<W>(value[e] - max_value);
         sum += score[e];
       }
       inv_sum = 1.0f / sum;
@@ -310,7 +325,7 @@ MINIMIND_FAST_SIMD void block_scores(const typename Vec<W>::F* value, int64_t E,
       D sum = D{} + 0.0;
       F group = splat<W>(0.0f);
       for (int64_t e = 0; e < E; ++e) {
-        score[e] = exp_vec<W>(value[e] - max_value);
+        score[e] = exp_nonpositive<W>(value[e] - max_value);
         group += score[e];
         if ((e & 7) == 7 || e + 1 == E) {
           sum += __builtin_convertvector(group, D);
