@@ -63,6 +63,8 @@ CASES = [  # T, E, k, seq_len, scoring, norm
     (200, 33, 1, 40, "softmax", True),  # E * k > 32 with k <= 4: the (key, id) chains of the CPU kernel
     (96, 48, 2, 0, "sigmoid", False),
     (75, 16, 3, 25, "softmax", True),
+    (64, 12, 6, 0, "softmax", True),  # sorting networks with a padded last group of 8
+    (100, 16, 8, 20, "sigmoid", True),
     (260, 40, 20, 1, "sigmoid", False),
     (129, 256, 3, 129, "softmax", True),
 ]
