@@ -36,7 +36,10 @@ def _keep_freed_host_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 256 << 20) and libc.mallopt(m_trim_threshold, 1 << 30))
+        # 256 MiB where glibc takes it (2.36 does), else its documented maximum, 32 MiB on 64-bit
+        mmap_set = libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20)
+        trim_set = libc.mallopt(m_trim_threshold, 1 << 30)
+        return bool(mmap_set and trim_set)
     except (OSError, AttributeError):
         return False
 

@@ -144,6 +144,15 @@ MINIMIND_FAST_SIMD typename Vec<W>::F load_row(const uint16_t* bf16_bits) {
   return (typename Vec<W>::F)(__builtin_convertvector(h, typename Vec<W>::U) << 16);
 }
 
+// One element as fp32: a float, or raw bf16 bits (the top half of an fp32).
+MINIMIND_FAST_SIMD float load_one(const float* value) { return *value; }
+MINIMIND_FAST_SIMD float load_one(const uint16_t* bf16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(*bf16_bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 // value[e] = lane vector of expert e over tokens t0 .. t0 + n - 1 (rows `stride` elements apart;
 // lanes >= n are zero). Needs E % W == 0, or W == 8 and E == 4. Returns false otherwise.
 template <int W, typename T>
@@ -167,7 +176,7 @@ MINIMIND_FAST_SIMD bool load_block(const T* rows, int64_t E, int n, typename Vec
         } else {
           q[m] = splat<8>(0.0f);
           if (2 * m < n)
-            for (int e = 0; e < 4; ++e) q[m][e] = static_cast<float>(rows[8 * m + e]);  // row 2m only
+            for (int e = 0; e < 4; ++e) q[m][e] = load_one(rows + 8 * m + e);  // row 2m only
         }
       }
       const F a = __builtin_shuffle(q[0], q[1], I{0, 4, 8, 12, 1, 5, 9, 13});

@@ -8,6 +8,8 @@ import torch
 
 from minimind_fast import pretrain
 from minimind_fast.model import MiniMindForCausalLM
+from bad_input_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 
 def _rope(**changes):
     from minimind_fast import ops

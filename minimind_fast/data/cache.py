@@ -85,11 +85,11 @@ class TokenCache:
             self.doc_offsets = np.load(self.path / "doc_offsets.npy")
             self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]),
                                     mode="r", shape=(int(self.meta["num_tokens"]),))
+            self.data_digest = self.meta["fingerprint"]["data_blake2b"]  # BLAKE2b of the data file it was built from
         except (OSError, ValueError, KeyError) as error:
             raise DataError(f"token cache {self.path} is missing or corrupt ({error}); delete that "
                             "directory and rerun to rebuild it") from None
         self.vocab_size = int(self.meta["vocab_size"])
-        self.data_digest = self.meta["fingerprint"]["data_blake2b"]  # BLAKE2b of the data file it was built from
         self.num_docs = len(self.doc_offsets) - 1
         self.num_tokens = len(self.tokens)
 

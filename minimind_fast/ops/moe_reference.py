@@ -67,7 +67,7 @@ def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor], grad_
                                  scores: torch.Tensor, topk_idx: torch.Tensor, norm_topk_prob: bool, scoring: str,
                                  seq_len: int, logits_dtype: torch.dtype) -> torch.Tensor:
     """The gradient of router_logits (T, E) from the forward's scores, written out (see the maths
-    in csrc/moe_route.cpp). Any incoming gradient may be None."""
+    in csrc/moe_route_backward_cpu.cpp). Any incoming gradient may be None."""
     T, E = scores.shape
     k = topk_idx.shape[1]
     L = seq_len or T

@@ -108,8 +108,9 @@ def _has_kernel(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("minimind_fast::moe_route", dispatch_key)
 
 
-def _register_fallback() -> Optional[torch.library.Library]:
-    """Load minimind_fast._C; register the reference where it provides no kernel."""
+def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
+    """Load minimind_fast._C; register the reference where it provides no kernel. Returns the
+    library holding those registrations (None when none was needed) and their dispatch keys."""
     try:
         from .. import _C  # noqa: F401  (its static initialisers register the ops)
         problem, keys = None, []
@@ -118,7 +119,7 @@ def _register_fallback() -> Optional[torch.library.Library]:
     except ImportError as error:
         problem, keys = f"it failed to import: {error}", ["CompositeExplicitAutograd"]
     if problem is None:
-        return None
+        return None, []
     if os.environ.get(REQUIRE_EXT_ENV, "0") == "1":
         raise ImportError(f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable ({problem}); "
                           "build it with `pip install --no-build-isolation -e .` (or `make install`)")
@@ -132,10 +133,12 @@ def _register_fallback() -> Optional[torch.library.Library]:
     for key in keys:
         library.impl("moe_route", _reference_forward_kernel, key)
         library.impl("moe_route_backward", _reference_backward_kernel, key)
-    return library
+    return library, keys
 
 
-_FALLBACK_LIBRARY = _register_fallback()  # kept alive: dropping it would unregister the kernels
+# The library is kept alive: dropping it would unregister the kernels. FALLBACK_KEYS: where the
+# reference runs instead of the extension ([] = nowhere; ["CUDA"]: the CPU kernels are ours).
+_FALLBACK_LIBRARY, FALLBACK_KEYS = _register_fallback()
 EXTENSION_LOADED = _FALLBACK_LIBRARY is None
 
 

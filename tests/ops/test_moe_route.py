@@ -293,19 +293,29 @@ def test_require_ext_turns_fallback_into_error():
 CPU_ISAS = ["avx512", "avx2", "baseline"]  # MINIMIND_FAST_CPU_ISA caps; above the CPU's best it runs its best
 
 
+# Every top-k path of the CPU forward: compile-time (E, k) blocks, the bubble (branch-free, and
+# with skips for k in 9..16), (key, id) chains, sorting networks (a padded group, two groups, 8),
+# the per-token partial sort; E below, at and above the block width.
+ISA_CASES = [(4, 1), (4, 2), (8, 1), (8, 2), (10, 3), (12, 6), (12, 10), (16, 4), (16, 8), (64, 1), (64, 8),
+             (40, 20)]
+
+
 @pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
-@pytest.mark.parametrize("E,k", [(4, 2), (8, 1), (64, 8), (64, 1), (40, 20), (16, 4)])
-def test_cpu_instruction_sets_agree(E, k, monkeypatch):
-    """AVX-512 and AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) give the same routing."""
-    x = make_logits(777, E, "random")
-    want = moe_route_reference(x, k, True, "softmax", 111)
-    results = []
-    for isa in CPU_ISAS:
-        monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", isa)
-        results.append(moe_route(x, k, True, "softmax", 111))
-        assert_routing_equal(results[-1], want)
-    for other in results[1:]:
-        assert_routing_equal(other, tuple(results[0]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("E,k", ISA_CASES, ids=[f"E{e}k{k}" for e, k in ISA_CASES])
+def test_cpu_instruction_sets_agree(E, k, dtype, monkeypatch):
+    """AVX-512 and AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) each match the
+    reference, for both scorings and tied logits, with a partial last block (203 = 25 * 8 + 3)."""
+    for scoring, pattern in (("softmax", "random"), ("sigmoid", "ties"), ("softmax", "neg_inf")):
+        x = make_logits(203, E, pattern, dtype=dtype)
+        want = moe_route_reference(x, k, True, scoring, 29)
+        for isa in CPU_ISAS:
+            monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", isa)
+            got = moe_route(x, k, True, scoring, 29)
+            try:
+                assert_routing_equal(got, want)
+            except AssertionError as error:
+                raise AssertionError(f"{isa} {scoring} {pattern}: {error}") from None
 
 
 def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
@@ -316,8 +326,9 @@ def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
 
 @pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (16, 4), (37, 5), (64, 8), (256, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (10, 3), (15, 12), (16, 4), (37, 5), (64, 8),
+                                 (256, 3)])
 def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
     """Every CPU backward path (compile-time (E, k) blocks, run-time blocks, the per-token path
     for E >= 16 with and without a vector tail) against the written-out reference backward, for
