@@ -308,6 +308,14 @@ void run_backward(const BackwardIn<double>& in, const RouteShape& shape, double*
 
 void route_backward_cpu(const RouteGrads& grads, const at::Tensor& scores, const at::Tensor& topk_idx,
                         const RouteShape& shape, at::Tensor& grad_logits) {
+  if (grads.topk_weight.defined()) {  // the kernels index scores by these ids: a bad one must not reach them
+    const int64_t* ids = topk_idx.const_data_ptr<int64_t>();
+    const auto experts = static_cast<uint64_t>(shape.experts);
+    uint64_t out_of_range = 0;
+    for (int64_t i = 0; i < shape.tokens * shape.top_k; ++i) out_of_range |= static_cast<uint64_t>(ids[i]) >= experts;
+    TORCH_CHECK(!out_of_range, "moe_route_backward: topk_idx holds an expert id outside [0, ", shape.experts,
+                "); pass the topk_idx of the forward that produced `scores`");
+  }
   const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_logits.scalar_type(), "moe_route_backward_cpu", [&] {
     using real_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       if (p.normalize) {  // every lane walks the k slots (broadcast loads), in slot order
         acc_t selected = 0, weighted = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const acc_t sj = s_row[topk_idx[t * k + j]];
+          const int64_t id = topk_idx[t * k + j];  // ids outside [0, E) (never from the forward) add nothing
+          const acc_t sj = id >= 0 && id < E ? s_row[id] : acc_t(0);
           selected += sj;
           weighted += grad_weight[t * k + j] * sj;
         }
@@ -47,7 +48,9 @@ __global__ void __launch_bounds__(kBlockThreads)
         dot = weighted / denom;
       }
       for (int64_t j = 0; j < k; ++j) {
-        const int expert = static_cast<int>(topk_idx[t * k + j]);
+        const int64_t id = topk_idx[t * k + j];
+        if (id < 0 || id >= E) continue;
+        const int expert = static_cast<int>(id);
         if (lane != expert % kWarp) continue;
         const acc_t gj = grad_weight[t * k + j];
         const acc_t add = p.normalize ? (gj - dot) / denom : gj;

@@ -245,6 +245,19 @@ def test_op_rejects_pair_index_overflow():
         torch.ops.minimind_fast.moe_route.default.redispatch(torch._C.DispatchKeySet("CPU"), huge, 8, True)
 
 
+@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the C++ op's own checks need the extension")
+@pytest.mark.parametrize("E", [4, 64])  # the per-block and the per-token backward paths
+@pytest.mark.parametrize("bad_id", [-1, 99, 1 << 32])
+def test_backward_op_rejects_expert_ids_out_of_range(E, bad_id):
+    r = moe_route(make_logits(40, E, "random"), 2, True, "softmax", 0)
+    topk_idx = r.topk_idx.clone()
+    topk_idx[17, 1] = bad_id
+    with pytest.raises(RuntimeError, match=f"topk_idx holds an expert id outside \\[0, {E}\\)"):
+        BACKWARD_OP(torch.ones(40, 2), None, None, None, r.scores, topk_idx, True, "softmax", 0, torch.float32)
+    assert BACKWARD_OP(None, torch.ones(40, E), None, None, r.scores, topk_idx, True, "softmax", 0,
+                       torch.float32).shape == (40, E)  # without grad_topk_weight the ids are not read
+
+
 @pytest.mark.skipif(os.environ.get(moe_route_module.REQUIRE_EXT_ENV) == "0",
                     reason=f"{moe_route_module.REQUIRE_EXT_ENV}=0 allows the pure-PyTorch fallback")
 def test_extension_is_built():
