@@ -31,6 +31,19 @@ int64_t chunk_tokens(int64_t tokens) {
   return by_count > 8 ? by_count : 8;
 }
 
+// Inclusive scan of `value` over the lanes of a warp (Hillis-Steele, fixed order); *exclusive
+// gets the sum of the lanes before this one (0 on lane 0).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T value, int lane, T* exclusive) {
+#pragma unroll
+  for (int offset = 1; offset < kWarp; offset <<= 1) {
+    const T other = __shfl_up_sync(kFullMask, value, offset);
+    if (lane >= offset) value += other;
+  }
+  const T before = __shfl_up_sync(kFullMask, value, 1);
+  *exclusive = lane == 0 ? T(0) : before;
+  return value;
+}
 
 // Exclusive scan over a block of kBlockThreads threads, in a fixed order (deterministic even
 // for double: no subtraction). Every thread must call it; *total gets the block total.
@@ -40,26 +53,13 @@ __device__ T block_exclusive_scan(T value, T* total) {
   __shared__ T warp_prefix[kWarps];
   __shared__ T block_total;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  T inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < kWarp; offset <<= 1) {
-    const T other = __shfl_up_sync(kFullMask, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  T exclusive = __shfl_up_sync(kFullMask, inclusive, 1);
-  if (lane == 0) exclusive = T(0);
+  T exclusive;
+  const T inclusive = warp_inclusive_scan(value, lane, &exclusive);
   if (lane == kWarp - 1) warp_prefix[warp] = inclusive;  // the warp's total, for now
   __syncthreads();
   if (warp == 0) {
-    const T warp_total = lane < kWarps ? warp_prefix[lane] : T(0);
-    T running = warp_total;
-#pragma unroll
-    for (int offset = 1; offset < kWarp; offset <<= 1) {
-      const T other = __shfl_up_sync(kFullMask, running, offset);
-      if (lane >= offset) running += other;
-    }
-    T before = __shfl_up_sync(kFullMask, running, 1);
-    if (lane == 0) before = T(0);
+    T before;
+    const T running = warp_inclusive_scan(lane < kWarps ? warp_prefix[lane] : T(0), lane, &before);
     if (lane < kWarps) warp_prefix[lane] = before;
     if (lane == kWarps - 1) block_total = running;
   }
