@@ -31,6 +31,7 @@ if os.environ.get("MINIMIND_BENCH_THREADS"):  # e.g. 1 on a machine shared with 
 
     torch.set_num_threads(int(os.environ["MINIMIND_BENCH_THREADS"]))
 
+
 def _keep_freed_host_memory() -> bool:
     """Raise glibc's trim and mmap thresholds (see the module docstring); False where not glibc."""
     try:

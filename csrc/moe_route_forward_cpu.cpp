@@ -255,20 +255,25 @@ MINIMIND_FAST_SIMD void forward_chunk_fp32(const scalar_t* x, const RouteShape& 
   seg.end_chunk(out.chunk_prob, out.chunk_count);
 }
 
+template <int W, int kE, int kK, typename scalar_t>
+MINIMIND_FAST_SIMD void forward_chunk_range(const scalar_t* x, const RouteShape& shape, int64_t begin, int64_t end,
+                                            const ForwardOut<float>& out, SegmentWriter<float>& seg) {
+  BlockScratch<W> scratch(shape.experts, shape.top_k);
+  for (int64_t c = begin; c < end; ++c) forward_chunk_fp32<W, kE, kK>(x, shape, c, out, seg, scratch);
+}
+
 // The chunks [begin, end) of one thread, with E and k compile-time constants where they are
-// MiniMind's (4 or 8 experts, top-1 or top-2).
+// MiniMind's (4 or 8 experts, top-1 or top-2). Templates and always-inline all the way down: the
+// code must be compiled inside the caller's AVX2 / AVX-512 target (no lambdas, no pointers).
 template <int W, typename scalar_t>
 MINIMIND_FAST_SIMD void forward_chunks(const scalar_t* x, const RouteShape& shape, int64_t begin, int64_t end,
                                        const ForwardOut<float>& out, SegmentWriter<float>& seg) {
-  BlockScratch<W> scratch(shape.experts, shape.top_k);
   const int64_t E = shape.experts, k = shape.top_k;
-  for (int64_t c = begin; c < end; ++c) {
-    if (E == 4 && k == 1) forward_chunk_fp32<W, 4, 1>(x, shape, c, out, seg, scratch);
-    else if (E == 4 && k == 2) forward_chunk_fp32<W, 4, 2>(x, shape, c, out, seg, scratch);
-    else if (E == 8 && k == 1) forward_chunk_fp32<W, 8, 1>(x, shape, c, out, seg, scratch);
-    else if (E == 8 && k == 2) forward_chunk_fp32<W, 8, 2>(x, shape, c, out, seg, scratch);
-    else forward_chunk_fp32<W, 0, 0>(x, shape, c, out, seg, scratch);
-  }
+  if (E == 4 && k == 1) return forward_chunk_range<W, 4, 1>(x, shape, begin, end, out, seg);
+  if (E == 4 && k == 2) return forward_chunk_range<W, 4, 2>(x, shape, begin, end, out, seg);
+  if (E == 8 && k == 1) return forward_chunk_range<W, 8, 1>(x, shape, begin, end, out, seg);
+  if (E == 8 && k == 2) return forward_chunk_range<W, 8, 2>(x, shape, begin, end, out, seg);
+  forward_chunk_range<W, 0, 0>(x, shape, begin, end, out, seg);
 }
 
 template <typename scalar_t>
