@@ -21,7 +21,8 @@ test packages are never imported. The result is written once as JSONL (`{"text":
 MiniMind's pretraining format) to the cache directory, atomically (temp file + `os.replace`),
 keyed by the Python version, and reused afterwards.
 
-This module imports only the standard library: the child runs it as a plain script.
+The child runs this file as a plain script, so it imports only the standard library (and,
+when imported as part of the package, minimind_fast.paths).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+if __package__:  # imported as minimind_fast.corpus (the child runs this file as a plain script)
+    from .paths import default_cache_dir
 
 CORPUS_FORMAT_VERSION = 2
 MIN_DOC_CHARS = 64
@@ -54,12 +58,6 @@ SKIP_SOURCE_DIRS = frozenset({
 })
 IMPORT_TIMEOUT_S = 10
 BUILD_TIMEOUT_S = 600
-
-
-def default_cache_dir() -> Path:
-    """$MINIMIND_FAST_CACHE if set, else ~/.cache/minimind_fast (created on demand by writers)."""
-    env = os.environ.get("MINIMIND_FAST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "minimind_fast"
 
 
 def default_corpus_name() -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .config import PRESETS, get_preset
 from .constants import BOS_TOKEN_ID, EOS_TOKEN_ID
+from .checkpoints import resolve_checkpoint_path
 from .model import MiniMindForCausalLM
 
 
@@ -25,7 +26,6 @@ def load_for_inference(ckpt, device: torch.device, preset: Optional[str] = None,
     HF dir or weights file."""
     from .interop import load_weights
     from .tokenizer import default_tokenizer_path, load_tokenizer
-    from .train.checkpoint import resolve_checkpoint_path
 
     path = resolve_checkpoint_path(ckpt)
     config = get_preset(preset) if preset is not None else None

@@ -29,12 +29,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import compat
 from .config import MiniMindConfig
 from .layers import FeedForward
 from .ops.moe_grouped_mm import grouped_linear
+from .ops.dispatch import compute_dtype
 from .ops.moe_route import MoERouting, moe_route
 
-_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_HAS_GROUPED_MM = compat.grouped_mm() is not None
 
 
 class MoEGate(nn.Module):
@@ -105,11 +107,6 @@ class _PermuteRows(torch.autograd.Function):
         return grad_out.index_select(0, inverse), None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 class MOEFeedForward(nn.Module):
     """x: (B, T, H) -> (y (B, T, H), aux_loss ()).
 
@@ -151,7 +148,7 @@ class MOEFeedForward(nn.Module):
 
     def _run_experts(self, expert_in: torch.Tensor, routing: MoERouting) -> torch.Tensor:
         """expert_in: (N*k, H) sorted by expert -> expert outputs (N*k, H), same order."""
-        dtype = _compute_dtype(expert_in)
+        dtype = compute_dtype(expert_in)
         if self._can_group(expert_in, dtype):
             return self._grouped_experts(expert_in.to(dtype), routing, dtype)
         counts = routing.expert_counts.tolist()  # the one host sync of this path

@@ -20,6 +20,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
+from . import compat
 from .config import MiniMindConfig, get_preset
 from .constants import IGNORE_INDEX
 from .data import count_tokens
@@ -161,8 +162,7 @@ def train(args, context) -> None:
     ddp = None
     train_model = model
     if context.distributed:  # the only buffers, RoPE tables, are derived: DDP never broadcasts them
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [name for name, _ in model.named_buffers()])
+        compat.ddp_ignore(model, [name for name, _ in model.named_buffers()])
         ddp = train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.use_compile:

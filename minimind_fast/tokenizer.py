@@ -26,7 +26,8 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .constants import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, SPECIAL_TOKENS
-from .corpus import build_default_corpus, default_cache_dir
+from .corpus import build_default_corpus
+from .paths import default_cache_dir
 
 MODEL_MAX_LENGTH = 32768
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from minimind_fast import corpus
+from minimind_fast import corpus, paths
 from minimind_fast.tokenizer import default_tokenizer_path, load_tokenizer
 
 
@@ -29,9 +29,9 @@ def documents(corpus_path):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIMIND_FAST_CACHE", str(tmp_path / "x"))
-    assert corpus.default_cache_dir() == tmp_path / "x"
+    assert paths.default_cache_dir() == tmp_path / "x"
     monkeypatch.delenv("MINIMIND_FAST_CACHE")
-    assert corpus.default_cache_dir() == Path.home() / ".cache" / "minimind_fast"
+    assert paths.default_cache_dir() == Path.home() / ".cache" / "minimind_fast"
 
 
 def test_written_to_cache_keyed_by_python_version(cache_dir, corpus_path):

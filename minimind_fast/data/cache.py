@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..constants import BOS_TOKEN_ID, EOS_TOKEN_ID
-from ..corpus import default_cache_dir
+from ..paths import default_cache_dir
 from ..tokenizer import load_tokenizer, tokenizer_file
 from . import reader
 from .reader import FORMAT_HINT, TOO_SHORT, DataError, SkipStats, check_data_path, iter_documents

@@ -37,7 +37,6 @@ The config carries both the 4.x keys (`rope_theta`, `rope_scaling`) and the 5.x 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Optional, Union
@@ -45,6 +44,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import MiniMindConfig
+from ..ops.reference import yarn_correction_dims, yarn_params
 
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -54,8 +54,6 @@ HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_YARN_DEFAULTS = {"factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
-                  "beta_slow": 1.0, "attention_factor": 1.0}  # reference.rope_tables' defaults
 
 
 def hf_architecture(config: MiniMindConfig) -> str:
@@ -92,11 +90,6 @@ def hf_architecture(config: MiniMindConfig) -> str:
         "the top-k weights (MiniMind does not here) and Qwen2-MoE always adds a shared expert")
 
 
-def _yarn_params(config: MiniMindConfig) -> dict:
-    scaling = {**_YARN_DEFAULTS, **config.rope_scaling}
-    return {k: scaling[k] for k in _YARN_DEFAULTS}
-
-
 def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
     """HF's rope_scaling dict (without rope_theta) equivalent to config.rope_scaling; None for plain RoPE."""
     if not config.rope_scaling:
@@ -104,7 +97,7 @@ def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
     kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type", "yarn"))
     if kind != "yarn":
         raise ValueError(f"rope_scaling type {kind!r} is not supported; MiniMind's only scaling is 'yarn'")
-    p = _yarn_params(config)
+    p = yarn_params(config.rope_scaling)
     original, max_pos = p["original_max_position_embeddings"], config.max_position_embeddings
     attention_factor = float(p["attention_factor"])
     if max_pos <= original:  # reference.rope_tables leaves the frequencies unscaled here
@@ -127,11 +120,8 @@ def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
         raise ValueError(f"cannot export YaRN with beta_fast={beta_fast}, beta_slow={beta_slow}: "
                          "need beta_fast > beta_slow > 0")
     dim = config.head_dim
-
-    def correction_dim(beta: float) -> float:
-        return dim * math.log(original / (beta * 2 * math.pi)) / (2 * math.log(config.rope_theta))
-
-    low, high = max(math.floor(correction_dim(beta_fast)), 0), math.ceil(correction_dim(beta_slow))
+    low, high = yarn_correction_dims(dim, config.rope_theta, original, beta_fast, beta_slow)
+    low = max(low, 0)
     if not low <= high <= dim // 2 - 1:
         raise ValueError(
             f"cannot export YaRN with beta_fast={beta_fast}, beta_slow={beta_slow}, head_dim={dim}, "

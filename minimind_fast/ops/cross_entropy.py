@@ -35,7 +35,7 @@ from torch import Tensor
 from ..constants import IGNORE_INDEX
 from . import reference
 from .checks import check_floating, check_same_device
-from .dispatch import choose_backend
+from .dispatch import choose_backend, compute_dtype
 
 DEBUG_ENV = "MINIMIND_FAST_DEBUG"
 REDUCTIONS = ("mean", "sum", "none")
@@ -354,9 +354,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
                          f"weight {tuple(weight.shape)} must be (V, H)")
     check_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     check_same_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if torch.is_autocast_enabled(hidden.device.type):  # cast both, as F.linear would
+        dtype = compute_dtype(hidden)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "

@@ -64,3 +64,10 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes `x` in: the autocast dtype while autocast is on for x's device
+    (as F.linear would cast), else x's own dtype."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype

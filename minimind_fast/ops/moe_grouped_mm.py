@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import compat
+
 
 @torch.library.custom_op("minimind_fast::grouped_linear", mutates_args=())
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    return compat.grouped_mm()(x, weight.transpose(1, 2), offs=ends)
 
 
 @grouped_linear.register_fake
@@ -30,8 +32,9 @@ def _(x, weight, ends):
 def grouped_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                             ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
-    grad_x = torch._grouped_mm(grad, weight, offs=ends)
-    grad_weight = torch._grouped_mm(grad.t(), x, offs=ends)
+    grouped_mm = compat.grouped_mm()
+    grad_x = grouped_mm(grad, weight, offs=ends)
+    grad_weight = grouped_mm(grad.t(), x, offs=ends)
     return grad_x, grad_weight
 
 

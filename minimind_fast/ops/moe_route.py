@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import compat
 from . import dispatch, moe_reference
 
 REQUIRE_EXT_ENV = "MINIMIND_FAST_REQUIRE_EXT"
@@ -105,7 +106,7 @@ def _reference_backward_kernel(grad_topk_weight, grad_scores, grad_prob_mean, gr
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("minimind_fast::moe_route", dispatch_key)
+    return compat.has_kernel_for("minimind_fast::moe_route", dispatch_key)
 
 
 def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:

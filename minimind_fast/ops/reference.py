@@ -29,6 +29,25 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(updated, weight, eps), updated
 
 
+YARN_DEFAULTS = {"factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "attention_factor": 1.0}  # MiniMind's values for absent keys
+
+
+def yarn_params(rope_scaling: dict) -> dict:
+    """The YaRN parameters of `rope_scaling`, MiniMind's defaults filled in."""
+    return {key: rope_scaling.get(key, default) for key, default in YARN_DEFAULTS.items()}
+
+
+def yarn_correction_dims(head_dim: int, theta: float, original_max: int, beta_fast: float,
+                         beta_slow: float) -> tuple[int, int]:
+    """(low, high): the rotary dims where YaRN's ramp from unscaled to scaled frequencies starts
+    and ends, before clamping to [0, head_dim / 2 - 1]."""
+    def correction_dim(beta: float) -> float:
+        return (head_dim * math.log(original_max / (beta * 2 * math.pi))) / (2 * math.log(theta))
+
+    return math.floor(correction_dim(beta_fast)), math.ceil(correction_dim(beta_slow))
+
+
 def rope_tables(head_dim: int, end: int, theta: float = 1e6, rope_scaling: Optional[dict] = None,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniMind's precompute_freqs_cis: cos, sin tables of shape (end, head_dim), fp32.
@@ -39,19 +58,13 @@ def rope_tables(head_dim: int, end: int, theta: float = 1e6, rope_scaling: Optio
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     attention_factor = 1.0
     if rope_scaling is not None:
-        original_max = rope_scaling.get("original_max_position_embeddings", 2048)
-        factor = rope_scaling.get("factor", 16)
-        beta_fast = rope_scaling.get("beta_fast", 32.0)
-        beta_slow = rope_scaling.get("beta_slow", 1.0)
-        attention_factor = rope_scaling.get("attention_factor", 1.0)
+        yarn = yarn_params(rope_scaling)
+        original_max, attention_factor = yarn["original_max_position_embeddings"], yarn["attention_factor"]
         if end / original_max > 1.0:
-            def correction_dim(beta: float) -> float:
-                return (head_dim * math.log(original_max / (beta * 2 * math.pi))) / (2 * math.log(theta))
-
-            low = max(math.floor(correction_dim(beta_fast)), 0)
-            high = min(math.ceil(correction_dim(beta_slow)), head_dim // 2 - 1)
+            low, high = yarn_correction_dims(head_dim, theta, original_max, yarn["beta_fast"], yarn["beta_slow"])
+            low, high = max(low, 0), min(high, head_dim // 2 - 1)
             ramp = torch.clamp((torch.arange(head_dim // 2, device=device).float() - low) / max(high - low, 0.001), 0, 1)
-            freqs = freqs * (1 - ramp + ramp / factor)
+            freqs = freqs * (1 - ramp + ramp / yarn["factor"])
     positions = torch.arange(end, device=device).float()
     angles = torch.outer(positions, freqs)
     cos = torch.cat([torch.cos(angles), torch.cos(angles)], dim=-1) * attention_factor

@@ -44,16 +44,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checkpoints import (CHECKPOINTS_DIR, CONFIG_FILE, MARKER, RESUME_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
+                           latest_checkpoint, list_checkpoints, read_marker, resolve_checkpoint_path)
 from ..interop.hf_import import load_torch_file
 
-CHECKPOINTS_DIR = "checkpoints"
-MARKER = "COMPLETE"
-RESUME_FILE = "resume.pt"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _PREFIX_PATTERN = re.compile(r"(?<![^.])(?:module|_orig_mod)\.")  # at the start or after a dot
 
 
@@ -173,33 +168,6 @@ def sweep_run_dir_debris(run_dir) -> None:
             debris.unlink(missing_ok=True)
 
 
-def _sequence_of(directory: Path) -> Optional[int]:
-    try:
-        return int(json.loads((directory / MARKER).read_text(encoding="utf-8"))["sequence"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints of `run_dir`, oldest first (by completion sequence)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        if entry.is_dir() and _STEP_DIR.match(entry.name):
-            sequence = _sequence_of(entry)
-            if sequence is not None:
-                found.append((sequence, entry))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir) -> Optional[Path]:
-    """The newest complete checkpoint directory of `run_dir`, or None."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
 def _remove_dir(path: Path) -> None:
     """Hide `path` with a rename first, so a crash mid-delete never leaves a half checkpoint
     that still looks like one."""
@@ -223,8 +191,8 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         for debris in root.glob(".t*-*"):  # temp dirs of crashed saves, half-deleted old ones
             shutil.rmtree(debris, ignore_errors=True)
         sweep_run_dir_debris(run_dir)
-        previous = list_checkpoints(run_dir)
-        sequence = 1 + max((_sequence_of(p) or 0 for p in previous), default=0)
+        previous = list_checkpoints(run_dir, healthy_only=False)
+        sequence = 1 + max((read_marker(p)["sequence"] for p in previous), default=0)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         weights = inference_state_dict(model)
         _save_safetensors(weights, tmp / WEIGHTS_FILE, bool(config.tie_word_embeddings))
@@ -285,20 +253,6 @@ def load_latest_resume_state(run_dir, warn=print) -> tuple[Optional[Path], Optio
     if errors:
         raise ValueError(f"no checkpoint in {run_dir} can be read ({errors[0]}); start a new run in another --save_dir")
     return None, None
-
-
-def resolve_checkpoint_path(path) -> Path:
-    """A run directory (--save_dir: it has checkpoints/) -> its newest complete checkpoint
-    directory; any other path unchanged (interop.load_weights reads checkpoint directories,
-    exported HF directories and weights files)."""
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir() and not (path / MARKER).is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"{path} holds no complete checkpoint; pass a .safetensors/.pth file, a checkpoint "
-                             "directory or a run directory (--save_dir) that has saved one")
-        return latest
-    return path
 
 
 # --- RNG state -----------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import compat
+
 
 @dataclass
 class DistContext:
@@ -106,17 +108,15 @@ def teardown(context: DistContext, failed: bool = False) -> None:
     """Destroy the process group; after a failure abort it instead (does not wait for peers)."""
     if not (context.distributed and dist.is_initialized()):
         return
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     with contextlib.suppress(Exception):
-        if failed and abort is not None and context.device.type == "cuda":
-            abort()
-        else:
-            if not failed:
-                # Every rank reaches teardown before any destroys its group: a rank that tears
-                # down while rank 0 still saves leaves gloo pairs half-open, and the process
-                # can abort at exit ("terminate called without an active exception").
-                barrier(context)
-            dist.destroy_process_group()
+        if failed and context.device.type == "cuda" and compat.abort_process_group():
+            return
+        if not failed:
+            # Every rank reaches teardown before any destroys its group: a rank that tears
+            # down while rank 0 still saves leaves gloo pairs half-open, and the process
+            # can abort at exit ("terminate called without an active exception").
+            barrier(context)
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

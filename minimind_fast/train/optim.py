@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import compat
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
@@ -68,7 +70,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips on inf/NaN and lowers the scale
         scaler.update()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+    elif compat.optimizer_takes_found_inf(optimizer):
         optimizer.grad_scale, optimizer.found_inf = None, skipped  # read by the fused kernel
         try:
             optimizer.step()
