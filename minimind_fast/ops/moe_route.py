@@ -83,7 +83,10 @@ def _validate(router_logits: torch.Tensor, top_k: int, scoring: str, seq_len: in
         raise ValueError(f"top_k={top_k} must be in [1, {E}] (the number of experts)")
     if scoring not in SCORING_FUNCS:
         raise ValueError(f"scoring={scoring!r} must be 'softmax' or 'sigmoid'")
-    if seq_len < 0 or (seq_len and T % seq_len):
+    if seq_len < 0:
+        raise ValueError(f"seq_len={seq_len} must be >= 0 (the tokens per sequence; 0 means one "
+                         "sequence of all tokens)")
+    if seq_len and T % seq_len:
         raise ValueError(f"seq_len={seq_len} must divide the {T} tokens (tokens = batch * seq_len); 0 means one "
                          "sequence")
 

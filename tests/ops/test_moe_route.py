@@ -217,6 +217,7 @@ def test_torch_backend_runs_the_reference():
     (lambda: moe_route(torch.randn(8, 0), 1), "needs at least one token and one expert"),
     (lambda: moe_route(torch.randn(8, 4), 1, scoring="relu"), "scoring='relu'"),
     (lambda: moe_route(torch.randn(8, 4), 1, seq_len=3), "seq_len=3 must divide the 8 tokens"),
+    (lambda: moe_route(torch.randn(8, 4), 1, seq_len=-1), "seq_len=-1 must be >= 0 \\("),
 ])
 def test_wrapper_rejects_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
@@ -232,6 +233,7 @@ def test_wrapper_rejects_bad_input(call, message):
     ((torch.randn(4, 8).t(), 1, True), "must be contiguous"),
     ((torch.randn(8, 4), 1, True, "relu"), "scoring must be 'softmax' or 'sigmoid'"),
     ((torch.randn(8, 4), 1, True, "softmax", 3), "does not divide"),
+    ((torch.randn(8, 4), 1, True, "softmax", -1), "seq_len=-1 must be >= 0"),
 ])
 def test_op_rejects_bad_input(args, message):
     with pytest.raises(RuntimeError, match=message):
