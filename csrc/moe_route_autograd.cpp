@@ -1,7 +1,7 @@
-// Autograd of minimind_fast::moe_route, in C++ (the Autograd dispatch key). DESIGN.md puts
-// autograd registrations in Python; this op keeps its Python registration only for the
-// pure-PyTorch fallback (minimind_fast/ops/moe_route.py), because the Python autograd wrapper
-// costs ~90 us per call on CPU -- as much as the routing kernels themselves at T = 8192.
+// Autograd of minimind_fast::moe_route (the Autograd dispatch key), the op's only autograd: in
+// C++ because a Python autograd wrapper adds a per-call cost that is a sizeable share of a whole
+// routing forward + backward at the benchmark's shapes (bench/bench_moe.py). Without the extension
+// the op is the pure-PyTorch reference under plain autograd (minimind_fast/ops/moe_route.py).
 //
 // Saves the forward's scores and topk_idx (the backward needs no logits), marks the integer
 // outputs non-differentiable, and hands unused output gradients to the backward op as None.

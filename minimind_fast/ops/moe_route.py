@@ -2,30 +2,30 @@
 
 One pass over the router logits gives everything MiniMind's MoEGate and a grouped expert
 computation need: top-k weights and expert ids, the statistics of the sequence- and token-level
-aux losses, and the permutation that sorts the T*k (token, slot) pairs by expert. The op is
-`torch.ops.minimind_fast.moe_route`, defined in C++ (csrc/moe_route.cpp: schema + checks;
-csrc/moe_route_{forward,backward}_cpu.cpp: CPU kernels; csrc/moe_route_autograd.cpp: autograd;
-csrc/cuda/: CUDA kernels). This module registers its
-fake (shape) implementation -- and its autograd when the extension is missing (backward = the
-op `minimind_fast::moe_route_backward`, from the saved scores) -- and is the one place that
-chooses the implementation:
+aux losses, and the permutation that sorts the T*k (token, slot) pairs by expert. The op
+`torch.ops.minimind_fast.moe_route` is C++ (csrc/moe_route.cpp: schema + checks;
+csrc/moe_route_{forward,backward}_cpu.cpp: CPU kernels; csrc/cuda/: CUDA kernels), and so is its
+autograd (csrc/moe_route_autograd.cpp), because a Python autograd wrapper measurably slows every
+routing call at the benchmark's shapes (bench/bench_moe.py). This module registers the op's
+fake (shape) implementation and is its Python entry point; ops/dispatch.py chooses the backend:
 
-  - backend "auto" (default) / "ext": the registered op (C++ on CPU, CUDA on GPU);
-  - backend "torch": ops/moe_reference.py with plain autograd (the oracle), also selected by
-    `use_backend("torch")` or MINIMIND_FAST_BACKEND=torch.
+  - "ext" (what "auto" picks): the registered op (C++ on CPU, CUDA on GPU);
+  - "torch": ops/moe_reference.py with plain autograd (the oracle).
 
-If the extension `minimind_fast._C` is not built, the same two op names are registered here
-with the pure-PyTorch reference as their kernel (identical outputs, slower) and ONE warning is
-issued at import. MINIMIND_FAST_REQUIRE_EXT=1 turns that fallback into an ImportError, so a
-broken build cannot hide behind it (CI should set it; tests/ops/test_moe_route.py also fails
-when the extension is missing unless MINIMIND_FAST_REQUIRE_EXT=0). The same applies to a CUDA
-build of torch whose extension was compiled without the CUDA kernels.
+If the extension `minimind_fast._C` does not import, the two op names are defined here with the
+pure-PyTorch reference as their CompositeImplicitAutograd kernel (identical outputs, slower,
+differentiable through the reference's own autograd) and ONE warning is issued at import. A
+CUDA build of torch whose extension lacks the CUDA kernels gets the reference as the ops' CUDA
+kernels under the C++ autograd. MINIMIND_FAST_REQUIRE_EXT=1 turns either fallback into an
+ImportError, so a broken build cannot hide behind it (CI should set it;
+tests/ops/test_moe_route.py also fails when the extension is missing unless
+MINIMIND_FAST_REQUIRE_EXT=0).
 
 Semantics (MiniMind's MoEGate): scores = softmax(logits) or sigmoid(logits) in fp32 (fp64 for
 fp64 logits); the k best experts by logit, best first, ties -> lower expert id; weights are the
 selected scores, divided by (their sum + 1e-20) only when norm_topk_prob and top_k > 1 (so
-top-1 keeps the raw probability, as in MiniMind). seq_len splits the T rows into B = T / seq_len
-sequences for the per-sequence statistics (0: one sequence).
+top-1 keeps the raw probability, as in MiniMind). seq_len splits the T rows into
+B = T / seq_len sequences for the per-sequence statistics (0: one sequence).
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from .. import compat
 from . import dispatch, moe_reference
 
 REQUIRE_EXT_ENV = "MINIMIND_FAST_REQUIRE_EXT"
-BACKENDS = ("auto", "ext", "torch", "triton")  # "triton" = the fused path, for use_backend("triton")
 SCORING_FUNCS = ("softmax", "sigmoid")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -66,19 +65,20 @@ class MoERouting(NamedTuple):
     expert_counts: torch.Tensor  # (E,) int64: (token, slot) pairs routed to each expert
     seq_expert_counts: torch.Tensor  # (B, E) int64: the same per sequence
     sorted_pairs: torch.Tensor  # (T*k,) int64: pair ids t*k + j sorted by expert (stable)
-    expert_offsets: torch.Tensor  # (E+1,) int64: expert e owns sorted_pairs[offsets[e]:offsets[e+1]]
+    expert_offsets: torch.Tensor  # (E+1,) int64: e owns sorted_pairs[offsets[e]:offsets[e+1]]
     pair_positions: torch.Tensor  # (T*k,) int64: inverse permutation of sorted_pairs
 
 
 def _validate(router_logits: torch.Tensor, top_k: int, scoring: str, seq_len: int) -> None:
+    shape = tuple(router_logits.shape)
     if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be (tokens, experts), got shape {tuple(router_logits.shape)}")
+        raise ValueError(f"router_logits must be (tokens, experts), got shape {shape}")
     if router_logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"router_logits dtype {router_logits.dtype} is not supported; use float32, float64, "
-                         "bfloat16 or float16")
-    T, E = router_logits.shape
+        raise ValueError(f"router_logits dtype {router_logits.dtype} is not supported; use "
+                         "float32, float64, bfloat16 or float16")
+    T, E = shape
     if E < 1 or T < 1:
-        raise ValueError(f"router_logits shape {tuple(router_logits.shape)} needs at least one token and one expert")
+        raise ValueError(f"router_logits shape {shape} needs at least one token and one expert")
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, {E}] (the number of experts)")
     if scoring not in SCORING_FUNCS:
@@ -87,25 +87,30 @@ def _validate(router_logits: torch.Tensor, top_k: int, scoring: str, seq_len: in
         raise ValueError(f"seq_len={seq_len} must be >= 0 (the tokens per sequence; 0 means one "
                          "sequence of all tokens)")
     if seq_len and T % seq_len:
-        raise ValueError(f"seq_len={seq_len} must divide the {T} tokens (tokens = batch * seq_len); 0 means one "
-                         "sequence")
+        raise ValueError(f"seq_len={seq_len} must divide the {T} tokens (tokens = batch * "
+                         "seq_len); 0 means one sequence")
 
 
-# ---- fallback kernels: the reference, registered under the op names when _C is missing ----
+# ---- fallback kernels: the reference, registered under the op names where _C has none ----
 
-def _reference_forward_kernel(router_logits, top_k, norm_topk_prob, scoring="softmax", seq_len=0):
+def _reference_forward_kernel(router_logits, top_k, norm_topk_prob, scoring="softmax",
+                              seq_len=0):
+    """CompositeImplicitAutograd kernel (no _C at all): the reference, differentiable."""
     _validate(router_logits, top_k, scoring, seq_len)
-    with torch.no_grad():
-        outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring, seq_len)
+    outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring,
+                                                seq_len)
     return tuple(out.contiguous() for out in outputs)
 
 
-def _reference_backward_kernel(grad_topk_weight, grad_scores, grad_prob_mean, grad_seq_prob_mean, scores, topk_idx,
-                               norm_topk_prob, scoring, seq_len, logits_dtype):
+def _reference_forward_device_kernel(*args):
+    """Device kernel under the C++ autograd (a _C without this device's kernels)."""
     with torch.no_grad():
-        return moe_reference.moe_route_backward_reference(grad_topk_weight, grad_scores, grad_prob_mean,
-                                                          grad_seq_prob_mean, scores, topk_idx, norm_topk_prob,
-                                                          scoring, seq_len, logits_dtype)
+        return _reference_forward_kernel(*args)
+
+
+def _reference_backward_kernel(*args):
+    with torch.no_grad():
+        return moe_reference.moe_route_backward_reference(*args)
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -121,22 +126,26 @@ def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
         if torch.version.cuda is not None and not _has_kernel("CUDA"):
             problem, keys = "it was built without CUDA kernels", ["CUDA"]
     except ImportError as error:
-        problem, keys = f"it failed to import: {error}", ["CompositeExplicitAutograd"]
+        problem, keys = f"it failed to import: {error}", ["CompositeImplicitAutograd"]
     if problem is None:
         return None, []
     if os.environ.get(REQUIRE_EXT_ENV, "0") == "1":
-        raise ImportError(f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable ({problem}); "
-                          "build it with `pip install --no-build-isolation -e .` (or `make install`)")
-    warnings.warn(f"minimind_fast._C is unusable ({problem}); moe_route falls back to its pure-PyTorch "
-                  "reference (same outputs, slower). Build it with `pip install --no-build-isolation -e .`.",
-                  RuntimeWarning, stacklevel=3)
+        raise ImportError(f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable "
+                          f"({problem}); build it with `pip install --no-build-isolation -e .` "
+                          "(or `make install`)")
+    warnings.warn(f"minimind_fast._C is unusable ({problem}); moe_route falls back to its "
+                  "pure-PyTorch reference (same outputs, slower). Build it with "
+                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
     library = torch.library.Library("minimind_fast", "FRAGMENT")
-    if keys == ["CompositeExplicitAutograd"]:
+    if keys == ["CompositeImplicitAutograd"]:
         library.define(FORWARD_SCHEMA)
         library.define(BACKWARD_SCHEMA)
-    for key in keys:
-        library.impl("moe_route", _reference_forward_kernel, key)
-        library.impl("moe_route_backward", _reference_backward_kernel, key)
+        library.impl("moe_route", _reference_forward_kernel, "CompositeImplicitAutograd")
+        library.impl("moe_route_backward", moe_reference.moe_route_backward_reference,
+                     "CompositeImplicitAutograd")
+    else:
+        library.impl("moe_route", _reference_forward_device_kernel, "CUDA")
+        library.impl("moe_route_backward", _reference_backward_kernel, "CUDA")
     return library, keys
 
 
@@ -146,73 +155,42 @@ _FALLBACK_LIBRARY, FALLBACK_KEYS = _register_fallback()
 EXTENSION_LOADED = _FALLBACK_LIBRARY is None
 
 
-@torch.library.register_fake("minimind_fast::moe_route")
 def _moe_route_fake(router_logits, top_k, norm_topk_prob, scoring="softmax", seq_len=0):
     T, E = router_logits.shape
     B = T // (seq_len or T)
     real = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     new = router_logits.new_empty
-    return (new((T, top_k), dtype=real), new((T, top_k), dtype=torch.int64), new((T, E), dtype=real),
-            new((E,), dtype=real),
-            new((B, E), dtype=real), new((E,), dtype=torch.int64), new((B, E), dtype=torch.int64),
-            new((T * top_k,), dtype=torch.int64), new((E + 1,), dtype=torch.int64),
-            new((T * top_k,), dtype=torch.int64))
+    index = dict(dtype=torch.int64)
+    return (new((T, top_k), dtype=real), new((T, top_k), **index), new((T, E), dtype=real),
+            new((E,), dtype=real), new((B, E), dtype=real), new((E,), **index),
+            new((B, E), **index), new((T * top_k,), **index), new((E + 1,), **index),
+            new((T * top_k,), **index))
 
 
-@torch.library.register_fake("minimind_fast::moe_route_backward")
-def _moe_route_backward_fake(grad_topk_weight, grad_scores, grad_prob_mean, grad_seq_prob_mean, scores, topk_idx,
-                             norm_topk_prob, scoring, seq_len, logits_dtype):
+def _moe_route_backward_fake(grad_topk_weight, grad_scores, grad_prob_mean, grad_seq_prob_mean,
+                             scores, topk_idx, norm_topk_prob, scoring, seq_len, logits_dtype):
     return scores.new_empty(scores.shape, dtype=logits_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    router_logits, _top_k, norm_topk_prob = inputs[:3]
-    scoring = inputs[3] if len(inputs) > 3 else "softmax"
-    seq_len = inputs[4] if len(inputs) > 4 else 0
-    ctx.save_for_backward(output[2], output[1])  # scores and topk_idx: the backward needs no logits
-    ctx.set_materialize_grads(False)  # unused outputs arrive as None, not as zero tensors
-    ctx.norm_topk_prob, ctx.scoring, ctx.seq_len = norm_topk_prob, scoring, seq_len
-    ctx.logits_dtype = router_logits.dtype
+# A CompositeImplicitAutograd op decomposes into the reference's aten ops: it takes no fake.
+if not _has_kernel("CompositeImplicitAutograd"):
+    torch.library.register_fake("minimind_fast::moe_route", _moe_route_fake)
+    torch.library.register_fake("minimind_fast::moe_route_backward", _moe_route_backward_fake)
 
 
-def _dense(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if grad is None else grad.contiguous()  # a .sum() hands back stride-0 gradients
-
-
-def _backward(ctx, grad_topk_weight, _grad_idx, grad_scores, grad_prob_mean, grad_seq_prob_mean, *_integer_outputs):
-    scores, topk_idx = ctx.saved_tensors
-    grad = torch.ops.minimind_fast.moe_route_backward(
-        _dense(grad_topk_weight), _dense(grad_scores), _dense(grad_prob_mean), _dense(grad_seq_prob_mean), scores,
-        topk_idx, ctx.norm_topk_prob, ctx.scoring, ctx.seq_len, ctx.logits_dtype)
-    return grad, None, None, None, None
-
-
-# The extension registers a C++ autograd kernel (csrc/moe_route_autograd.cpp: ~90 us less per
-# call than this Python one); the fallback op gets the same maths here.
-if not _has_kernel("Autograd"):
-    torch.library.register_autograd("minimind_fast::moe_route", _backward, setup_context=_setup_context)
-
-
-def _resolve_backend(backend: Optional[str]) -> str:
-    if backend is None:
-        backend = dispatch._override or os.environ.get(dispatch.BACKEND_ENV, "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a moe_route backend; use one of {', '.join(BACKENDS)}")
-    return "torch" if backend == "torch" else "ext"
-
-
-def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, scoring: str = "softmax",
-              seq_len: int = 0, backend: Optional[str] = None) -> MoERouting:
+def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
+              scoring: str = "softmax", seq_len: int = 0,
+              backend: Optional[str] = None) -> MoERouting:
     """Route T tokens to k of E experts. router_logits: (T, E), T = batch * seq_len.
 
     Differentiable w.r.t. router_logits through topk_weight, scores, prob_mean and seq_prob_mean.
-    backend: None (use_backend / MINIMIND_FAST_BACKEND / "auto"), "ext" or "auto" (the op),
-    "torch" (the pure-PyTorch reference with plain autograd).
+    backend: None (use_backend / MINIMIND_FAST_BACKEND / "auto"), "ext" or "torch".
     """
     _validate(router_logits, top_k, scoring, seq_len)
-    if _resolve_backend(backend) == "torch":
-        outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring, seq_len)
+    if dispatch.choose_moe_route_backend(backend) == "torch":
+        outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring,
+                                                    seq_len)
     else:
-        outputs = torch.ops.minimind_fast.moe_route(router_logits.contiguous(), top_k, bool(norm_topk_prob),
-                                                    scoring, seq_len)
+        outputs = torch.ops.minimind_fast.moe_route(router_logits.contiguous(), top_k,
+                                                    bool(norm_topk_prob), scoring, seq_len)
     return MoERouting(*outputs)

@@ -206,8 +206,10 @@ def test_torch_backend_runs_the_reference():
         r = moe_route(x, 2, True)
     assert type(r.topk_weight.grad_fn).__name__ == "DivBackward0"  # plain autograd, not the op's node
     assert_routing_equal(moe_route(x, 2, True, backend="ext"), tuple(r))
-    with pytest.raises(ValueError, match="not a moe_route backend"):
+    with pytest.raises(ValueError, match="moe_route backend='cuda' is not a backend; use one of"):
         moe_route(x, 2, True, backend="cuda")
+    with use_backend("torch", op="moe_route"):
+        assert type(moe_route(x, 2, True).topk_weight.grad_fn).__name__ == "DivBackward0"
 
 
 @pytest.mark.parametrize("call,message", [
@@ -276,24 +278,43 @@ _BLOCK_EXTENSION = textwrap.dedent("""
         m = importlib.import_module("minimind_fast.ops.moe_route")
         import minimind_fast.moe  # a second import must not warn again
     import torch
+    from minimind_fast.config import MiniMindConfig
     from minimind_fast.ops.moe_reference import moe_route_reference
+    assert m.FALLBACK_KEYS == ["CompositeImplicitAutograd"], m.FALLBACK_KEYS
     x = torch.randn(40, 4, requires_grad=True)
     r = m.moe_route(x, 2, True, "softmax", 10)
     ref = moe_route_reference(x, 2, True, "softmax", 10)
     assert all(torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, atol=1e-6)
                for a, b in zip(r, ref))
-    r.topk_weight.sum().backward()
+    # differentiable through the reference's own autograd: no custom backward node
+    assert type(r.topk_weight.grad_fn).__name__ == "DivBackward0", type(r.topk_weight.grad_fn)
+    loss = (r.topk_weight.square().sum() + r.seq_prob_mean.sum()) * 3
+    (grad,) = torch.autograd.grad(loss, x)
+    ref_loss = (ref[0].square().sum() + ref[4].sum()) * 3
+    (want,) = torch.autograd.grad(ref_loss, x)
+    torch.testing.assert_close(grad, want)
+    compiled = torch.compile(lambda t: m.moe_route(t, 2, True, "softmax", 10).topk_weight.sum(),
+                             fullgraph=True, backend="aot_eager")
+    (compiled_grad,) = torch.autograd.grad(compiled(x), x)
+    eager = m.moe_route(x, 2, True, "softmax", 10).topk_weight.sum()
+    torch.testing.assert_close(compiled_grad, torch.autograd.grad(eager, x)[0])
+    config = MiniMindConfig(vocab_size=97, hidden_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, use_moe=True)
+    layer = minimind_fast.moe.MoEFeedForward(config).train()
+    y, aux = layer(torch.randn(2, 8, 64))
+    (y.square().mean() + aux).backward()
+    assert layer.gate.weight.grad is not None and bool(layer.gate.weight.grad.abs().sum() > 0)
     print(len([w for w in caught if "moe_route falls back" in str(w.message)]), m.EXTENSION_LOADED)
 """)
 
 
 def _run_without_extension(require: str):
     env = dict(os.environ, **{moe_route_module.REQUIRE_EXT_ENV: require})
-    return subprocess.run([sys.executable, "-c", _BLOCK_EXTENSION], capture_output=True, text=True, env=env,
-                          timeout=240)
+    return subprocess.run([sys.executable, "-c", _BLOCK_EXTENSION], capture_output=True, text=True,
+                          env=env, timeout=240)
 
 
-def test_fallback_warns_once_and_matches_reference():
+def test_fallback_warns_once_matches_reference_and_is_differentiable():
     result = _run_without_extension("0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1", "False"]
