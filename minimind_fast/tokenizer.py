@@ -1,171 +1,35 @@
-"""Byte-level BPE tokenizer with MiniMind's special tokens, trained with the `tokenizers` library.
+"""Train a byte-level BPE tokenizer with MiniMind's special tokens from the command line:
 
-Follows MiniMind's `scripts/train_tokenizer.py`: `models.BPE()`, a ByteLevel pre-tokenizer with
-`add_prefix_space=False`, a ByteLevel decoder, no normalizer, the 256-byte initial alphabet, and the
-special tokens `<|endoftext|>` (id 0, pad), `<|im_start|>` (id 1, BOS), `<|im_end|>` (id 2, EOS).
-Byte-level BPE without a normalizer makes encode -> decode exact on any UTF-8 text. Special-token
-strings written literally in the text are recognised as the special tokens, as MiniMind does (its
-pretraining JSONL carries `<|im_start|>...<|im_end|>` markers).
+    python -m minimind_fast.tokenizer --data FILE [FILE ...] --vocab_size 6400 --out DIR
 
-The output directory holds `tokenizer.json` plus a `tokenizer_config.json` that
-`transformers.AutoTokenizer.from_pretrained(dir)` / `PreTrainedTokenizerFast` load.
-
-CLI: `python -m minimind_fast.tokenizer --data FILE [FILE ...] --vocab_size 6400 --out DIR`.
+The library lives in `minimind_fast.data.tokenizer` (its names are re-exported here). Unusable
+lines of the data files are skipped and reported per file with their line numbers; a user error
+is one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
+import logging
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from .data.tokenizer import default_tokenizer_path, load_tokenizer, tokenizer_file, train_tokenizer
 
-from .constants import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, SPECIAL_TOKENS
-from .corpus import build_default_corpus
-from .paths import default_cache_dir
-
-MODEL_MAX_LENGTH = 32768
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
-CHAT_TEMPLATE = (  # plain ChatML, so the saved tokenizer is also usable for later SFT
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% endif %}")
-
-
-def _iter_texts(files: Iterable[Path]) -> Iterator[str]:
-    from .data.reader import SkipStats, iter_documents  # late: data imports this module
-
-    for path in files:
-        stats = SkipStats(path)
-        yield from (text for _, text in iter_documents(path, stats))
-        stats.log()
-
-
-def _tokenizer_config() -> dict:
-    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
-        "additional_special_tokens": [],
-        "pad_token": SPECIAL_TOKENS[PAD_TOKEN_ID], "unk_token": SPECIAL_TOKENS[PAD_TOKEN_ID],
-        "bos_token": SPECIAL_TOKENS[BOS_TOKEN_ID], "eos_token": SPECIAL_TOKENS[EOS_TOKEN_ID],
-        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
-        "legacy": True, "model_max_length": MODEL_MAX_LENGTH, "chat_template": CHAT_TEMPLATE,
-    }
-
-
-def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path) -> Path:
-    """Train a byte-level BPE of `vocab_size` tokens (specials included) on JSONL/.txt files.
-
-    Writes out_dir/tokenizer.json and out_dir/tokenizer_config.json; returns out_dir.
-    Raises ValueError (DataError for unusable files) with the offending value and the fix.
-    """
-    from .data.reader import DataError, check_data_path
-
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
-                         f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
-                         "MiniMind uses 6400")
-    if isinstance(files, (str, Path)):
-        files = [files]
-    if not files:
-        raise ValueError("no training files given: pass at least one .jsonl or .txt file")
-    paths = [check_data_path(f) for f in files]
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_iter_texts(paths), trainer=trainer)
-    if tokenizer.get_vocab_size() <= MIN_VOCAB_SIZE:
-        raise DataError(f"no usable text in {', '.join(map(str, paths))}: the tokenizer learned no "
-                        "merges. Check the files' format (JSONL with a \"text\" field, or .txt).")
-    for token_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != token_id:  # BpeTrainer puts specials first; be sure
-            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, "
-                               f"expected {token_id}")
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return out_dir
-
-
-def tokenizer_file(path) -> Path:
-    """The tokenizer.json for `path` (a directory holding one, or the file itself)."""
-    path = Path(path).expanduser()
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"tokenizer not found: {file} does not exist. Pass a directory containing "
-                         "tokenizer.json (or the file itself), or train one with "
-                         "`python -m minimind_fast.tokenizer --data FILE --vocab_size 6400 --out DIR`.")
-    return file
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """Load a tokenizer from a directory or a tokenizer.json; check MiniMind's special-token ids."""
-    file = tokenizer_file(path)
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as error:  # tokenizers raises a bare Exception on parse errors
-        raise ValueError(f"cannot read tokenizer {file}: {error}. Point at a tokenizer.json written by "
-                         "the `tokenizers` library, or retrain it with python -m minimind_fast.tokenizer."
-                         ) from None
-    for token_id, token in enumerate(SPECIAL_TOKENS):
-        found = tokenizer.token_to_id(token)
-        if found != token_id:
-            raise ValueError(f"tokenizer {file} maps {token} to id {found}, but minimind_fast needs "
-                             f"{', '.join(f'{t}={i}' for i, t in enumerate(SPECIAL_TOKENS))}. Train a "
-                             "tokenizer with python -m minimind_fast.tokenizer (or use MiniMind's).")
-    return tokenizer
-
-
-def default_tokenizer_path(vocab_size: int = 6400) -> Path:
-    """Directory of the default tokenizer, trained on the default corpus on first use and cached.
-
-    Training goes to a temp directory renamed into place, so a crash or a concurrent process never
-    sees a half-written tokenizer; the loser of a race discards its copy.
-    """
-    corpus = build_default_corpus()
-    final = default_cache_dir() / f"tokenizer-{corpus.stem}-vocab{vocab_size}"
-    if (final / "tokenizer.json").is_file() and (final / "tokenizer_config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        train_tokenizer([corpus], vocab_size, tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "tokenizer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+__all__ = ["default_tokenizer_path", "load_tokenizer", "main", "tokenizer_file", "train_tokenizer"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minimind_fast.tokenizer",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.splitlines()[0].rstrip(":") + ".")
     parser.add_argument("--data", nargs="+", required=True, type=Path,
-                        help='.jsonl files ({"text": ...} per line) or .txt files (blank-line separated)')
+                        help='.jsonl files ({"text": ...} per line) or .txt files '
+                             "(blank-line separated)")
     parser.add_argument("--vocab_size", type=int, default=6400,
                         help="vocabulary size incl. special tokens (MiniMind: 6400)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output directory for tokenizer.json + tokenizer_config.json")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # the reader's skipped-lines summary, one per file
     try:
         out = train_tokenizer(args.data, args.vocab_size, args.out)
     except (ValueError, OSError) as error:
