@@ -1,46 +1,36 @@
-"""Interop: HF export (stock architectures, logits + greedy parity), import round trip, weight loading."""
+"""Interop: HF export (stock architectures, logits + greedy parity), import round trip, weight
+loading."""
 import json
 import sys
 
 import pytest
 import torch
 
-from minimind_fast.config import MiniMindConfig
+from interop_helpers import VOCAB, make_tokenizer_dir, tiny_config, tiny_model
 from minimind_fast.export import main as export_main
-from minimind_fast.interop import (export_hf, from_hf_config, hf_architecture, import_hf, load_weights,
-                                   to_hf_config, validate_state_dict)
+from minimind_fast.interop import (export_hf, from_hf_config, hf_architecture, import_hf,
+                                   load_weights, to_hf_config, validate_state_dict)
 from minimind_fast.model import MiniMindForCausalLM
 
-transformers = pytest.importorskip("transformers", reason="the HF tests need transformers: pip install transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="the HF tests need transformers: pip install transformers")
 
-VOCAB = 97
-YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "attention_factor": 1.0}
+YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "attention_factor": 1.0}
 CASES = {  # name: (config overrides, transformers class)
     "llama": (dict(), "LlamaForCausalLM"),
-    "llama-untied-yarn": (dict(tie_word_embeddings=False, rope_scaling=YARN, rope_theta=1e4), "LlamaForCausalLM"),
+    "llama-untied-yarn": (dict(tie_word_embeddings=False, rope_scaling=YARN, rope_theta=1e4),
+                          "LlamaForCausalLM"),
     "qwen3": (dict(qk_norm=True, head_dim=24), "Qwen3ForCausalLM"),
-    "qwen3-moe": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=2), "Qwen3MoeForCausalLM"),
-    "qwen2-moe": (dict(use_moe=True, n_shared_experts=2, num_experts_per_tok=2), "Qwen2MoeForCausalLM"),
-    "qwen2-moe-top1": (dict(use_moe=True, n_shared_experts=1, num_experts_per_tok=1), "Qwen2MoeForCausalLM"),
-    "mixtral": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=2), "MixtralForCausalLM"),
+    "qwen3-moe": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
+                  "Qwen3MoeForCausalLM"),
+    "qwen2-moe": (dict(use_moe=True, n_shared_experts=2, num_experts_per_tok=2),
+                  "Qwen2MoeForCausalLM"),
+    "qwen2-moe-top1": (dict(use_moe=True, n_shared_experts=1, num_experts_per_tok=1),
+                       "Qwen2MoeForCausalLM"),
+    "mixtral": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
+                "MixtralForCausalLM"),
 }
-
-
-def tiny_config(**overrides) -> MiniMindConfig:
-    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
-    values.update(overrides)
-    return MiniMindConfig(**values)
-
-
-def tiny_model(config: MiniMindConfig) -> MiniMindForCausalLM:
-    """Random weights large enough that logits (and greedy choices) are far from ties."""
-    model = MiniMindForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
-    return model
 
 
 def load_hf(path):
@@ -60,7 +50,8 @@ def test_loads_as_stock_architecture_with_equal_logits(exported):
     config, model, out, cls = exported
     hf = load_hf(out)
     assert type(hf).__name__ == cls
-    assert type(hf).__module__.startswith("transformers.models.")  # stock code, no trust_remote_code
+    # stock code, no trust_remote_code
+    assert type(hf).__module__.startswith("transformers.models.")
     ids = torch.randint(0, VOCAB, (2, 100))  # > original_max_position_embeddings of the YaRN case
     with torch.no_grad():
         ours, theirs = model(ids).logits, hf(ids).logits
@@ -76,7 +67,8 @@ def test_import_round_trip_is_identical(exported):
     assert list(state_dict) == list(expected)
     for key, tensor in expected.items():
         assert torch.equal(state_dict[key], tensor), key
-    for path in (out, out / "model.safetensors"):  # the --from_weight path: the directory or its weights file
+    # the --from_weight path: the directory or its weights file
+    for path in (out, out / "model.safetensors"):
         found, loaded = load_weights(path, config)
         assert found == config and all(torch.equal(loaded[k], v) for k, v in expected.items())
 
@@ -89,8 +81,8 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
     hf.generation_config.eos_token_id = None  # generate the full length on both sides
     prompt = torch.randint(3, VOCAB, (2, 7))
     ours = model.generate(prompt, max_new_tokens=20, temperature=0, eos_token_id=-1)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                         pad_token_id=config.pad_token_id)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                         do_sample=False, pad_token_id=config.pad_token_id)
     assert ours.shape == (2, 27)
     assert torch.equal(ours, theirs)
 
@@ -110,21 +102,26 @@ def test_logits_comparison_detects_a_wrong_mapping(tmp_path):
 
 
 def test_config_json_fields(tmp_path):
-    config = tiny_config(qk_norm=True, head_dim=24, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False)
+    config = tiny_config(qk_norm=True, head_dim=24, rms_norm_eps=1e-6, rope_theta=5e5,
+                         tie_word_embeddings=False)
     hf = to_hf_config(config, torch.float32)
     assert (hf["model_type"], hf["architectures"]) == ("qwen3", ["Qwen3ForCausalLM"])
-    assert (hf["head_dim"], hf["rms_norm_eps"], hf["rope_theta"], hf["tie_word_embeddings"]) == (24, 1e-6, 5e5, False)
-    assert hf["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and hf["rope_scaling"] is None
-    assert hf["attention_bias"] is False and hf["use_sliding_window"] is False and hf["sliding_window"] is None
-    loaded = transformers.AutoConfig.from_pretrained(export_hf(tiny_model(config), config, tmp_path))
+    fields = (hf["head_dim"], hf["rms_norm_eps"], hf["rope_theta"], hf["tie_word_embeddings"])
+    assert fields == (24, 1e-6, 5e5, False)
+    assert hf["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5}
+    assert hf["rope_scaling"] is None
+    assert hf["attention_bias"] is False and hf["use_sliding_window"] is False
+    assert hf["sliding_window"] is None
+    out = export_hf(tiny_model(config), config, tmp_path)
+    loaded = transformers.AutoConfig.from_pretrained(out)
     assert loaded.sliding_window is None and set(loaded.layer_types) == {"full_attention"}
     assert loaded.rope_parameters["rope_theta"] == 5e5 and loaded.head_dim == 24
 
 
 def test_yarn_written_for_both_transformers_generations():
     hf = to_hf_config(tiny_config(rope_scaling=YARN))
-    expected = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
-                "beta_slow": 1.0, "attention_factor": 1.0}
+    expected = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
     assert hf["rope_scaling"] == expected  # transformers 4.x
     assert hf["rope_parameters"] == {**expected, "rope_theta": 1e6, "truncate": True}  # 5.x
 
@@ -141,7 +138,8 @@ def test_tied_embeddings_stored_once(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(rope_scaling={**YARN, "factor": 8}), "factor"),  # factor != max_pos / original
-    (dict(rope_scaling={**YARN, "beta_slow": 0.001}, rope_theta=100.0), "ramp"),  # see test_yarn_ramp_clamp
+    # see test_yarn_ramp_clamp_differs_where_export_refuses
+    (dict(rope_scaling={**YARN, "beta_slow": 0.001}, rope_theta=100.0), "ramp"),
     (dict(rope_scaling={**YARN, "type": "linear"}), "linear"),
     (dict(use_moe=True, qk_norm=True, n_shared_experts=1), "shared expert"),
     (dict(use_moe=True, scoring_func="sigmoid"), "softmax"),
@@ -156,7 +154,8 @@ def test_refuses_what_no_stock_architecture_computes(overrides, message, tmp_pat
 
 
 def test_yarn_ramp_clamp_differs_where_export_refuses():
-    """Where the ramp would pass head_dim/2 - 1, HF's YaRN frequencies really differ from MiniMind's."""
+    """Where the ramp would pass head_dim/2 - 1, HF's YaRN frequencies really differ from
+    MiniMind's."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from minimind_fast.ops.reference import rope_tables
@@ -165,10 +164,12 @@ def test_yarn_ramp_clamp_differs_where_export_refuses():
         config = tiny_config(rope_scaling={**YARN, "beta_slow": beta_slow}, rope_theta=rope_theta)
         cos, sin = rope_tables(16, config.max_position_embeddings, rope_theta, config.rope_scaling)
         ours = torch.atan2(sin[1, :8], cos[1, :8])  # position 1's angles are the frequencies
-        parameters = {"rope_type": "yarn", "rope_theta": rope_theta, **{k: float(v) for k, v in YARN.items()
-                      if k not in ("type", "original_max_position_embeddings")},
+        yarn = {k: float(v) for k, v in YARN.items()
+                if k not in ("type", "original_max_position_embeddings")}
+        parameters = {"rope_type": "yarn", "rope_theta": rope_theta, **yarn,
                       "original_max_position_embeddings": 32, "beta_slow": beta_slow}
-        hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
+        hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                             max_position_embeddings=128,
                                              rope_parameters=parameters)
         theirs, _ = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
         return ours, theirs
@@ -180,23 +181,11 @@ def test_yarn_ramp_clamp_differs_where_export_refuses():
 
 
 def test_moe_architecture_choice():
-    assert hf_architecture(tiny_config(use_moe=True)) == "qwen2_moe"  # MiniMind2-MoE: 1 shared, top-2
-    assert hf_architecture(tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0, num_experts_per_tok=1)) \
-        == "qwen3_moe"  # the minimind3-moe preset
-
-
-def make_tokenizer_dir(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
-    vocab.update({word: i + 4 for i, word in enumerate("the quick brown fox jumps over lazy dog".split())})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    path.mkdir(parents=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    return path, tokenizer
+    # MiniMind2-MoE: 1 shared, top-2
+    assert hf_architecture(tiny_config(use_moe=True)) == "qwen2_moe"
+    minimind3_moe = tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0,
+                                num_experts_per_tok=1)
+    assert hf_architecture(minimind3_moe) == "qwen3_moe"
 
 
 def test_tokenizer_loads_with_auto_tokenizer(tmp_path):
@@ -204,7 +193,8 @@ def test_tokenizer_loads_with_auto_tokenizer(tmp_path):
     config = tiny_config()
     out = export_hf(tiny_model(config), config, tmp_path / "out", tokenizer_dir=tokenizer_dir)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (1, 2, 0)
+    special = (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id)
+    assert special == (1, 2, 0)
     text = "the quick brown fox <|im_end|>"
     assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
     assert hf_tokenizer.chat_template == "{{ messages }}"  # the source tokenizer_config is kept
@@ -229,7 +219,8 @@ def test_minimind_pth_with_wrapper_prefixes(tmp_path):
     fresh.load_state_dict(loaded, strict=True)
     assert torch.equal(fresh.model.layers[1].mlp.experts[3].up_proj.weight,
                        model.model.layers[1].mlp.experts[3].up_proj.weight.half().float())
-    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "step": 3}, tmp_path / "resume.pth")
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "step": 3},
+               tmp_path / "resume.pth")
     _, resumed = load_weights(tmp_path / "resume.pth", config)
     assert all(torch.equal(resumed[k], v) for k, v in model.state_dict().items())
 
@@ -249,9 +240,10 @@ def test_run_directory_with_config_json(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("model.layers.1.self_attn.q_norm.weight"), r"missing key 'model\.layers\.1\.self_attn\.q_norm"
-                                                                   r"\.weight'.*qk_norm"),
-    (lambda s: s.update({"model.layers.2.input_layernorm.weight": torch.ones(64)}), "unexpected.*num_hidden_layers"),
+    (lambda s: s.pop("model.layers.1.self_attn.q_norm.weight"),
+     r"missing key 'model\.layers\.1\.self_attn\.q_norm\.weight'.*qk_norm"),
+    (lambda s: s.update({"model.layers.2.input_layernorm.weight": torch.ones(64)}),
+     "unexpected.*num_hidden_layers"),
     (lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.ones(48, 64)}),
      r"shape \(48, 64\).*\(32, 64\).*num_key_value_heads"),
     (lambda s: s.update({"lm_head.weight": torch.ones(VOCAB, 64)}), "tie_word_embeddings=False"),
@@ -276,7 +268,8 @@ def test_untied_checkpoint_without_lm_head_names_tie_word_embeddings():
 @pytest.mark.parametrize("edit, message", [
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}, "rope_scaling": None}, "llama3"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}, "rope_scaling": None},
+     "llama3"),
     ({"hidden_act": "gelu"}, "silu"),
 ])
 def test_import_refuses_foreign_settings(edit, message):
@@ -292,23 +285,27 @@ def test_import_refuses_a_gated_shared_expert(tmp_path):
     config = tiny_config(use_moe=True)
     out = export_hf(tiny_model(config), config, tmp_path)
     tensors = load_file(str(out / "model.safetensors"))
-    tensors["model.layers.0.mlp.shared_expert_gate.weight"] += 0.1  # as after fine-tuning in transformers
+    # as after fine-tuning in transformers
+    tensors["model.layers.0.mlp.shared_expert_gate.weight"] += 0.1
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="shared_expert_gate"):
         import_hf(out)
 
 
 def test_cli_exports_a_run_directory(tmp_path, capsys):
-    """The training loop's --save_dir layout: config.json + tokenizer + the latest MiniMind-format .pth."""
+    """The training loop's --save_dir layout: config.json + tokenizer + the latest MiniMind-format
+    .pth."""
     run = tmp_path / "run"
     tokenizer_dir, _ = make_tokenizer_dir(run)
     config = tiny_config()
     model = tiny_model(config)
     (run / "config.json").write_text(json.dumps(config.to_dict(), sort_keys=True))
     torch.save({k: v.half() for k, v in model.state_dict().items()}, run / "pretrain_64.pth")
-    (run / "checkpoints" / "step_00000001").mkdir(parents=True)  # ignored: the top-level .pth is the latest
+    # ignored: the top-level .pth is the latest
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     out = tmp_path / "hf"
-    assert export_main(["--ckpt", str(run), "--out", str(out), "--dtype", "bfloat16", "--verify"]) == 0
+    argv = ["--ckpt", str(run), "--out", str(out), "--dtype", "bfloat16", "--verify"]
+    assert export_main(argv) == 0
     printed = capsys.readouterr().out
     assert "LlamaForCausalLM" in printed and "tokenizer: yes" in printed
     assert float(printed.split("= ")[-1]) < 1e-4  # logits of the bf16 weights, both sides in fp32
@@ -320,11 +317,12 @@ def test_cli_exports_a_run_directory(tmp_path, capsys):
 def test_cli_reports_missing_config(tmp_path, capsys):
     config = tiny_config()
     torch.save(tiny_model(config).state_dict(), tmp_path / "pretrain_64.pth")
-    assert export_main(["--ckpt", str(tmp_path / "pretrain_64.pth"), "--out", str(tmp_path / "hf")]) == 2
+    weights = str(tmp_path / "pretrain_64.pth")
+    assert export_main(["--ckpt", weights, "--out", str(tmp_path / "hf")]) == 2
     assert "--config" in capsys.readouterr().err
     config_file = tmp_path / "cfg.json"
     config_file.write_text(json.dumps(config.to_dict()))
-    assert export_main(["--ckpt", str(tmp_path / "pretrain_64.pth"), "--out", str(tmp_path / "hf"),
+    assert export_main(["--ckpt", weights, "--out", str(tmp_path / "hf"),
                         "--config", str(config_file)]) == 0
     assert "tokenizer: no" in capsys.readouterr().out
 
@@ -332,9 +330,11 @@ def test_cli_reports_missing_config(tmp_path, capsys):
 def test_export_needs_no_transformers(tmp_path, monkeypatch):
     from minimind_fast.export import verify
 
-    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    # `import transformers` now raises ImportError
+    monkeypatch.setitem(sys.modules, "transformers", None)
     config = tiny_config()
     out = export_hf(tiny_model(config), config, tmp_path)
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="pip install transformers"):
         verify(out)
+
