@@ -29,8 +29,10 @@ B = T / seq_len sequences for the per-sequence statistics (0: one sequence).
 """
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import warnings
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -117,6 +119,15 @@ def _has_kernel(dispatch_key: str) -> bool:
     return compat.has_kernel_for("minimind_fast::moe_route", dispatch_key)
 
 
+def _import_problem(error: ImportError, package_dir: Path) -> str:
+    """Why `from minimind_fast import _C` failed, in words: never built (or removed), or built
+    but not importable (then Python's own message says why)."""
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    if not any((package_dir / f"_C{suffix}").exists() for suffix in suffixes):
+        return f"it is not built: {package_dir} holds no _C extension file"
+    return f"it failed to import: {error}"
+
+
 def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
     """Load minimind_fast._C; register the reference where it provides no kernel. Returns the
     library holding those registrations (None when none was needed) and their dispatch keys."""
@@ -126,13 +137,13 @@ def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
         if torch.version.cuda is not None and not _has_kernel("CUDA"):
             problem, keys = "it was built without CUDA kernels", ["CUDA"]
     except ImportError as error:
-        problem, keys = f"it failed to import: {error}", ["CompositeImplicitAutograd"]
+        problem = _import_problem(error, Path(__file__).resolve().parent.parent)
+        keys = ["CompositeImplicitAutograd"]
     if problem is None:
         return None, []
     if os.environ.get(REQUIRE_EXT_ENV, "0") == "1":
         raise ImportError(f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable "
-                          f"({problem}); build it with `pip install --no-build-isolation -e .` "
-                          "(or `make install`)")
+                          f"({problem}); build it with `pip install --no-build-isolation -e .`")
     warnings.warn(f"minimind_fast._C is unusable ({problem}); moe_route falls back to its "
                   "pure-PyTorch reference (same outputs, slower). Build it with "
                   "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)

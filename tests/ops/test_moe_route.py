@@ -5,6 +5,7 @@ gradients against the reference's autograd, gradcheck in fp64, opcheck, torch.co
 input checks, and the fallback when the extension is missing.
 """
 import importlib
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -17,10 +18,13 @@ from minimind_fast.ops import use_backend
 from minimind_fast.ops.moe_reference import moe_route_backward_reference, moe_route_reference
 from minimind_fast.ops.moe_route import MoERouting, moe_route
 
-moe_route_module = importlib.import_module("minimind_fast.ops.moe_route")  # the package attribute is the function
+# the module: the package attribute of the same name is the function
+moe_route_module = importlib.import_module("minimind_fast.ops.moe_route")
 
 OP = torch.ops.minimind_fast.moe_route.default
 BACKWARD_OP = torch.ops.minimind_fast.moe_route_backward.default
+needs_extension = pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED,
+                                     reason="the C++ op's checks and kernels need the extension")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 FLOAT_OUTPUTS = ("topk_weight", "scores", "prob_mean", "seq_prob_mean")
 
@@ -37,7 +41,8 @@ def make_logits(T, E, pattern, dtype=torch.float32, device="cpu"):
         x[torch.arange(T), torch.randint(0, E, (T,), generator=g)] = 8.0
     elif pattern == "neg_inf":
         mask = torch.rand(T, E, generator=g) < 0.4
-        mask[torch.arange(T), torch.randint(0, E, (T,), generator=g)] = False  # keep one finite logit per row
+        # keep one finite logit per row
+        mask[torch.arange(T), torch.randint(0, E, (T,), generator=g)] = False
         x = x.masked_fill(mask, float("-inf"))
     elif pattern == "signed_zero":
         x = torch.where(torch.rand(T, E, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
@@ -45,10 +50,14 @@ def make_logits(T, E, pattern, dtype=torch.float32, device="cpu"):
 
 
 def assert_routing_equal(got: MoERouting, want: tuple, tol=1e-6):
-    for name, a, b in zip(MoERouting._fields, got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    for name, a, b in zip(MoERouting._fields, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, (
+            f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}")
         if name in FLOAT_OUTPUTS:
-            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=tol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+            try:
+                torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=tol, equal_nan=True)
+            except AssertionError as error:
+                raise AssertionError(f"{name}: {error}") from None
         else:
             assert torch.equal(a.cpu(), b.cpu()), f"{name} differs"
 
@@ -60,7 +69,8 @@ CASES = [  # T, E, k, seq_len, scoring, norm
     (123, 8, 2, 41, "sigmoid", True),
     (300, 5, 5, 3, "softmax", False),
     (515, 64, 8, 5, "softmax", True),
-    (200, 33, 1, 40, "softmax", True),  # E * k > 32 with k <= 4: the (key, id) chains of the CPU kernel
+    # E * k > 32 with k <= 4: the (key, id) chains of the CPU kernel
+    (200, 33, 1, 40, "softmax", True),
     (96, 48, 2, 0, "sigmoid", False),
     (75, 16, 3, 25, "softmax", True),
     (64, 12, 6, 0, "softmax", True),  # sorting networks with a padded last group of 8
@@ -77,7 +87,8 @@ PATTERNS = ["random", "ties", "all_equal", "one_hot", "neg_inf", "signed_zero"]
 def test_forward_matches_reference(case, pattern, device):
     T, E, k, seq_len, scoring, norm = case
     x = make_logits(T, E, pattern, device=device)
-    assert_routing_equal(moe_route(x, k, norm, scoring, seq_len), moe_route_reference(x, k, norm, scoring, seq_len))
+    assert_routing_equal(moe_route(x, k, norm, scoring, seq_len),
+                         moe_route_reference(x, k, norm, scoring, seq_len))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,24 +135,27 @@ def test_permutation_invariants():
 
 
 def _all_outputs_loss(r, weights):
-    return sum((getattr(r, name) * w).sum() for name, w in zip(FLOAT_OUTPUTS, weights))
+    return sum((getattr(r, name) * w).sum()
+               for name, w in zip(FLOAT_OUTPUTS, weights, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 2), ("sigmoid", True, 3),
-                                            ("sigmoid", False, 1), ("softmax", True, 1)])
+@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 2),
+                                            ("sigmoid", True, 3), ("sigmoid", False, 1),
+                                            ("softmax", True, 1)])
 def test_backward_matches_reference_autograd(scoring, norm, k, device):
     x = make_logits(96, 6, "random", device=device).requires_grad_()
     g = torch.Generator().manual_seed(1)
     shapes = [(96, k), (96, 6), (6,), (4, 6)]
     weights = [torch.randn(s, generator=g).to(device) for s in shapes]
     (grad,) = torch.autograd.grad(_all_outputs_loss(moe_route(x, k, norm, scoring, 24), weights), x)
-    (want,) = torch.autograd.grad(_all_outputs_loss(MoERouting(*moe_route_reference(x, k, norm, scoring, 24)),
-                                                    weights), x)
+    reference = MoERouting(*moe_route_reference(x, k, norm, scoring, 24))
+    (want,) = torch.autograd.grad(_all_outputs_loss(reference, weights), x)
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
     # the written-out backward of the reference (the fallback kernel) agrees too
     r = moe_route(x.detach(), k, norm, scoring, 24)
-    explicit = moe_route_backward_reference(*weights, r.scores, r.topk_idx, norm, scoring, 24, x.dtype)
+    explicit = moe_route_backward_reference(*weights, r.scores, r.topk_idx, norm, scoring, 24,
+                                            x.dtype)
     torch.testing.assert_close(explicit, want, rtol=1e-5, atol=1e-6)
 
 
@@ -157,8 +171,8 @@ def test_backward_accepts_expanded_and_missing_gradients():
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 3), ("sigmoid", True, 2),
-                                            ("sigmoid", False, 1)])
+@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 3),
+                                            ("sigmoid", True, 2), ("sigmoid", False, 1)])
 def test_gradcheck_fp64(scoring, norm, k):
     x = make_logits(8, 5, "random", dtype=torch.float64).requires_grad_()
 
@@ -189,7 +203,8 @@ def test_compile_fullgraph_matches_eager():
 
     def loss(logits):
         r = moe_route(logits, 2, True, "softmax", 16)
-        return r.topk_weight.square().sum() + (r.seq_expert_counts * r.seq_prob_mean).sum(), r.sorted_pairs
+        loss = r.topk_weight.square().sum() + (r.seq_expert_counts * r.seq_prob_mean).sum()
+        return loss, r.sorted_pairs
 
     eager_loss, eager_pairs = loss(x)
     (eager_grad,) = torch.autograd.grad(eager_loss, x)
@@ -204,7 +219,8 @@ def test_torch_backend_runs_the_reference():
     x = make_logits(30, 4, "random").requires_grad_()
     with use_backend("torch"):
         r = moe_route(x, 2, True)
-    assert type(r.topk_weight.grad_fn).__name__ == "DivBackward0"  # plain autograd, not the op's node
+    # plain autograd, not the op's node
+    assert type(r.topk_weight.grad_fn).__name__ == "DivBackward0"
     assert_routing_equal(moe_route(x, 2, True, backend="ext"), tuple(r))
     with pytest.raises(ValueError, match="moe_route backend='cuda' is not a backend; use one of"):
         moe_route(x, 2, True, backend="cuda")
@@ -214,7 +230,8 @@ def test_torch_backend_runs_the_reference():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: moe_route(torch.randn(8), 1), "must be \\(tokens, experts\\)"),
-    (lambda: moe_route(torch.ones(8, 4, dtype=torch.int32), 1), "dtype torch.int32 is not supported"),
+    (lambda: moe_route(torch.ones(8, 4, dtype=torch.int32), 1),
+     "dtype torch.int32 is not supported"),
     (lambda: moe_route(torch.randn(8, 4), 5), "top_k=5 must be in \\[1, 4\\]"),
     (lambda: moe_route(torch.randn(8, 0), 1), "needs at least one token and one expert"),
     (lambda: moe_route(torch.randn(8, 4), 1, scoring="relu"), "scoring='relu'"),
@@ -226,10 +243,11 @@ def test_wrapper_rejects_bad_input(call, message):
         call()
 
 
-@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the C++ op's own checks need the extension")
+@needs_extension
 @pytest.mark.parametrize("args,message", [
     ((torch.randn(8), 1, True), "must be 2-D"),
-    ((torch.ones(8, 4, dtype=torch.int64), 1, True), "must be float32, float64, bfloat16 or float16"),
+    ((torch.ones(8, 4, dtype=torch.int64), 1, True),
+     "must be float32, float64, bfloat16 or float16"),
     ((torch.randn(8, 4), 5, True), "top_k=5 must be in \\[1, 4\\]"),
     ((torch.randn(8, 0), 1, True), "0 expert columns"),
     ((torch.randn(4, 8).t(), 1, True), "must be contiguous"),
@@ -242,14 +260,14 @@ def test_op_rejects_bad_input(args, message):
         OP(*args)
 
 
-@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the C++ op's own checks need the extension")
+@needs_extension
 def test_op_rejects_pair_index_overflow():
     huge = torch.empty(1 << 29, 8, device="meta")  # the C++ check runs before any allocation
     with pytest.raises(RuntimeError, match="exceeds 2\\^31 - 1"):
-        torch.ops.minimind_fast.moe_route.default.redispatch(torch._C.DispatchKeySet("CPU"), huge, 8, True)
+        OP.redispatch(torch._C.DispatchKeySet("CPU"), huge, 8, True)
 
 
-@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the C++ op's own checks need the extension")
+@needs_extension
 @pytest.mark.parametrize("E", [4, 64])  # the per-block and the per-token backward paths
 @pytest.mark.parametrize("bad_id", [-1, 99, 1 << 32])
 def test_backward_op_rejects_expert_ids_out_of_range(E, bad_id):
@@ -257,9 +275,11 @@ def test_backward_op_rejects_expert_ids_out_of_range(E, bad_id):
     topk_idx = r.topk_idx.clone()
     topk_idx[17, 1] = bad_id
     with pytest.raises(RuntimeError, match=f"topk_idx holds an expert id outside \\[0, {E}\\)"):
-        BACKWARD_OP(torch.ones(40, 2), None, None, None, r.scores, topk_idx, True, "softmax", 0, torch.float32)
+        BACKWARD_OP(torch.ones(40, 2), None, None, None, r.scores, topk_idx, True, "softmax", 0,
+                    torch.float32)
+    # without grad_topk_weight the ids are not read
     assert BACKWARD_OP(None, torch.ones(40, E), None, None, r.scores, topk_idx, True, "softmax", 0,
-                       torch.float32).shape == (40, E)  # without grad_topk_weight the ids are not read
+                       torch.float32).shape == (40, E)
 
 
 @pytest.mark.skipif(os.environ.get(moe_route_module.REQUIRE_EXT_ENV) == "0",
@@ -323,21 +343,34 @@ def test_fallback_warns_once_matches_reference_and_is_differentiable():
 def test_require_ext_turns_fallback_into_error():
     result = _run_without_extension("1")
     assert result.returncode != 0
-    assert "MINIMIND_FAST_REQUIRE_EXT=1 but the extension minimind_fast._C is unusable" in result.stderr
+    message = "MINIMIND_FAST_REQUIRE_EXT=1 but the extension minimind_fast._C is unusable"
+    assert message in result.stderr
 
 
-CPU_ISAS = ["avx512", "avx2", "baseline"]  # MINIMIND_FAST_CPU_ISA caps; above the CPU's best it runs its best
+def test_import_problem_says_whether_the_extension_was_built(tmp_path):
+    error = ImportError("cannot import name '_C' (most likely due to a circular import)")
+    assert moe_route_module._import_problem(error, tmp_path) == (
+        f"it is not built: {tmp_path} holds no _C extension file")
+    (tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    assert moe_route_module._import_problem(ImportError("undefined symbol: foo"), tmp_path) == (
+        "it failed to import: undefined symbol: foo")
+
+
+# MINIMIND_FAST_CPU_ISA caps; above the CPU's best it runs its best
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+CPU_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                                     ids=["fp32", "bf16", "fp16"])
 
 
 # Every top-k path of the CPU forward: compile-time (E, k) blocks, the bubble (branch-free, and
 # with skips for k in 9..16), (key, id) chains, sorting networks (a padded group, two groups, 8),
 # the per-token partial sort; E below, at and above the block width.
-ISA_CASES = [(4, 1), (4, 2), (8, 1), (8, 2), (10, 3), (12, 6), (12, 10), (16, 4), (16, 8), (64, 1), (64, 8),
-             (40, 20)]
+ISA_CASES = [(4, 1), (4, 2), (8, 1), (8, 2), (10, 3), (12, 6), (12, 10), (16, 4), (16, 8), (64, 1),
+             (64, 8), (40, 20)]
 
 
-@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@needs_extension
+@CPU_DTYPES
 @pytest.mark.parametrize("E,k", ISA_CASES, ids=[f"E{e}k{k}" for e, k in ISA_CASES])
 def test_cpu_instruction_sets_agree(E, k, dtype, monkeypatch):
     """AVX-512 and AVX2 (8 token lanes) and the SSE2/NEON baseline (4 lanes) each match the
@@ -360,11 +393,11 @@ def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
         moe_route(make_logits(8, 4, "random"), 2)
 
 
-@pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED, reason="the CPU kernels need the extension")
+@needs_extension
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (10, 3), (15, 12), (16, 4), (37, 5), (64, 8),
-                                 (256, 3)])
+@CPU_DTYPES
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (10, 3), (15, 12), (16, 4),
+                                 (37, 5), (64, 8), (256, 3)])
 def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
     """Every CPU backward path (compile-time (E, k) blocks, run-time blocks, the per-token path
     for E >= 16 with and without a vector tail) against the written-out reference backward, for
@@ -381,6 +414,10 @@ def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
             for subset in subsets:
                 given = [grad if i in subset else None for i, grad in enumerate(grads)]
                 got = BACKWARD_OP(*given, r.scores, r.topk_idx, norm, scoring, seq_len, dtype)
-                want = moe_route_backward_reference(*given, r.scores, r.topk_idx, norm, scoring, seq_len, dtype)
+                want = moe_route_backward_reference(*given, r.scores, r.topk_idx, norm, scoring,
+                                                    seq_len, dtype)
                 tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
-                torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{scoring} norm={norm} {subset}: {m}")
+                try:
+                    torch.testing.assert_close(got, want, **tol)
+                except AssertionError as error:
+                    raise AssertionError(f"{scoring} norm={norm} {subset}: {error}") from None
