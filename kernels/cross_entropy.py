@@ -4,9 +4,9 @@ Follows Liger-Kernel's cross-entropy (online softmax over V, gradient written du
 pass so the backward never walks V again) with the semantics of
 minimind_fast.ops.reference.cross_entropy: fp32 maths whatever the logits dtype, label
 smoothing as in torch.nn.CrossEntropyLoss, optional z-loss (scale * lse^2), ignored rows give
-loss 0 and gradient 0. Reductions (mean over non-ignored rows, sum) are applied by the ops layer
-on the (N,) per-row losses; the kernels only see an optional per-row gradient scale.
-No autograd here: see minimind_fast/ops/cross_entropy.py.
+loss 0 and gradient 0 whatever their logits. Reductions (mean over non-ignored rows, sum) are
+applied by the ops layer on the (N,) per-row losses; the kernels only see an optional per-row
+gradient scale. No autograd here: see minimind_fast/ops/cross_entropy.py.
 
 Shapes: logits: (N, V) with unit stride along V (any row stride); targets: (N,) integer;
 loss: (N,) fp32; dlogits: (N, V) in the logits dtype (may be the logits buffer itself).
@@ -35,7 +35,9 @@ MAX_V = 262144
 #   dloss/dx_j = p_j * (1 + 2 z lse) - (1 - eps) * [j == t] - eps / V
 # The gradient is stored (times the optional per-row scale s_r) into dlogits in the logits'
 # dtype during the same launch; the backward then only multiplies by the upstream gradient.
-# Ignored rows (t == ignore_index): loss 0 and gradient 0. A target outside [0, V) that is not
+# Edge rows, as F.cross_entropy: x_t = -inf gives loss +inf with a finite gradient; a +inf or
+# NaN logit, or every logit -inf, gives NaN loss and gradient. Ignored rows (t == ignore_index)
+# never read their logits: loss 0 and gradient 0. A target outside [0, V) that is not
 # ignore_index poisons its row (loss and gradient NaN) instead of reading out of bounds; the
 # ops layer raises a ValueError for it on CPU, and on CUDA when MINIMIND_FAST_DEBUG=1.
 @triton.jit
@@ -55,10 +57,10 @@ def _cross_entropy_fwd_kernel(
     if target == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
             for start in range(0, n_cols, BLOCK_V):
                 offsets = start + cols
-                tl.store(grad_row + offsets, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty),
-                         mask=offsets < n_cols)
+                tl.store(grad_row + offsets, zeros, mask=offsets < n_cols)
         return
 
     in_range = (target >= 0) & (target < n_cols)
@@ -81,7 +83,10 @@ def _cross_entropy_fwd_kernel(
             mask = offsets < n_cols
             block = tl.load(logits_row + offsets, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(block, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(block - m_new), axis=0)
+            # While every logit so far is -inf, shift by 0 rather than by m_new = -inf: that
+            # keeps d = 0 instead of forming exp(-inf - -inf) = NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - shift) + tl.sum(tl.exp(block - shift), axis=0)
             m = m_new
             if HAS_SMOOTHING:
                 sum_logits += tl.sum(tl.where(mask, block, 0.0), axis=0)
@@ -129,8 +134,9 @@ def _cross_entropy_bwd_kernel(
     offsets = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offsets < n_cols
     scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-    grad = tl.load(dlogits_ptr + row * stride_dlogits + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offsets, (grad * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    dlogits = tl.load(dlogits_ptr + row * stride_dlogits + offsets, mask=mask, other=0.0)
+    grad = dlogits.to(tl.float32) * scale
+    tl.store(out_ptr + row * stride_out + offsets, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _unit_col_stride(x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +151,12 @@ def _blocks(n_cols: int, block_v: Optional[int]) -> tuple[int, bool]:
     return block_v, n_cols <= block_v
 
 
-def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                      label_smoothing: float, z_loss_scale: float, compute_grad: bool, *,
-                      grad_out: Optional[torch.Tensor] = None, loss_out: Optional[torch.Tensor] = None,
-                      row_scale: Optional[torch.Tensor] = None, block_v: Optional[int] = None,
-                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def cross_entropy_forward(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
+    z_loss_scale: float, compute_grad: bool, *, grad_out: Optional[torch.Tensor] = None,
+    loss_out: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
+    block_v: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-row losses (N,) fp32 and, if compute_grad, dlogits (N, V) in the logits' dtype.
 
     grad_out: where to write dlogits (unit column stride; may be `logits` itself to overwrite
@@ -158,14 +165,17 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     block_v: force the block width (tests use it to exercise the looped path).
     """
     n_rows, n_cols = logits.shape
-    if n_cols > MAX_V:
-        raise ValueError(f"cross_entropy: V={n_cols} classes exceeds the supported {MAX_V}")
+    if not 0 < n_cols <= MAX_V:
+        raise ValueError(f"cross_entropy: V={n_cols} classes is outside the kernel's [1, {MAX_V}]; "
+                         "use backend='torch' for wider rows")
     logits = _unit_col_stride(logits)
     if loss_out is None:
         loss_out = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     grad = None
     if compute_grad:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+        grad = grad_out
+        if grad is None:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if n_rows == 0:
         return loss_out, grad
     block, single = _blocks(n_cols, block_v)
@@ -182,8 +192,9 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return loss_out, grad
 
 
-def cross_entropy_bwd(dlogits: torch.Tensor, scale: torch.Tensor, block_v: Optional[int] = None) -> torch.Tensor:
-    """dlogits (N, V) * scale, where scale is 0-dim or (N,) with any stride; out in dlogits' dtype."""
+def cross_entropy_backward(dlogits: torch.Tensor, scale: torch.Tensor,
+                           block_v: Optional[int] = None) -> torch.Tensor:
+    """dlogits (N, V) * scale (0-dim, or (N,) with any stride), in dlogits' dtype."""
     n_rows, n_cols = dlogits.shape
     dlogits = _unit_col_stride(dlogits)
     out = torch.empty_like(dlogits, memory_format=torch.contiguous_format)
@@ -191,7 +202,7 @@ def cross_entropy_bwd(dlogits: torch.Tensor, scale: torch.Tensor, block_v: Optio
         return out
     block = block_v or min(next_power_of_2(n_cols), LOOP_BLOCK_V)
     _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        dlogits, scale, out, n_cols, dlogits.stride(0), scale.stride(0) if scale.dim() else 0, out.stride(0),
-        BLOCK_V=block, num_warps=num_warps_for(block, elements_per_thread=8, hi=16),
+        dlogits, scale, out, n_cols, dlogits.stride(0), scale.stride(0) if scale.dim() else 0,
+        out.stride(0), BLOCK_V=block, num_warps=num_warps_for(block, elements_per_thread=8, hi=16),
     )
     return out

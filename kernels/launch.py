@@ -8,13 +8,13 @@ per program, warps scaled with the tile so each thread holds a handful of elemen
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-# Elements one program keeps in flight per tile: enough bytes per program at small hidden sizes
-# (512 -> 8 rows, 768 -> 4 rows of 1024 lanes), one row from 4096 upwards.
+# Elements one program keeps in flight per tile (RMSNorm rows, RoPE q + k lanes): enough bytes
+# per program at small hidden sizes (512 -> 8 rows, 768 -> 4 rows of 1024 lanes), one row from
+# 4096 upwards.
 TILE_ELEMENTS = 4096
 
 
@@ -38,10 +38,6 @@ def num_warps_for(elements: int, elements_per_thread: int = 16, lo: int = 2, hi:
     return int(min(max(warps, lo), hi))
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -50,7 +46,8 @@ def _cuda_sm_count(index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs serially)."""
     if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
     return 1
 
 
@@ -60,7 +57,7 @@ def persistent_programs(device: torch.device, work_items: int, programs_per_sm: 
 
 
 def as_rows(x: torch.Tensor, hidden: int) -> torch.Tensor:
-    """View x (..., hidden) as (rows, hidden) with unit stride along hidden, copying only if needed.
+    """View x (..., hidden) as (rows, hidden), unit stride along hidden, copying only if needed.
 
     Row-sliced views keep their row stride (pass `x2d.stride(0)` to the kernel); transposed or
     stride-0 (expanded) tensors are made contiguous.

@@ -37,7 +37,8 @@ def _rms_norm_fwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows64 * stride_residual + cols[None, :], mask=mask, other=0.0)
+        residual = tl.load(residual_ptr + rows64 * stride_residual + cols[None, :], mask=mask,
+                           other=0.0)
         updated = (x + residual.to(tl.float32)).to(updated_ptr.dtype.element_ty)
         tl.store(updated_ptr + rows64 * stride_updated + cols[None, :], updated, mask=mask)
         x = updated.to(tl.float32)
@@ -76,28 +77,32 @@ def _rms_norm_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]
         n = x * rstd
         dw_acc += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
         dn = dy * weight[None, :]
         dx = rstd * (dn - n * (tl.sum(dn * n, axis=1) / hidden)[:, None])
         if HAS_DRESIDUAL:
-            dres = tl.load(dresidual_ptr + rows64 * stride_dresidual + cols[None, :], mask=mask, other=0.0)
+            dres = tl.load(dresidual_ptr + rows64 * stride_dresidual + cols[None, :], mask=mask,
+                           other=0.0)
             dx += dres.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        tl.store(dx_ptr + rows64 * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, tl.sum(dw_acc, axis=0),
+             mask=col_mask)
 
 
 def _check_hidden(hidden: int) -> None:
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"RMSNorm hidden size {hidden} exceeds the Triton kernel's limit {MAX_HIDDEN}; "
-                         "use backend='torch' for wider rows")
+        raise ValueError(f"rms_norm: hidden size {hidden} exceeds the Triton kernel's limit "
+                         f"{MAX_HIDDEN}; use backend='torch' for wider rows")
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: Optional[torch.Tensor] = None):
-    """Returns (y, updated, rstd). y, updated: x.shape (updated is None without residual); rstd: fp32."""
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: Optional[torch.Tensor] = None):
+    """Returns (y, updated, rstd): y, updated x.shape (updated None without residual), rstd fp32."""
     hidden = x.shape[-1]
     _check_hidden(hidden)
     x2d = as_rows(x, hidden)
@@ -123,8 +128,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y.view(shape), None if updated is None else updated.view(shape), rstd.view(shape[:-1])
 
 
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 dresidual: Optional[torch.Tensor] = None):
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      dresidual: Optional[torch.Tensor] = None):
     """Returns (dx in x.dtype, dw in weight.dtype). `x` is the tensor that was normalised;
     `dresidual` (the gradient of the fused op's updated residual) is added into dx."""
     hidden = x.shape[-1]

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import next_power_of_2, num_warps_for
+from .launch import TILE_ELEMENTS, next_power_of_2, num_warps_for
 
 MAX_HEAD_DIM = 512
-ROW_TILE_ELEMENTS = 4096  # q + k lanes a program handles (rows packed until about this many)
 
 
 @triton.jit
@@ -61,10 +60,12 @@ def _rope_rows(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq
         cos_hi = tl.load(cos_ptr + t * stride_cos + cols + half, mask=table_mask, other=0.0)
         sin_lo = tl.load(sin_ptr + t * stride_sin + cols, mask=table_mask, other=0.0)
         sin_hi = tl.load(sin_ptr + t * stride_sin + cols + half, mask=table_mask, other=0.0)
-        _rotate_heads(q_ptr, q_out_ptr, b, t, row, stride_qb, stride_qt, stride_qh, stride_qd, n_q_heads,
-                      half, cos_lo, cos_hi, sin_lo, sin_hi, BACKWARD, BLOCK_Q_HEADS, BLOCK_HALF)
-        _rotate_heads(k_ptr, k_out_ptr, b, t, row, stride_kb, stride_kt, stride_kh, stride_kd, n_kv_heads,
-                      half, cos_lo, cos_hi, sin_lo, sin_hi, BACKWARD, BLOCK_KV_HEADS, BLOCK_HALF)
+        _rotate_heads(q_ptr, q_out_ptr, b, t, row, stride_qb, stride_qt, stride_qh, stride_qd,
+                      n_q_heads, half, cos_lo, cos_hi, sin_lo, sin_hi,
+                      BACKWARD, BLOCK_Q_HEADS, BLOCK_HALF)
+        _rotate_heads(k_ptr, k_out_ptr, b, t, row, stride_kb, stride_kt, stride_kh, stride_kd,
+                      n_kv_heads, half, cos_lo, cos_hi, sin_lo, sin_hi,
+                      BACKWARD, BLOCK_KV_HEADS, BLOCK_HALF)
 
 
 @triton.jit
@@ -88,8 +89,8 @@ def _rope_fwd_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_row
 # With MiniMind's tables (cos_lo = cos_hi, sin_lo = sin_hi) this is the rotation by -theta:
 # the forward with sin negated. The tables themselves get no gradient (they are buffers).
 @triton.jit
-def _rope_bwd_kernel(dq_out_ptr, dk_out_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, n_rows, seq_len, half,
-                     n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
+def _rope_bwd_kernel(dq_out_ptr, dk_out_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, n_rows, seq_len,
+                     half, n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
                      stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
                      ROWS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr,
                      BLOCK_HALF: tl.constexpr):
@@ -119,7 +120,7 @@ def _launch(kernel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     block_half = next_power_of_2(half)
     block_q, block_kv = next_power_of_2(n_q_heads), next_power_of_2(n_kv_heads)
     lanes = (block_q + block_kv) * 2 * block_half
-    rows = min(max(1, ROW_TILE_ELEMENTS // lanes), 8)
+    rows = min(max(1, TILE_ELEMENTS // lanes), 8)  # pack rows up to about one tile of q + k lanes
     kernel[(triton.cdiv(n_rows, rows),)](
         q, k, cos, sin, q_out, k_out, n_rows, seq_len, half, n_q_heads, n_kv_heads,
         *q.stride(), *k.stride(), cos.stride(0), sin.stride(0),
@@ -129,11 +130,11 @@ def _launch(kernel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     return q_out, k_out
 
 
-def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Returns (q_rot, k_rot), new contiguous tensors in q's and k's dtypes."""
     return _launch(_rope_fwd_kernel, q, k, cos, sin)
 
 
-def rope_bwd(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Returns (dq, dk) from the gradients of q_rot and k_rot (any strides, stride 0 included)."""
     return _launch(_rope_bwd_kernel, dq_rot, dk_rot, cos, sin)

@@ -1,12 +1,12 @@
-"""The bad-input catalogue (issue 6), part 3: the ops. Each case asserts a one-line ValueError
-naming the offending value (shape, dtype, device, index) and the fix.
+"""The bad-input catalogue, part 3: the ops. Each case asserts a one-line ValueError naming the
+offending value (shape, dtype, device, index) and the fix.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minimind_fast import pretrain
+from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM
 from bad_input_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
@@ -26,20 +26,22 @@ def _ce(logits, targets):
     return ops.cross_entropy(logits, targets)
 
 
-def _flce(hidden, weight, targets):
+def _flce(hidden, weight, targets, **kwargs):
     from minimind_fast import ops
 
-    return ops.fused_linear_cross_entropy(hidden, weight, targets)
+    return ops.fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
 
 
-def _rms(x, weight, residual=None):
+def _rms(x, weight, residual=None, **kwargs):
     from minimind_fast import ops
 
-    return ops.rms_norm(x, weight) if residual is None else ops.add_rms_norm(x, residual, weight)
+    if residual is None:
+        return ops.rms_norm(x, weight, **kwargs)
+    return ops.add_rms_norm(x, residual, weight, **kwargs)
 
 
 def _model_loss(labels):
-    config = pretrain.get_preset("demo", hidden_size=32, num_hidden_layers=1, vocab_size=300)
+    config = get_preset("demo", hidden_size=32, num_hidden_layers=1, vocab_size=300)
     return MiniMindForCausalLM(config)(torch.tensor([[1, 2, 3]]), labels=labels).loss
 
 
@@ -78,7 +80,27 @@ OPS_CASES = {
         ["hidden is torch.float32 but weight is torch.float16", "torch.autocast"]),
     "fused-linear-cross-entropy-label-out-of-range": (
         lambda: _flce(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 30, 4])),
-        ["target 30 is outside [0, 10)"]),
+        ["fused_linear_cross_entropy: target 30 is outside [0, 10)"]),
+    "fused-linear-cross-entropy-bias-shape": (
+        lambda: _flce(torch.randn(4, 8), torch.randn(10, 8), torch.ones(4, dtype=LONG),
+                      bias=torch.zeros(10, 1)),
+        ["fused_linear_cross_entropy: bias (10, 1) must be (V,) = (10,)"]),
+    "fused-linear-cross-entropy-zero-classes": (
+        lambda: _flce(torch.randn(4, 8), torch.randn(0, 8), torch.ones(4, dtype=LONG)),
+        ["fused_linear_cross_entropy: weight (0, 8) has V=0 rows"]),
+    "fused-linear-cross-entropy-float64-triton": (
+        lambda: _flce(torch.randn(4, 8).double(), torch.randn(10, 8).double(),
+                      torch.ones(4, dtype=LONG), backend="triton"),
+        ["the Triton kernel takes float32/bfloat16/float16, but hidden is torch.float64",
+         "backend='torch'"]),
+    "cross-entropy-zero-classes": (lambda: _ce(torch.randn(4, 0), torch.ones(4, dtype=LONG)),
+                                   ["cross_entropy: logits (4, 0) have V=0 classes"]),
+    "apply-rotary-negative-offset": (lambda: _rope(position_offset=-1),
+                                     ["apply_rotary: position_offset -1 must be >= 0"]),
+    "rms-norm-float64-triton": (
+        lambda: _rms(torch.ones(3, 8).double(), torch.ones(8).double(), backend="triton"),
+        ["rms_norm: the Triton kernel takes float32/bfloat16/float16, but x is torch.float64",
+         "backend='torch'"]),
     "model-labels-out-of-range": (lambda: _model_loss(torch.tensor([[1, 2, 999]])),
                                   ["target 999 is outside [0, 300)"]),
 }

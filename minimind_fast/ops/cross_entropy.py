@@ -1,24 +1,30 @@
 """Cross-entropy and fused linear + cross-entropy: registered ops, autograd and dispatch.
 
-Semantics are those of minimind_fast.ops.reference.cross_entropy (the oracle): fp32 maths,
-mean over non-ignored targets, label smoothing as in torch.nn.CrossEntropyLoss, optional
-z-loss (scale * lse^2), loss returned in fp32. An all-ignored batch gives loss 0 and zero
-gradients (mean divides by max(count, 1), never by 0). The count is a device tensor: no .item().
+Semantics are those of minimind_fast.ops.reference.cross_entropy (the oracle): mean over
+non-ignored targets, label smoothing as in torch.nn.CrossEntropyLoss, optional z-loss
+(scale * lse^2). An all-ignored batch gives loss 0 and zero gradients (mean divides by
+max(count, 1)); the count is a device tensor, never a host sync.
+
+Precision: the loss is fp32 for fp32/bf16/fp16 inputs. float64 runs in float64 on the "torch"
+backend (so gradcheck passes) and is refused by "triton" with a one-line ValueError.
+Edge rows: an ignored row gives loss 0 and gradient 0 whatever its logits (-inf, +inf, NaN);
+otherwise as F.cross_entropy: a -inf target logit gives loss +inf (finite gradient), a +inf or
+NaN logit or a row of only -inf gives NaN in that row.
 
 Dispatch (choose_backend, one place):
-  cross_entropy              "torch"  -> the plain reference (PyTorch ops; inductor fuses it)
+  cross_entropy              "torch"  -> reference.cross_entropy (PyTorch ops; inductor fuses it)
                              "triton" -> op minimind_fast::cross_entropy: one Triton launch gives
                                          per-row losses and dlogits (logits' dtype); the backward,
-                                         minimind_fast::cross_entropy_bwd, only scales dlogits.
+                                         minimind_fast::cross_entropy_backward, scales dlogits.
   fused_linear_cross_entropy both     -> op minimind_fast::fused_linear_cross_entropy: Liger-style
-                                         chunking over N so one (chunk, V) block of logits exists
-                                         at a time; per chunk the CE grad is formed in place
-                                         (Triton kernel, or PyTorch ops on "torch"), then
-                                         dh = dlogits @ W and dW += dlogits.T @ h (fp32). The
-                                         unfused oracle stays reference.fused_linear_cross_entropy.
-With mean/sum the fused op does all the work in forward and its backward scales the saved dh,
-dW by grad_output; with reduction="none" (per-row upstream grads) the forward computes losses
-only and the backward re-runs the chunk loop with the per-row scale (op ..._bwd).
+                                         chunking over N, one (chunk, V) block of logits at a time;
+                                         per chunk the CE gradient is formed in place (the Triton
+                                         kernel, or reference.cross_entropy_loss_and_grad), then
+                                         dh = dlogits @ W, dW += dlogits.T @ h, db += sum dlogits.
+With mean/sum the fused op does all the work in forward (dW, db kept in fp32) and its backward
+applies the reduction scale and grad_output before casting to the parameters' dtypes; with
+reduction="none" the forward computes losses only and the backward re-runs the chunk loop with
+the per-row scale (op minimind_fast::fused_linear_cross_entropy_backward).
 
 Out-of-range targets (not ignore_index, outside [0, V)) raise ValueError when the check costs no
 host sync (CPU tensors) or when MINIMIND_FAST_DEBUG=1; otherwise the Triton kernel makes that
@@ -34,11 +40,12 @@ from torch import Tensor
 
 from ..constants import IGNORE_INDEX
 from . import reference
-from .checks import check_floating, check_same_device
+from .checks import check_floating, check_same_device, check_triton_dtypes
 from .dispatch import choose_backend, compute_dtype
 
 DEBUG_ENV = "MINIMIND_FAST_DEBUG"
 REDUCTIONS = ("mean", "sum", "none")
+FLCE = "fused_linear_cross_entropy"
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -51,14 +58,15 @@ def _check_args(reduction: str, label_smoothing: float, z_loss_scale: float) -> 
         raise ValueError(f"z_loss_scale={z_loss_scale} must be >= 0")
 
 
-def _check_targets(targets: Tensor, num_classes: int, ignore_index: int) -> None:
-    """ValueError for a target outside [0, V) that is not ignore_index; skipped where it would sync."""
+def _check_targets(op: str, targets: Tensor, num_classes: int, ignore_index: int) -> None:
+    """ValueError for a target outside [0, V) that is not ignore_index; skipped where it would
+    cost a host sync (CUDA outside debug mode)."""
     if targets.device.type != "cpu" and os.environ.get(DEBUG_ENV, "0") != "1":
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if bool(bad.any()):
         value = int(targets[bad][0])
-        raise ValueError(f"cross_entropy: target {value} is outside [0, {num_classes}) and is not "
+        raise ValueError(f"{op}: target {value} is outside [0, {num_classes}) and is not "
                          f"ignore_index={ignore_index}; fix the labels or the vocabulary size")
 
 
@@ -68,11 +76,7 @@ def _valid_count(targets: Tensor, ignore_index: int) -> Tensor:
 
 
 def _reduce(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / _valid_count(targets, ignore_index)
+    return reference.reduce_rows(loss_rows, targets != ignore_index, reduction)
 
 
 def _grad_scale(grad_loss: Tensor, targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
@@ -85,25 +89,28 @@ def _grad_scale(grad_loss: Tensor, targets: Tensor, ignore_index: int, reduction
 def _flatten(inputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """inputs (..., D), targets (...) -> (rows, D), (rows,)."""
     if inputs.dim() < 1 or targets.shape != inputs.shape[:-1]:
-        raise ValueError(f"{name}: input {tuple(inputs.shape)} must be (..., D) with targets of shape (...), "
-                         f"got targets {tuple(targets.shape)}")
+        raise ValueError(f"{name}: input {tuple(inputs.shape)} must be (..., D) with targets of "
+                         f"shape (...), got targets {tuple(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"{name}: targets must be class indices (an integer dtype), got {targets.dtype}")
+        raise ValueError(f"{name}: targets must be class indices (an integer dtype), "
+                         f"got {targets.dtype}")
     check_floating(name, input=inputs)
     check_same_device(name, input=inputs, targets=targets)
-    return inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1)
+    rows = targets.numel()  # not reshape(-1, D): that is ambiguous when D = 0
+    return inputs.reshape(rows, inputs.shape[-1]), targets.reshape(rows)
 
 
 # ------------------------------------------------------------------------- cross-entropy op
 @torch.library.custom_op("minimind_fast::cross_entropy", mutates_args=())
 def _cross_entropy_op(logits: Tensor, targets: Tensor, ignore_index: int, reduction: str,
-                      label_smoothing: float, z_loss_scale: float, compute_grad: bool) -> tuple[Tensor, Tensor]:
+                      label_smoothing: float, z_loss_scale: float,
+                      compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss, dlogits): loss reduced as asked; dlogits (N, V) = dloss_rows/dlogits, or empty."""
-    from ..kernels.cross_entropy import cross_entropy_fwd
+    from ..kernels.cross_entropy import cross_entropy_forward
 
-    _check_targets(targets, logits.shape[1], ignore_index)
-    loss_rows, dlogits = cross_entropy_fwd(logits, targets, ignore_index, label_smoothing, z_loss_scale,
-                                           compute_grad)
+    _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
+    loss_rows, dlogits = cross_entropy_forward(logits, targets, ignore_index, label_smoothing,
+                                               z_loss_scale, compute_grad)
     if dlogits is None:
         dlogits = logits.new_empty(0)
     return _reduce(loss_rows, targets, ignore_index, reduction), dlogits
@@ -116,15 +123,15 @@ def _(logits, targets, ignore_index, reduction, label_smoothing, z_loss_scale, c
     return logits.new_empty(loss_shape, dtype=torch.float32), logits.new_empty(grad_shape)
 
 
-@torch.library.custom_op("minimind_fast::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd_op(dlogits: Tensor, scale: Tensor) -> Tensor:
+@torch.library.custom_op("minimind_fast::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(dlogits: Tensor, scale: Tensor) -> Tensor:
     """dlogits (N, V) * scale (0-dim, or (N,) with any stride), in dlogits' dtype."""
-    from ..kernels.cross_entropy import cross_entropy_bwd
+    from ..kernels.cross_entropy import cross_entropy_backward
 
-    return cross_entropy_bwd(dlogits, scale)
+    return cross_entropy_backward(dlogits, scale)
 
 
-@_cross_entropy_bwd_op.register_fake
+@_cross_entropy_backward_op.register_fake
 def _(dlogits, scale):
     return torch.empty_like(dlogits, memory_format=torch.contiguous_format)
 
@@ -139,9 +146,11 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_backward(ctx, grad_loss, _grad_dlogits):
     dlogits, targets = ctx.saved_tensors
     if not ctx.compute_grad:
-        raise RuntimeError("cross_entropy was called with compute_grad=False; no gradient was stored")
+        raise RuntimeError("cross_entropy was called with compute_grad=False; "
+                           "no gradient was stored")
     scale = _grad_scale(grad_loss, targets, ctx.ignore_index, ctx.reduction)
-    return torch.ops.minimind_fast.cross_entropy_bwd(dlogits, scale), None, None, None, None, None, None
+    grad = torch.ops.minimind_fast.cross_entropy_backward(dlogits, scale)
+    return (grad,) + (None,) * 6
 
 
 torch.library.register_autograd("minimind_fast::cross_entropy", _cross_entropy_backward,
@@ -149,24 +158,31 @@ torch.library.register_autograd("minimind_fast::cross_entropy", _cross_entropy_b
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
-                  backend: Optional[str] = None) -> Tensor:
+                  reduction: str = "mean", label_smoothing: float = 0.0,
+                  z_loss_scale: float = 0.0, backend: Optional[str] = None) -> Tensor:
     """Cross-entropy of logits (N, V) (or (..., V)) against class indices targets (N,) (or (...)).
 
-    Returns an fp32 scalar for mean/sum, fp32 (N,) (or (...)) for none (0 at ignored rows).
-    mean averages over non-ignored targets; an all-ignored batch gives 0 with zero gradients.
+    Returns a scalar for mean/sum, (N,) (or (...)) for none (0 at ignored rows), in fp32 (fp64
+    for fp64 logits, "torch" backend only). mean averages over non-ignored targets; an
+    all-ignored batch gives 0 with zero gradients.
     """
     _check_args(reduction, label_smoothing, z_loss_scale)
     batch_shape = targets.shape
     logits2d, targets1d = _flatten(logits, targets, "cross_entropy")
+    if logits2d.shape[1] == 0:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} have V=0 classes; the last "
+                         "dimension must hold one logit per class (at least one)")
     if choose_backend(logits.device, backend) == "torch":
         if not torch.compiler.is_compiling():
-            _check_targets(targets1d, logits2d.shape[1], ignore_index)
-        loss = reference.cross_entropy(logits2d, targets1d, ignore_index, reduction, label_smoothing, z_loss_scale)
+            _check_targets("cross_entropy", targets1d, logits2d.shape[1], ignore_index)
+        loss = reference.cross_entropy(logits2d, targets1d, ignore_index, reduction,
+                                       label_smoothing, z_loss_scale)
     else:
+        check_triton_dtypes("cross_entropy", logits=logits)
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, _ = torch.ops.minimind_fast.cross_entropy(logits2d, targets1d, int(ignore_index), reduction,
-                                                        float(label_smoothing), float(z_loss_scale), compute_grad)
+        loss, _ = torch.ops.minimind_fast.cross_entropy(
+            logits2d, targets1d, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss_scale), compute_grad)
     return loss.reshape(batch_shape) if reduction == "none" else loss
 
 
@@ -181,11 +197,11 @@ def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
 _HALF_GEMM_INTO_FP32 = {"cuda": ["addmm", "mm"]}  # device type -> fp32-output GEMMs still to try
 
 
-def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b. Half inputs on CUDA: a GEMM with fp32 output (aten mm/addmm.dtype),
-    so each chunk's partial dW is never rounded; elsewhere (or if that overload is refused) the
-    half GEMM's output is rounded once per chunk, then summed in fp32."""
-    if a.dtype == torch.float32:
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32 or fp64) += a @ b. Half inputs on CUDA: a GEMM with fp32 output (aten
+    mm/addmm.dtype), so each chunk's partial dW is never rounded; elsewhere (or if that overload
+    is refused) the half GEMM's output is rounded once per chunk, then summed in fp32."""
+    if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
     candidates = _HALF_GEMM_INTO_FP32.get(a.device.type, [])
@@ -201,170 +217,191 @@ def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.add_(torch.mm(a, b))
 
 
-def _torch_loss_and_grad(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float,
-                         z_loss_scale: float, compute_grad: bool, row_scale: Optional[Tensor],
-                         ) -> tuple[Tensor, Optional[Tensor]]:
-    """PyTorch twin of the Triton kernel for one chunk; may overwrite `logits` (fp32) in place."""
-    x = logits.float()
-    n_cols = x.shape[1]
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - x.gather(1, safe_targets[:, None]).squeeze(1)
-    if label_smoothing > 0.0:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x.mean(dim=-1))
-    if z_loss_scale > 0.0:
-        loss = loss + z_loss_scale * lse.square()
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if not compute_grad:
-        return loss, None
-    row_coeff = valid.float() if row_scale is None else valid.float() * row_scale.float()
-    p_coeff = row_coeff * (1.0 + 2.0 * z_loss_scale * lse) if z_loss_scale > 0.0 else row_coeff
-    grad = x.sub_(lse[:, None]).exp_().mul_(p_coeff[:, None])
-    if label_smoothing > 0.0:
-        grad.sub_((label_smoothing / n_cols) * row_coeff[:, None])
-    grad.scatter_add_(1, safe_targets[:, None], (-(1.0 - label_smoothing) * row_coeff)[:, None])
-    return loss, grad.to(logits.dtype)
-
-
-def _chunk_loop(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float,
-                z_loss_scale: float, chunk_size: int, backend: str, row_scale: Optional[Tensor],
-                grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row losses (N,) fp32, dh (N, H) in hidden's dtype and dW (V, H) in weight's dtype
-    (empty where not asked), holding one (chunk, V) block of logits at a time."""
+def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                ignore_index: int, label_smoothing: float, z_loss_scale: float, chunk_size: int,
+                backend: str, row_scale: Optional[Tensor], grads: tuple[bool, bool, bool],
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row losses (N,), dh (N, H) in hidden's dtype, dW (V, H) and db (V,) summed in the
+    math dtype (empty where not asked), holding one (chunk, V) block of logits at a time."""
+    grad_hidden, grad_weight, grad_bias = grads
     n_rows, n_hidden = hidden.shape
     vocab = weight.shape[0]
-    _check_targets(targets, vocab, ignore_index)
+    _check_targets(FLCE, targets, vocab, ignore_index)
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(n_rows, vocab, n_hidden)
-    compute_grad = grad_hidden or grad_weight
-    loss_rows = hidden.new_empty(n_rows, dtype=torch.float32)
+    compute_grad = any(grads)
+    dtype = reference.math_dtype(hidden.dtype)
+    loss_rows = hidden.new_empty(n_rows, dtype=dtype)
     dh = hidden.new_empty((n_rows, n_hidden) if grad_hidden else (0,))
-    dw32 = weight.new_zeros((vocab, n_hidden), dtype=torch.float32) if grad_weight else None
+    dw = weight.new_zeros((vocab, n_hidden) if grad_weight else (0,), dtype=dtype)
+    db = weight.new_zeros((vocab,) if grad_bias else (0,), dtype=dtype)
     if backend == "triton":
-        from ..kernels.cross_entropy import cross_entropy_fwd
+        from ..kernels.cross_entropy import cross_entropy_forward
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
             h = hidden[start:end]
-            logits = torch.mm(h, weight.t())
+            logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
             scale = None if row_scale is None else row_scale[start:end]
             if backend == "triton":
-                cross_entropy_fwd(logits, targets[start:end], ignore_index, label_smoothing, z_loss_scale,
-                                  compute_grad, grad_out=logits, loss_out=loss_rows[start:end], row_scale=scale)
+                cross_entropy_forward(logits, targets[start:end], ignore_index, label_smoothing,
+                                      z_loss_scale, compute_grad, grad_out=logits,
+                                      loss_out=loss_rows[start:end], row_scale=scale)
                 dlogits = logits
             else:
-                loss_rows[start:end], dlogits = _torch_loss_and_grad(
-                    logits, targets[start:end], ignore_index, label_smoothing, z_loss_scale, compute_grad, scale)
+                loss_rows[start:end], dlogits = reference.cross_entropy_loss_and_grad(
+                    logits, targets[start:end], ignore_index, label_smoothing, z_loss_scale,
+                    compute_grad, scale)
             if grad_hidden:
                 torch.mm(dlogits, weight, out=dh[start:end])
             if grad_weight:
-                _accumulate_fp32(dw32, dlogits.t(), h)
+                _accumulate(dw, dlogits.t(), h)
+            if grad_bias:
+                db.add_(dlogits.sum(0, dtype=dtype))
             del logits, dlogits
-    dw = dw32.to(weight.dtype) if grad_weight else weight.new_empty(0)
-    return loss_rows, dh, dw
+    return loss_rows, dh, dw, db
 
 
 @torch.library.custom_op("minimind_fast::fused_linear_cross_entropy", mutates_args=())
 def _fused_linear_cross_entropy_op(
-        hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, reduction: str,
-        label_smoothing: float, z_loss_scale: float, chunk_size: int, backend: str,
-        grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, dh, dW) with dh, dW the gradients of the per-row losses summed (mean/sum only)."""
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
+        reduction: str, label_smoothing: float, z_loss_scale: float, chunk_size: int,
+        backend: str, grad_hidden: bool, grad_weight: bool,
+        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dh, dW, db): the gradients of the per-row losses summed, unscaled (mean/sum only;
+    dW, db in the math dtype so the backward scales them before any cast)."""
+    grads = (grad_hidden, grad_weight, grad_bias)
     if reduction == "none":
-        grad_hidden = grad_weight = False  # per-row upstream grads: the backward recomputes
-    loss_rows, dh, dw = _chunk_loop(hidden, weight, targets, ignore_index, label_smoothing, z_loss_scale,
-                                    chunk_size, backend, None, grad_hidden, grad_weight)
-    return _reduce(loss_rows, targets, ignore_index, reduction), dh, dw
+        grads = (False, False, False)  # per-row upstream grads: the backward recomputes
+    loss_rows, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, ignore_index,
+                                        label_smoothing, z_loss_scale, chunk_size, backend, None,
+                                        grads)
+    return _reduce(loss_rows, targets, ignore_index, reduction), dh, dw, db
 
 
 @_fused_linear_cross_entropy_op.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss_scale, chunk_size, backend,
-      grad_hidden, grad_weight):
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss_scale,
+      chunk_size, backend, grad_hidden, grad_weight, grad_bias):
+    dtype = reference.math_dtype(hidden.dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=dtype)
     keep = reduction != "none"
     dh = hidden.new_empty(tuple(hidden.shape) if grad_hidden and keep else (0,))
-    dw = weight.new_empty(tuple(weight.shape) if grad_weight and keep else (0,))
-    return loss, dh, dw
+    dw = weight.new_empty(tuple(weight.shape) if grad_weight and keep else (0,), dtype=dtype)
+    db = weight.new_empty((weight.shape[0],) if grad_bias and keep else (0,), dtype=dtype)
+    return loss, dh, dw, db
 
 
-@torch.library.custom_op("minimind_fast::fused_linear_cross_entropy_bwd", mutates_args=())
-def _fused_linear_cross_entropy_bwd_op(
-        hidden: Tensor, weight: Tensor, targets: Tensor, grad_loss: Tensor, ignore_index: int,
-        label_smoothing: float, z_loss_scale: float, chunk_size: int, backend: str,
-        grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor]:
-    """(dh, dW) for reduction='none': the chunk loop again, each row's gradient times grad_loss[row]."""
-    _, dh, dw = _chunk_loop(hidden, weight, targets, ignore_index, label_smoothing, z_loss_scale,
-                            chunk_size, backend, grad_loss, grad_hidden, grad_weight)
-    return dh, dw
+@torch.library.custom_op("minimind_fast::fused_linear_cross_entropy_backward", mutates_args=())
+def _fused_linear_cross_entropy_backward_op(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, grad_loss: Tensor,
+        ignore_index: int, label_smoothing: float, z_loss_scale: float, chunk_size: int,
+        backend: str, grad_hidden: bool, grad_weight: bool,
+        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh, dW, db) in the inputs' dtypes for reduction='none': the chunk loop again, each
+    row's gradient times grad_loss[row]."""
+    _, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, ignore_index, label_smoothing,
+                                z_loss_scale, chunk_size, backend, grad_loss,
+                                (grad_hidden, grad_weight, grad_bias))
+    return dh, dw.to(weight.dtype), db.to(weight.dtype)
 
 
-@_fused_linear_cross_entropy_bwd_op.register_fake
-def _(hidden, weight, targets, grad_loss, ignore_index, label_smoothing, z_loss_scale, chunk_size, backend,
-      grad_hidden, grad_weight):
+@_fused_linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, bias, targets, grad_loss, ignore_index, label_smoothing, z_loss_scale,
+      chunk_size, backend, grad_hidden, grad_weight, grad_bias):
     return (hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
-            weight.new_empty(tuple(weight.shape) if grad_weight else (0,)))
+            weight.new_empty(tuple(weight.shape) if grad_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if grad_bias else (0,)))
 
 
 def _fused_setup(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, reduction, smoothing, z_loss, chunk, backend, g_h, g_w = inputs
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.options = (ignore_index, smoothing, z_loss, chunk, backend, g_h, g_w)
+    (hidden, weight, bias, targets, ignore_index, reduction, smoothing, z_loss, chunk, backend,
+     *grads) = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.options = (ignore_index, smoothing, z_loss, chunk, backend, *grads)
     ctx.reduction = reduction
+    ctx.dtypes = (hidden.dtype, weight.dtype)
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets)
     else:
-        ctx.save_for_backward(output[1], output[2], targets)
+        ctx.save_for_backward(*output[1:], targets)
 
 
-def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw):
-    ignore_index, smoothing, z_loss, chunk, backend, grad_hidden, grad_weight = ctx.options
-    if (ctx.needs_input_grad[0] and not grad_hidden) or (ctx.needs_input_grad[1] and not grad_weight):
-        raise RuntimeError("fused_linear_cross_entropy: a gradient is needed that the forward was told "
-                           "to skip (grad_hidden/grad_weight); call it through ops.fused_linear_cross_entropy")
+def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
+    ignore_index, smoothing, z_loss, chunk, backend, *grads = ctx.options
+    if any(needs and not asked for needs, asked in zip(ctx.needs_input_grad[:3], grads)):
+        raise RuntimeError(f"{FLCE}: a gradient is needed that the forward was told to skip "
+                           f"(grad_hidden/grad_weight/grad_bias); call ops.{FLCE} instead")
     if ctx.reduction == "none":
-        hidden, weight, targets = ctx.saved_tensors
-        dh, dw = torch.ops.minimind_fast.fused_linear_cross_entropy_bwd(
-            hidden, weight, targets, grad_loss, ignore_index, smoothing, z_loss, chunk, backend,
-            grad_hidden, grad_weight)
+        hidden, weight, bias, targets = ctx.saved_tensors
+        dh, dw, db = torch.ops.minimind_fast.fused_linear_cross_entropy_backward(
+            hidden, weight, bias, targets, grad_loss, ignore_index, smoothing, z_loss, chunk,
+            backend, *grads)
     else:
-        dh, dw, targets = ctx.saved_tensors
+        dh, dw, db, targets = ctx.saved_tensors
+        # the reduction's 1/count and grad_output are applied while dW, db are still fp32:
+        # an fp16 dW summed over many rows would overflow before the mean could shrink it
         scale = _grad_scale(grad_loss, targets, ignore_index, ctx.reduction)
-        dh, dw = dh * scale, dw * scale
-    return (dh if grad_hidden else None, dw if grad_weight else None) + (None,) * 9
+        hidden_dtype, weight_dtype = ctx.dtypes
+        dh = (dh * scale).to(hidden_dtype)
+        dw, db = (dw * scale).to(weight_dtype), (db * scale).to(weight_dtype)
+    results = tuple(grad if asked else None for grad, asked in zip((dh, dw, db), grads))
+    return results + (None,) * 10
 
 
 torch.library.register_autograd("minimind_fast::fused_linear_cross_entropy", _fused_backward,
                                 setup_context=_fused_setup)
 
 
-def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                               reduction: str = "mean", label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
-                               backend: Optional[str] = None, chunk_size: Optional[int] = None) -> Tensor:
-    """cross_entropy(hidden (N, H) @ weight (V, H).T, targets (N,)) without materialising (N, V).
+def _check_fused_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        targets: Tensor) -> None:
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{FLCE}: hidden {tuple(hidden.shape)} must be (..., H) and "
+                         f"weight {tuple(weight.shape)} must be (V, H)")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{FLCE}: weight {tuple(weight.shape)} has V=0 rows; it needs one row "
+                         "per class (at least one)")
+    tensors = dict(hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
+    check_floating(FLCE, **tensors)
+    check_same_device(FLCE, **tensors, targets=targets)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{FLCE}: bias {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},), "
+                         "one entry per row of weight")
 
-    hidden may be (..., H) with targets (...). chunk_size: rows of logits per chunk (None: Liger's
-    heuristic, chunk logits ~ N * H elements). Under autocast, hidden and weight are cast to the
-    autocast dtype first, as F.linear would. Returns fp32 like cross_entropy.
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                               label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
+                               backend: Optional[str] = None, chunk_size: Optional[int] = None,
+                               bias: Optional[Tensor] = None) -> Tensor:
+    """cross_entropy(hidden (N, H) @ weight (V, H).T + bias (V,), targets (N,)) without
+    materialising (N, V).
+
+    hidden may be (..., H) with targets (...); bias is optional (an lm_head with a bias).
+    chunk_size: rows of logits per chunk (None: Liger's heuristic, chunk logits ~ N * H
+    elements). Under autocast, hidden, weight and bias are cast to the autocast dtype first, as
+    F.linear would. Returns fp32 like cross_entropy (fp64 for fp64 inputs on "torch").
     """
     _check_args(reduction, label_smoothing, z_loss_scale)
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows (or None for auto)")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} must be (..., H) and "
-                         f"weight {tuple(weight.shape)} must be (V, H)")
-    check_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
-    check_same_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
-    if torch.is_autocast_enabled(hidden.device.type):  # cast both, as F.linear would
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows "
+                         "(or None for auto)")
+    _check_fused_inputs(hidden, weight, bias, targets)
+    if torch.is_autocast_enabled(hidden.device.type):  # cast them all, as F.linear would
         dtype = compute_dtype(hidden)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
-                         "cast one of them or run under torch.autocast")
+        bias = None if bias is None else bias.to(dtype)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise ValueError(f"{FLCE}: hidden is {hidden.dtype} but {name} is {tensor.dtype}; "
+                             "cast one of them or run under torch.autocast")
     batch_shape = targets.shape
-    hidden2d, targets1d = _flatten(hidden, targets, "fused_linear_cross_entropy")
+    hidden2d, targets1d = _flatten(hidden, targets, FLCE)
+    backend = choose_backend(hidden.device, backend)
+    if backend == "triton":
+        check_triton_dtypes(FLCE, hidden=hidden)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.minimind_fast.fused_linear_cross_entropy(
-        hidden2d, weight, targets1d, int(ignore_index), reduction, float(label_smoothing), float(z_loss_scale),
-        int(chunk_size or 0), choose_backend(hidden.device, backend),
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+    loss = torch.ops.minimind_fast.fused_linear_cross_entropy(
+        hidden2d, weight, bias, targets1d, int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss_scale), int(chunk_size or 0), backend,
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad)[0]
     return loss.reshape(batch_shape) if reduction == "none" else loss

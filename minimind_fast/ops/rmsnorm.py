@@ -12,16 +12,17 @@ minimind_fast/kernels/rmsnorm.py. Registered ops (namespace minimind_fast):
 each with a fake implementation (tracing, opcheck, torch.compile) and registered autograd whose
 backward is itself a registered op, so compiled graphs see it too. Double backward is not
 supported. Shapes: x, residual: (..., H); weight: (H,); rstd: x.shape[:-1] (fp32).
+
+Precision: normalisation in fp32 for fp32/bf16/fp16 inputs; float64 runs in float64 on the
+"torch" backend (so gradcheck passes) and is refused by "triton" with a one-line ValueError.
 """
 from typing import Optional
 
 import torch
 
 from . import reference
-from .checks import check_floating, check_same_device
+from .checks import check_floating, check_same_device, check_triton_dtypes
 from .dispatch import choose_backend
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernels():
@@ -31,8 +32,9 @@ def _kernels():
 
 
 @torch.library.custom_op("minimind_fast::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, rstd = _kernels().rms_norm_fwd(x, weight, eps)
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _kernels().rms_norm_forward(x, weight, eps)
     return y, rstd
 
 
@@ -44,7 +46,7 @@ def _(x, weight, eps):
 @torch.library.custom_op("minimind_fast::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    normed, updated, rstd = _kernels().rms_norm_fwd(x, weight, eps, residual=residual)
+    normed, updated, rstd = _kernels().rms_norm_forward(x, weight, eps, residual=residual)
     return normed, updated, rstd
 
 
@@ -56,9 +58,10 @@ def _(x, residual, weight, eps):
 
 
 @torch.library.custom_op("minimind_fast::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                          dresidual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual)
+def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor, dresidual: Optional[torch.Tensor],
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().rms_norm_backward(dy, x, weight, rstd, dresidual)
 
 
 @_rms_norm_backward_op.register_fake
@@ -100,27 +103,22 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tenso
     check_floating(op, **tensors)
     check_same_device(op, **tensors)
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be (H,) with H = x.shape[-1] "
-                         f"(x shape {tuple(x.shape)})")
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be (H,) with "
+                         f"H = x.shape[-1] (x shape {tuple(x.shape)})")
     if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} must equal x shape "
-                         f"{tuple(x.shape)}")
-
-
-def _check_triton(*tensors: torch.Tensor) -> None:
-    for tensor in tensors:
-        if tensor.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"rms_norm: the Triton kernel takes float32/bfloat16/float16, got {tensor.dtype}; "
-                             "use backend='torch'")
+        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} must equal x "
+                         f"shape {tuple(x.shape)}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
              backend: Optional[str] = None) -> torch.Tensor:
-    """y = normalise(x in fp32).to(x.dtype) * weight, in x.dtype.  x: (..., H), weight: (H,)."""
+    """y = normalise(x in fp32).to(x.dtype) * weight, in x.dtype.  x: (..., H), weight: (H,).
+
+    fp64 inputs: computed in fp64 on the "torch" backend; the Triton kernel refuses them."""
     _check(x, weight)
     if choose_backend(x.device, backend) == "torch":
         return reference.rms_norm(x, weight, eps)
-    _check_triton(x, weight)
+    check_triton_dtypes("rms_norm", x=x, weight=weight)
     return torch.ops.minimind_fast.rms_norm(x, weight, eps)[0]
 
 
@@ -130,11 +128,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
     x, residual: (..., H), same shape (dtypes may differ: updated takes the promoted dtype, e.g. a
     bf16 branch output added to an fp32 residual stream stays fp32). Gradients reach both x and
-    residual.
+    residual. fp64: as rms_norm.
     """
     _check(x, weight, residual)
     if choose_backend(x.device, backend) == "torch":
         return reference.add_rms_norm(x, residual, weight, eps)
-    _check_triton(x, residual, weight)
+    check_triton_dtypes("add_rms_norm", x=x, residual=residual, weight=weight)
     normed, updated, _ = torch.ops.minimind_fast.add_rms_norm(x, residual, weight, eps)
     return normed, updated

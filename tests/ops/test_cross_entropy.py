@@ -7,20 +7,25 @@ Tolerance table (gradients: atol is relative to the largest reference gradient e
   dtype     loss rtol   grad rtol   grad atol (x max|grad|)   why
   float32   1e-5        1e-5        1e-5                      fp32 maths both sides; sum order only
   bfloat16  1e-5        1.6e-2      1e-2                      loss in fp32 from the same inputs; grad
-  float16   1e-5        2e-3        1e-3                      rounded twice (kernel, then upstream scale)
+  float16   1e-5        2e-3        1e-3                      rounded twice (kernel, upstream scale)
+Edge rows (masked -inf blocks, +inf, ignored non-finite rows) and float64 are checked against
+F.cross_entropy and gradcheck below; tests/ops/test_property_cross_entropy.py fuzzes the rest.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import HAS_CUDA, assert_close
 
 from minimind_fast import ops
 from minimind_fast.losses import CrossEntropyLoss
 from minimind_fast.ops import reference
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+INF = float("inf")
+# numpy (the Triton interpreter) warns about the inf - inf it is asked to compute
+NON_FINITE = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 TOLERANCES = {  # dtype: (loss rtol, grad rtol, grad atol relative to max |grad|)
     torch.float32: (1e-5, 1e-5, 1e-5),
     torch.bfloat16: (1e-5, 1.6e-2, 1e-2),
@@ -31,14 +36,16 @@ DTYPES = list(TOLERANCES)
 
 def assert_loss_close(actual, expected, dtype):
     rtol = TOLERANCES[dtype][0]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(expected.abs().max().item(), 1e-3))
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert_close(actual, expected, atol=rtol * max(expected.abs().max().item(), 1e-3), rtol=rtol,
+                 what="loss")
 
 
 def assert_grad_close(actual, expected, dtype):
     _, rtol, atol = TOLERANCES[dtype]
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     scale = max(expected.float().abs().max().item(), 1e-12)
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale)
+    assert_close(actual, expected, atol=atol * scale, rtol=rtol, what="grad")
 
 
 def make_case(rows, vocab, dtype, ignore="some", device=DEVICE, ignore_index=-100):
@@ -102,14 +109,138 @@ def test_long_rows_loop_over_vocab(vocab):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_v", [64, 256])
 def test_kernel_looped_path_matches_single_block(block_v, dtype):
-    from minimind_fast.kernels.cross_entropy import cross_entropy_fwd
+    from minimind_fast.kernels.cross_entropy import cross_entropy_forward
 
     logits, targets = make_case(5, 1000, dtype)
     args = (logits, targets, -100, 0.1, 1e-3, True)
-    loss_single, grad_single = cross_entropy_fwd(*args)
-    loss_loop, grad_loop = cross_entropy_fwd(*args, block_v=block_v)
+    loss_single, grad_single = cross_entropy_forward(*args)
+    loss_loop, grad_loop = cross_entropy_forward(*args, block_v=block_v)
     torch.testing.assert_close(loss_loop, loss_single, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_loop.float(), grad_single.float(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- edge rows and float64
+def torch_cross_entropy(logits, targets, **kwargs):
+    """(loss, grad) of F.cross_entropy in fp32, reduction none, summed backward."""
+    x = logits.detach().float().clone().requires_grad_()
+    loss = F.cross_entropy(x, targets, reduction="none", **kwargs)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def ours_cross_entropy(logits, targets, backend, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    loss = ops.cross_entropy(x, targets, reduction="none", backend=backend, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+@NON_FINITE
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_masked_leading_block_above_single_block_vocab(backend):
+    """V above one register block with the first 8192 logits -inf (a constrained-decoding mask):
+    the looped online softmax starts from a block whose max is -inf."""
+    vocab = 40000
+    logits, targets = make_case(2, vocab, torch.float32, ignore="none")
+    logits[0, :8192] = -INF
+    targets[0] = vocab - 1
+    loss, grad = ours_cross_entropy(logits, targets, backend)
+    expected_loss, expected_grad = torch_cross_entropy(logits, targets)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_loss_close(loss, expected_loss, torch.float32)
+    assert_grad_close(grad, expected_grad, torch.float32)
+
+
+@NON_FINITE
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("masked", ["start", "middle", "end", "start+end"])
+def test_kernel_looped_path_masked_blocks(masked, label_smoothing):
+    """Whole -inf blocks of the looped kernel (block 64, V 1000) at the start, middle or end."""
+    from minimind_fast.kernels.cross_entropy import cross_entropy_forward
+
+    logits, targets = make_case(4, 1000, torch.float32, ignore="none")
+    spans = {"start": [(0, 256)], "middle": [(320, 640)], "end": [(896, 1000)],
+             "start+end": [(0, 128), (960, 1000)]}[masked]
+    for lo, hi in spans:
+        logits[:, lo:hi] = -INF
+    targets[:] = torch.tensor([300, 700, 800, 310])
+    loss, grad = cross_entropy_forward(logits, targets, -100, label_smoothing, 0.0, True, block_v=64)
+    expected_loss, expected_grad = torch_cross_entropy(logits, targets,
+                                                       label_smoothing=label_smoothing)
+    # smoothing spreads eps/V over -inf classes too: loss +inf there, as in F.cross_entropy
+    assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5, what="loss")
+    assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5, what="grad")
+
+
+@NON_FINITE
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("vocab", [50, 40000])
+def test_ignored_rows_with_non_finite_logits_give_zero(backend, vocab):
+    """An ignored row never poisons a batch: loss 0 and gradient 0 whatever its logits hold
+    (F.cross_entropy gives a NaN gradient for an ignored all -inf row)."""
+    logits, targets = make_case(5, vocab, torch.float32, ignore="none")
+    logits[0] = -INF
+    logits[1, 3] = INF
+    logits[2, 7] = float("nan")
+    targets[:3] = -100
+    for reduction in ("mean", "sum", "none"):
+        x = logits.clone().requires_grad_()
+        loss = ops.cross_entropy(x, targets, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), reduction
+        assert torch.all(x.grad[:3] == 0), reduction
+    loss, grad = ours_cross_entropy(logits, targets, backend)
+    expected_loss, expected_grad = torch_cross_entropy(logits[3:], targets[3:])
+    assert torch.all(loss[:3] == 0)
+    assert_loss_close(loss[3:], expected_loss, torch.float32)
+    assert_grad_close(grad[3:], expected_grad, torch.float32)
+
+
+@NON_FINITE
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("vocab", [50, 40000])
+def test_non_finite_logits_follow_torch(backend, vocab):
+    """Non-ignored rows, as F.cross_entropy: a +inf logit, a NaN logit or a row of only -inf
+    gives NaN loss and gradient in that row alone; a -inf target logit gives loss +inf with a
+    finite gradient (softmax minus one-hot)."""
+    logits, targets = make_case(5, vocab, torch.float32, ignore="none")
+    logits[0, 3] = INF
+    logits[1, 9] = float("nan")
+    logits[2] = -INF
+    logits[3, targets[3]] = -INF
+    loss, grad = ours_cross_entropy(logits, targets, backend)
+    expected_loss, expected_grad = torch_cross_entropy(logits, targets)
+    assert torch.isnan(loss[:3]).all() and torch.isnan(grad[:3]).all(dim=1).all()
+    assert torch.isnan(expected_loss[:3]).all() and torch.isnan(expected_grad[:3]).all()
+    assert loss[3] == INF and expected_loss[3] == INF
+    assert_grad_close(grad[3:], expected_grad[3:], torch.float32)
+    assert_loss_close(loss[4:], expected_loss[4:], torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_torch_backend_passes_gradcheck(reduction):
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, -100, 3, 10, 0, 5])
+
+    def loss_fn(x):
+        return ops.cross_entropy(x, targets, reduction=reduction, label_smoothing=0.1,
+                                 z_loss_scale=1e-2, backend="torch")
+
+    assert loss_fn(logits).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss_fn, (logits,))
+
+
+def test_float64_triton_is_refused():
+    logits, targets = make_case(4, 10, torch.float32)
+    with pytest.raises(ValueError, match="the Triton kernel takes float32/bfloat16/float16, but "
+                                         "logits is torch.float64; use backend='torch'"):
+        ops.cross_entropy(logits.double(), targets, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_zero_classes_is_a_clear_error(backend):
+    with pytest.raises(ValueError, match=r"logits \(4, 0\) have V=0 classes"):
+        ops.cross_entropy(torch.randn(4, 0), torch.zeros(4, dtype=torch.long), backend=backend)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -213,11 +344,11 @@ def test_out_of_range_target_raises_on_cpu_without_debug(monkeypatch):
 
 def test_kernel_poisons_out_of_range_rows():
     """What CUDA does outside debug mode (no host sync): that row's loss and gradient are NaN."""
-    from minimind_fast.kernels.cross_entropy import cross_entropy_fwd
+    from minimind_fast.kernels.cross_entropy import cross_entropy_forward
 
     logits, targets = make_case(5, 30, torch.float32, ignore="none")
     targets[2] = 31
-    loss, grad = cross_entropy_fwd(logits, targets, -100, 0.0, 0.0, True)
+    loss, grad = cross_entropy_forward(logits, targets, -100, 0.0, 0.0, True)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     keep = torch.tensor([0, 1, 3, 4], device=DEVICE)
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
@@ -252,8 +383,8 @@ def test_opcheck_backward(scale_shape):
     dlogits = torch.randn(7, 19, device=DEVICE)
     scale = {"scalar": torch.tensor(0.3, device=DEVICE), "rows": torch.randn(7, device=DEVICE),
              "expanded": torch.tensor(0.3, device=DEVICE).expand(7)}[scale_shape]
-    torch.library.opcheck(torch.ops.minimind_fast.cross_entropy_bwd.default, (dlogits, scale))
-    out = torch.ops.minimind_fast.cross_entropy_bwd(dlogits, scale)
+    torch.library.opcheck(torch.ops.minimind_fast.cross_entropy_backward.default, (dlogits, scale))
+    out = torch.ops.minimind_fast.cross_entropy_backward(dlogits, scale)
     torch.testing.assert_close(out, dlogits * (scale if scale.dim() == 0 else scale[:, None]))
 
 

@@ -5,19 +5,21 @@ same tests run on CUDA (plus larger shapes) when a GPU is present.
 
 Tolerance table: |actual - reference| <= rtol * |reference| + atol * max|reference|, per dtype.
   float32   rtol 1e-5, atol 1e-5   (fp32 accumulation in both; reduction order differs)
-  float16   rtol 2e-3, atol 2e-3   (~2 ulp of fp16)
-  bfloat16  rtol 2e-2, atol 2e-2   (~2.5 ulp of bf16: the reference rounds d(normed) to bf16 in its
-                                    backward where the kernel keeps fp32, and the Triton interpreter
-                                    casts fp32 -> bf16 by truncation where a GPU rounds to nearest)
+  float16   rtol 2e-3, atol 2e-3   (about 2 ulp of fp16)
+  bfloat16  rtol 2e-2, atol 2e-2   (about 2.5 ulp of bf16: the reference rounds d(normed) to bf16
+                                    in its backward where the kernel keeps fp32, and the Triton
+                                    interpreter casts fp32 -> bf16 by truncation where a GPU
+                                    rounds to nearest)
+float64 runs on the reference only (in float64: gradcheck below); the kernel refuses it.
 """
 import pytest
 import torch
+from helpers import assert_close
 
 from minimind_fast import ops
 from minimind_fast.nn import RMSNorm
 from minimind_fast.ops import reference
 
-HAS_CUDA = torch.cuda.is_available()
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU_SHAPES = [(rows, hidden) for rows in (1, 3, 123) for hidden in (64, 123, 512, 768)] + [(3, 4096), (2, 16384)]
@@ -33,11 +35,12 @@ def _cases():
     return cases
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Same shape and dtype, values within the tolerance table's row for `dtype`."""
     tol = TOLERANCES[dtype]
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     scale = max(expected.float().abs().max().item(), 1e-6) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale)
+    assert_close(actual, expected, atol=tol * scale, rtol=tol)
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,9 +64,9 @@ def test_rms_norm_matches_reference(device, rows, hidden, dtype):
     dy = torch.randn(rows, hidden, device=device, dtype=dtype)
     (y,), (dx, dw) = _run(lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,))
     (y_ref,), (dx_ref, dw_ref) = _run(lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,))
-    assert_close(y, y_ref, dtype)
-    assert_close(dx, dx_ref, dtype)
-    assert_close(dw, dw_ref, dtype)
+    assert_matches(y, y_ref, dtype)
+    assert_matches(dx, dx_ref, dtype)
+    assert_matches(dw, dw_ref, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,9 +78,9 @@ def test_rms_norm_leading_dims_and_fp32_weight_with_bf16_input(device):
     (y,), (dx, dw) = _run(lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,))
     (y_ref,), (dx_ref, dw_ref) = _run(lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,))
     assert y.dtype == torch.bfloat16 and dw.dtype == torch.float32
-    assert_close(y, y_ref, torch.bfloat16)
-    assert_close(dx, dx_ref, torch.bfloat16)
-    assert_close(dw, dw_ref, torch.bfloat16)
+    assert_matches(y, y_ref, torch.bfloat16)
+    assert_matches(dx, dx_ref, torch.bfloat16)
+    assert_matches(dw, dw_ref, torch.bfloat16)
 
 
 def _non_contiguous_inputs(device):
@@ -100,7 +103,7 @@ def test_rms_norm_non_contiguous_inputs_and_expanded_grad(device):
             (y * 2).sum().backward()  # the upstream gradient is a stride-0 expanded tensor
             results.append((y, xl.grad, wl.grad))
         for actual, expected in zip(*results):
-            assert_close(actual, expected, torch.float32), name
+            assert_matches(actual, expected, torch.float32), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -113,7 +116,7 @@ def test_add_rms_norm_matches_reference(device, rows, hidden, dtype):
     fused = _run(lambda a, r, w: ops.add_rms_norm(a, r, w, EPS, backend="triton"), (x, residual, weight), grads)
     expected = _run(lambda a, r, w: reference.add_rms_norm(a, r, w, EPS), (x, residual, weight), grads)
     for actual, ref in zip([*fused[0], *fused[1]], [*expected[0], *expected[1]]):
-        assert_close(actual, ref, dtype)
+        assert_matches(actual, ref, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,7 +136,7 @@ def test_add_rms_norm_mixed_dtypes_and_unused_residual_output(device):
         results.append((normed, updated, *[leaf.grad for leaf in leaves]))
     assert results[0][2].dtype == torch.bfloat16 and results[0][3].dtype == torch.float32
     for actual, expected in zip(*results):
-        assert_close(actual, expected, torch.bfloat16)
+        assert_matches(actual, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,9 +182,9 @@ def test_compile_fullgraph(backend, compile_backend, device):
         loss, grads = _run(compiled, inputs, None)
     with ops.use_backend("torch"):
         loss_ref, grads_ref = _run(_block, inputs, None)
-    assert_close(loss[0], loss_ref[0], torch.float32)
+    assert_matches(loss[0], loss_ref[0], torch.float32)
     for actual, expected in zip(grads, grads_ref):
-        assert_close(actual, expected, torch.float32)
+        assert_matches(actual, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,10 +198,10 @@ def test_module_matches_reference(device):
     with ops.use_backend("triton"):
         y = norm(x)
         normed, updated = norm.add_forward(x, residual)
-    assert_close(y, reference.rms_norm(x, norm.weight, 1e-5), torch.float32)
+    assert_matches(y, reference.rms_norm(x, norm.weight, 1e-5), torch.float32)
     normed_ref, updated_ref = reference.add_rms_norm(x, residual, norm.weight, 1e-5)
-    assert_close(normed, normed_ref, torch.float32)
-    assert_close(updated, updated_ref, torch.float32)
+    assert_matches(normed, normed_ref, torch.float32)
+    assert_matches(updated, updated_ref, torch.float32)
 
 
 def test_torch_backend_is_the_reference_and_bad_input_raises():
@@ -212,3 +215,27 @@ def test_torch_backend_is_the_reference_and_bad_input_raises():
         ops.rms_norm(torch.randn(1, 16385), torch.randn(16385), backend="triton")
     with pytest.raises(ValueError, match="float32/bfloat16/float16"):
         ops.rms_norm(x.double(), weight.double(), backend="triton")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float64_reference_passes_gradcheck_and_triton_refuses(fused):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    if fused:
+        def fn(a, r, w):
+            return ops.add_rms_norm(a, r, w, EPS, backend="torch")
+        inputs = (x, residual, weight)
+    else:
+        def fn(a, w):
+            return ops.rms_norm(a, w, EPS, backend="torch")
+        inputs = (x, weight)
+    assert all(out.dtype == torch.float64 for out in (fn(*inputs) if fused else (fn(*inputs),)))
+    assert torch.autograd.gradcheck(fn, inputs)
+    name = "add_rms_norm" if fused else "rms_norm"
+    with pytest.raises(ValueError, match=f"^{name}: the Triton kernel takes float32/bfloat16/"
+                                         "float16, but x is torch.float64; use backend='torch'"):
+        if fused:
+            ops.add_rms_norm(x, residual, weight, EPS, backend="triton")
+        else:
+            ops.rms_norm(x, weight, EPS, backend="triton")

@@ -5,12 +5,14 @@ same tests run on CUDA (plus larger shapes) when a GPU is present.
 
 Tolerance table: |actual - reference| <= rtol * |reference| + atol * max|reference|, per dtype.
   float32   rtol 1e-5, atol 1e-5   (both compute x*cos +/- x'*sin in fp32; FMA contraction may differ)
-  float16   rtol 2e-3, atol 2e-3   (~2 ulp of fp16)
-  bfloat16  rtol 2e-2, atol 2e-2   (~2.5 ulp of bf16; the Triton interpreter casts fp32 -> bf16 by
-                                    truncation where a GPU rounds to nearest)
+  float16   rtol 2e-3, atol 2e-3   (about 2 ulp of fp16)
+  bfloat16  rtol 2e-2, atol 2e-2   (about 2.5 ulp of bf16; the Triton interpreter casts
+                                    fp32 -> bf16 by truncation where a GPU rounds to nearest)
+float64 runs on the reference only (in float64: gradcheck below); the kernel refuses it.
 """
 import pytest
 import torch
+from helpers import assert_close
 
 from minimind_fast import ops
 from minimind_fast.ops import reference
@@ -32,11 +34,12 @@ def _cases():
     return cases
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Same shape and dtype, values within the tolerance table's row for `dtype`."""
     tol = TOLERANCES[dtype]
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     scale = max(expected.float().abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale)
+    assert_close(actual, expected, atol=tol * scale, rtol=tol)
 
 
 def _run(fn, q, k, cos, sin, dq_rot=None, dk_rot=None):
@@ -65,7 +68,7 @@ def test_apply_rotary_matches_reference(device, batch, seq_len, n_q_heads, n_kv_
     actual = _run(_triton, q, k, cos, sin, *grads)
     expected = _run(reference.apply_rotary, q, k, cos, sin, *grads)
     for a, e in zip(actual, expected):
-        assert_close(a, e, dtype)
+        assert_matches(a, e, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,7 +78,7 @@ def test_general_tables_backward_is_the_exact_transpose(device):
     q, k = torch.randn(2, 4, 3, 48, device=device), torch.randn(2, 4, 1, 48, device=device)
     grads = (torch.randn_like(q), torch.randn_like(k))
     for a, e in zip(_run(_triton, q, k, cos, sin, *grads), _run(reference.apply_rotary, q, k, cos, sin, *grads)):
-        assert_close(a, e, torch.float32)
+        assert_matches(a, e, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,7 +96,7 @@ def test_non_contiguous_inputs_expanded_grads_and_no_mutation(device):
         actual = _run(_triton, q, k, cos, sin)  # .sum() backward: stride-0 upstream gradients
         assert torch.equal(q, before[0]) and torch.equal(k, before[1])
         for a, e in zip(actual, _run(reference.apply_rotary, q, k, cos, sin)):
-            assert_close(a, e, torch.float32)
+            assert_matches(a, e, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,10 +108,12 @@ def test_position_offset_for_decoding(device):
         k = torch.randn(2, seq_len, 1, head_dim, device=device)
         q_rot, k_rot = ops.apply_rotary(q, k, cos, sin, backend="triton", position_offset=offset)
         q_ref, k_ref = reference.apply_rotary(q, k, cos[offset:offset + seq_len], sin[offset:offset + seq_len])
-        assert_close(q_rot, q_ref, torch.float32)
-        assert_close(k_rot, k_ref, torch.float32)
-    with pytest.raises(ValueError, match="position_offset"):
+        assert_matches(q_rot, q_ref, torch.float32)
+        assert_matches(k_rot, k_ref, torch.float32)
+    with pytest.raises(ValueError, match="position_offset 30 \\+ T 5 exceeds the 32 rows"):
         ops.apply_rotary(q, k, cos, sin, backend="triton", position_offset=30)
+    with pytest.raises(ValueError, match="position_offset -1 must be >= 0"):
+        ops.apply_rotary(q, k, cos, sin, backend="triton", position_offset=-1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,7 +150,7 @@ def test_compile_fullgraph(backend, compile_backend, device):
         loss.backward()
         results.append((loss, ql.grad, kl.grad))
     for actual, expected in zip(*results):
-        assert_close(actual, expected, torch.float32)
+        assert_matches(actual, expected, torch.float32)
 
 
 def test_torch_backend_is_the_reference_and_bad_input_raises():
@@ -159,3 +164,18 @@ def test_torch_backend_is_the_reference_and_bad_input_raises():
         ops.apply_rotary(q, k[:, :3], cos, sin, backend="triton")
     with pytest.raises(ValueError, match="even"):
         ops.apply_rotary(q[..., :31], k[..., :31], cos[:, :31], sin[:, :31], backend="triton")
+
+
+def test_float64_reference_passes_gradcheck_and_triton_refuses():
+    cos, sin = ops.rope_tables(8, 3)
+    q = torch.randn(2, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 1, 8, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, b):
+        return ops.apply_rotary(a, b, cos, sin, backend="torch")
+
+    assert all(out.dtype == torch.float64 for out in fn(q, k))
+    assert torch.autograd.gradcheck(fn, (q, k))
+    with pytest.raises(ValueError, match="^apply_rotary: the Triton kernel takes float32/bfloat16/"
+                                         "float16, but q is torch.float64; use backend='torch'"):
+        ops.apply_rotary(q, k, cos, sin, backend="triton")

@@ -30,7 +30,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~90 compiles in 2 child processes: about 30-50 s on 2 cores
+pytestmark = pytest.mark.slow  # about 90 compiles in 2 child processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SM90_SMS = 132  # H100 SXM and H200 both have 132 SMs (the persistent RMSNorm backward sizes its grid by it)
@@ -41,16 +41,19 @@ BATCH, SEQ = 16, 512  # rows = B*T of a MiniMind pretraining step
 Q_HEADS, KV_HEADS = 8, 2  # MiniMind2's attention (GQA)
 
 DTYPES = ("fp32", "bf16", "fp16")
-RMS_NORM_OPS = ("rms_norm_fwd", "add_rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_bwd")
-ROPE_OPS = ("rope_fwd", "rope_bwd")
+RMS_NORM_OPS = ("rms_norm_forward", "add_rms_norm_forward", "rms_norm_backward",
+                "add_rms_norm_backward")
+ROPE_OPS = ("rope_forward", "rope_backward")
 # loss only / loss + dlogits / every option (label smoothing, z-loss, per-row gradient scale)
-CROSS_ENTROPY_FWD_OPS = ("cross_entropy_fwd_loss", "cross_entropy_fwd_grad", "cross_entropy_fwd_all")
+CROSS_ENTROPY_FORWARD_OPS = ("cross_entropy_forward_loss", "cross_entropy_forward_grad",
+                             "cross_entropy_forward_all")
 CASES = (
     [(op, dtype, hidden) for op in RMS_NORM_OPS for dtype in DTYPES for hidden in (512, 768, 4096, 16384)]
     + [(op, dtype, head_dim) for op in ROPE_OPS for dtype in DTYPES for head_dim in (64, 128)]
     # 6400: MiniMind's vocab; 32000: Llama's; 151936: Qwen's, above one block: the looped path
-    + [(op, dtype, vocab) for op in CROSS_ENTROPY_FWD_OPS for dtype in DTYPES for vocab in (6400, 32000, 151936)]
-    + [("cross_entropy_bwd", dtype, vocab) for dtype in DTYPES for vocab in (6400, 32000)]
+    + [(op, dtype, vocab) for op in CROSS_ENTROPY_FORWARD_OPS for dtype in DTYPES
+       for vocab in (6400, 32000, 151936)]
+    + [("cross_entropy_backward", dtype, vocab) for dtype in DTYPES for vocab in (6400, 32000)]
 )
 KERNEL_MODULES = ("rmsnorm", "rope", "cross_entropy")
 WORKER_TIMEOUT_S = 600
@@ -75,26 +78,28 @@ def _launch(op: str, dtype_name: str, size: int) -> None:
         x = torch.empty(BATCH, SEQ, size, dtype=dtype, **meta)
         weight = torch.empty(size, dtype=torch.float32, **meta)  # AMP: fp32 parameters
         residual = torch.empty_like(x) if op.startswith("add_") else None
-        if op.endswith("_fwd"):
-            rmsnorm.rms_norm_fwd(x, weight, 1e-5, residual=residual)
+        if op.endswith("_forward"):
+            rmsnorm.rms_norm_forward(x, weight, 1e-5, residual=residual)
         else:
             rstd = torch.empty(BATCH, SEQ, dtype=torch.float32, **meta)
-            rmsnorm.rms_norm_bwd(torch.empty_like(x), x, weight, rstd, dresidual=residual)
+            rmsnorm.rms_norm_backward(torch.empty_like(x), x, weight, rstd, dresidual=residual)
     elif op in ROPE_OPS:
         q = torch.empty(BATCH, SEQ, Q_HEADS * size, dtype=dtype, **meta).view(BATCH, SEQ, Q_HEADS, size)
         k = torch.empty(BATCH, SEQ, KV_HEADS * size, dtype=dtype, **meta).view(BATCH, SEQ, KV_HEADS, size)
         cos = torch.empty(SEQ, size, dtype=torch.float32, **meta)
-        (rope.rope_fwd if op == "rope_fwd" else rope.rope_bwd)(q, k, cos, torch.empty_like(cos))
+        launcher = rope.rope_forward if op == "rope_forward" else rope.rope_backward
+        launcher(q, k, cos, torch.empty_like(cos))
     else:
         logits = torch.empty(BATCH * SEQ, size, dtype=dtype, **meta)
-        if op == "cross_entropy_bwd":
-            cross_entropy.cross_entropy_bwd(logits, torch.empty((), dtype=torch.float32, **meta))
+        if op == "cross_entropy_backward":
+            scale = torch.empty((), dtype=torch.float32, **meta)
+            cross_entropy.cross_entropy_backward(logits, scale)
             return
         targets = torch.empty(BATCH * SEQ, dtype=torch.int64, **meta)
-        every_option = op == "cross_entropy_fwd_all"
-        cross_entropy.cross_entropy_fwd(
+        every_option = op == "cross_entropy_forward_all"
+        cross_entropy.cross_entropy_forward(
             logits, targets, -100, 0.1 if every_option else 0.0, 1e-4 if every_option else 0.0,
-            compute_grad=op != "cross_entropy_fwd_loss",
+            compute_grad=op != "cross_entropy_forward_loss",
             row_scale=torch.empty(BATCH * SEQ, dtype=torch.float32, **meta) if every_option else None)
 
 
