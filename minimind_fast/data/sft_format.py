@@ -42,46 +42,53 @@ NO_ASSISTANT = "no assistant turn"
 Message = tuple[str, str]  # (role, content)
 
 
-def conversation_problem(record, require_assistant: bool = True) -> str | None:
-    """The reason `record` (a parsed JSON line, or a bare list of messages) is unusable, or None."""
+def parse_conversation(record, require_assistant: bool = True
+                       ) -> tuple[list[Message] | None, str | None]:
+    """(messages, None) for a usable record (a parsed JSON line, or a bare list of messages),
+    else (None, the reason it is unusable)."""
     messages = record
     if isinstance(record, dict):
         key = next((k for k in CONVERSATION_KEYS if k in record), None)
         messages = record[key] if key is not None else None
     if not isinstance(messages, list):
-        return NO_CONVERSATION
+        return None, NO_CONVERSATION
     if not messages:
-        return EMPTY_CONVERSATION
+        return None, EMPTY_CONVERSATION
+    pairs = []
     for message in messages:
         if not isinstance(message, dict):
-            return NOT_AN_OBJECT
+            return None, NOT_AN_OBJECT
         if "role" not in message:
-            return MISSING_ROLE
-        if message["role"] not in ROLES:
-            return UNKNOWN_ROLE
+            return None, MISSING_ROLE
+        role = message["role"]
+        if role not in ROLES:
+            return None, UNKNOWN_ROLE
         if "content" not in message:
-            return MISSING_CONTENT
+            return None, MISSING_CONTENT
         content = message["content"]
         if not isinstance(content, str):
-            return NON_STRING_CONTENT
+            return None, NON_STRING_CONTENT
         if not content.strip():
-            return EMPTY_CONTENT
-        if any(token in content for token in SPECIAL_TOKENS):
-            return SPECIAL_IN_CONTENT
-    if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        return NO_ASSISTANT
-    return None
+            return None, EMPTY_CONTENT
+        if "<|" in content and any(token in content for token in SPECIAL_TOKENS):
+            return None, SPECIAL_IN_CONTENT
+        pairs.append((role, content))
+    if require_assistant and not any(role == "assistant" for role, _ in pairs):
+        return None, NO_ASSISTANT
+    return pairs, None
+
+
+def conversation_problem(record, require_assistant: bool = True) -> str | None:
+    """The reason `record` is unusable, or None (see parse_conversation)."""
+    return parse_conversation(record, require_assistant)[1]
 
 
 def to_messages(record, require_assistant: bool = True) -> list[Message]:
     """Validated (role, content) pairs of a record or a message list; ValueError if unusable."""
-    problem = conversation_problem(record, require_assistant)
+    messages, problem = parse_conversation(record, require_assistant)
     if problem is not None:
         raise ValueError(f"unusable conversation: {problem}. Pass {SFT_FORMAT_HINT}")
-    messages = record
-    if isinstance(record, dict):
-        messages = record[next(k for k in CONVERSATION_KEYS if k in record)]
-    return [(m["role"], m["content"]) for m in messages]
+    return messages
 
 
 def check_sft_data_path(path) -> Path:
@@ -98,8 +105,8 @@ def iter_conversations(path, stats: SkipStats) -> Iterator[tuple[int, list[Messa
     line_number is 1-based; blank lines are skipped silently, as in the pretraining reader.
     """
     for line_number, record in iter_jsonl_records(path, stats):
-        problem = conversation_problem(record)
+        messages, problem = parse_conversation(record)
         if problem is not None:
             stats.add(problem, line_number)
             continue
-        yield line_number, to_messages(record)
+        yield line_number, messages

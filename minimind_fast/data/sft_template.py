@@ -61,11 +61,12 @@ class ChatTemplateEncoder:
         texts = [f"{role}\n{content}" for messages in conversations for role, content in messages]
         encoded = iter(e.ids for e in self._encode_batch(texts, add_special_tokens=False))
         newline = self.newline
-        out = []
+        ids: list[int] = []  # the whole batch, split into conversations at the end
+        scored: list[bool] = []
+        starts, ends = [], []
         for messages in conversations:
-            ids: list[int] = []
-            scored: list[bool] = []
-            ends: list[int] = []
+            starts.append(len(ids))
+            ends.append([])
             for role, content in messages:
                 body = next(encoded)
                 ids += [BOS_TOKEN_ID, *body, EOS_TOKEN_ID, *newline]
@@ -73,12 +74,14 @@ class ChatTemplateEncoder:
                     header = self._header_length(role, content, body)
                     scored += [False] * (1 + header)
                     scored += [True] * (len(body) - header + 1 + len(newline))
-                    ends.append(len(ids))
+                    ends[-1].append(len(ids) - starts[-1])
                 else:
                     scored += [False] * (len(body) + 2 + len(newline))
-            out.append(EncodedConversation(np.asarray(ids, dtype=np.int64),
-                                           np.asarray(scored, dtype=bool), ends))
-        return out
+        all_ids = np.array(ids, dtype=np.int64)
+        all_scored = np.array(scored, dtype=bool)
+        bounds = starts[1:]
+        return [EncodedConversation(i, m, e) for i, m, e in zip(
+            np.split(all_ids, bounds), np.split(all_scored, bounds), ends, strict=True)]
 
     def encode(self, messages) -> EncodedConversation:
         """One conversation: a list of {"role", "content"} dicts or (role, content) pairs."""
