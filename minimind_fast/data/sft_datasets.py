@@ -100,9 +100,11 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _SFTRows(Dataset):
-    """Shared set-up: checks, truncation, the skip summary."""
+    """Shared set-up. doc_ids: the conversations to use (None: all; e.g. from split_documents).
+    After truncation, `doc_ids` and `lengths` hold the kept conversations and their kept token
+    counts, `skipped` (SkipStats) the ones dropped, with their line numbers."""
 
-    def __init__(self, cache: SFTCache, doc_ids, max_seq_len: int, pad_id: int):
+    def __init__(self, cache: SFTCache, doc_ids, max_seq_len: int, pad_id: int = PAD_TOKEN_ID):
         self.cache = cache
         self.max_seq_len = _check_seq_len(max_seq_len)
         doc_ids = _check_doc_ids(cache, doc_ids)
@@ -137,9 +139,6 @@ class _SFTRows(Dataset):
 
 class SFTPaddedDataset(_SFTRows):
     """One conversation per row, right-padded: {"input_ids": (T,), "labels": (T,)} int64."""
-
-    def __init__(self, cache: SFTCache, doc_ids, max_seq_len: int, pad_id: int = PAD_TOKEN_ID):
-        super().__init__(cache, doc_ids, max_seq_len, pad_id)
 
     def __len__(self) -> int:
         return len(self.doc_ids)

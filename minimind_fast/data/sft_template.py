@@ -1,7 +1,7 @@
 """ChatML rendering straight to token ids, with MiniMind's SFT loss mask.
 
 Each message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, the chat template that
-ships in tokenizer_config.json (minimind_fast.tokenizer.CHAT_TEMPLATE). A `tokenizers` encoder
+ships in tokenizer_config.json (minimind_fast.data.tokenizer.CHAT_TEMPLATE). A `tokenizers` encoder
 splits special tokens out of the text before anything else, so the pieces between markers
 ("{role}\\n{content}" and "\\n") are encoded independently; encoding them one by one and
 joining them with the marker ids gives exactly the ids of
