@@ -18,7 +18,7 @@ from .config import MiniMindConfig
 from .constants import IGNORE_INDEX
 from .layers import Attention, FeedForward, KVCache
 from .nn import RMSNorm
-from .moe import MOEFeedForward
+from .moe import MoEFeedForward
 
 
 class CausalLMOutput(NamedTuple):
@@ -35,7 +35,7 @@ class MiniMindBlock(nn.Module):
         self.self_attn = Attention(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, residual: torch.Tensor, pending: Optional[torch.Tensor], cos, sin,
                 past_kv: Optional[KVCache] = None, use_cache: bool = False):
@@ -47,7 +47,7 @@ class MiniMindBlock(nn.Module):
             normed, residual = self.input_layernorm.add_forward(pending, residual)
         attn_out, present = self.self_attn(normed, cos, sin, past_kv, use_cache)
         normed, residual = self.post_attention_layernorm.add_forward(attn_out, residual)
-        if isinstance(self.mlp, MOEFeedForward):
+        if isinstance(self.mlp, MoEFeedForward):
             mlp_out, aux_loss = self.mlp(normed)
         else:
             mlp_out, aux_loss = self.mlp(normed), None
@@ -169,7 +169,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in seen.values())
     inactive = 0
     for module in model.modules():
-        if isinstance(module, MOEFeedForward):
+        if isinstance(module, MoEFeedForward):
             per_expert = sum(p.numel() for p in module.experts[0].parameters())
             inactive += per_expert * (len(module.experts) - module.gate.top_k)
     embedding = model.model.embed_tokens.weight.numel() if hasattr(model, "model") else 0

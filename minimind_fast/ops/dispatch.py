@@ -124,7 +124,8 @@ def choose_grouped_linear_backend(device: torch.device, dtype: torch.dtype, dims
 
 def choose_moe_experts_backend(device: torch.device, dtype: torch.dtype, dims: tuple[int, int],
                                backend: Optional[str] = None) -> str:
-    """moe_experts' backend, "grouped" or "torch", for `dtype` rows; dims = (hidden, intermediate)."""
+    """moe_experts' backend ("grouped" or "torch") for `dtype` rows of widths
+    dims = (hidden, intermediate)."""
     choice = _requested("moe_experts", backend)
     if choice != "auto":
         return choice

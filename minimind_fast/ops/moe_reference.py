@@ -1,19 +1,22 @@
-"""Pure-PyTorch MoE routing: the oracle of the fused `moe_route` op and its fallback.
+"""Pure-PyTorch references of the MoE ops: each op's "torch" backend and its test oracle.
 
-Follows MiniMind's MoEGate (model/model_minimind.py): softmax (or sigmoid) scores, top-k,
-renormalisation `w / (sum(w) + 1e-20)` only when `top_k > 1 and norm_topk_prob`, and the
-statistics its aux losses use. Written for clarity, not speed (it argsorts where the op counts).
+Written for clarity, not speed.
 
-Expert order: by logit, descending, stable (ties -> lower expert id, NaN first, as torch.sort).
-Softmax and sigmoid are monotone, so this is the top-k of the scores; ranking the logits keeps
-the choice exact and identical on every device whatever exp() rounds to.
+- `moe_route_reference` / `moe_route_backward_reference`: MiniMind's MoEGate
+  (model/model_minimind.py): softmax (or sigmoid) scores, top-k, renormalisation
+  `w / (sum(w) + 1e-20)` only when `top_k > 1 and norm_topk_prob`, and the statistics its aux
+  losses use (it argsorts where the op counts). Expert order: by logit, descending, stable (ties
+  -> lower expert id, NaN first, as torch.sort). Softmax and sigmoid are monotone, so this is the
+  top-k of the scores; ranking the logits keeps the choice exact on every device whatever exp()
+  rounds to.
+- `grouped_linear_reference`: one F.linear per contiguous row group.
+- `moe_experts_reference`: each SwiGLU expert on its slice of the rows (the split loop).
 
-Also here: `minimind_moe_forward`, MiniMind's literal per-expert boolean-mask MoE loop, kept as
-the test reference for the grouped layer in minimind_fast/moe.py (not used in production).
+The two loops read the group sizes on the host (`.tolist()`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,28 +47,33 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, norm_topk_prob:
     B = T // L
     logits = router_logits.to(_acc_dtype(router_logits))
     scores = _scores(logits, scoring)
-    topk_idx = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
+    ranked = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices
+    topk_idx = ranked[:, :top_k].contiguous()
     topk_weight = scores.gather(1, topk_idx)
     if top_k > 1 and norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
     prob_mean = scores.mean(dim=0)
     seq_prob_mean = scores.view(B, L, E).mean(dim=1)
     seq_counts = torch.zeros(B, E, dtype=torch.int64, device=logits.device)
-    seq_counts.scatter_add_(1, topk_idx.view(B, L * top_k), torch.ones_like(topk_idx).view(B, L * top_k))
+    per_seq_idx = topk_idx.view(B, L * top_k)
+    seq_counts.scatter_add_(1, per_seq_idx, torch.ones_like(per_seq_idx))
     expert_counts = seq_counts.sum(dim=0)
     flat_idx = topk_idx.reshape(-1)
     sorted_pairs = torch.sort(flat_idx, stable=True).indices
     expert_offsets = F.pad(expert_counts.cumsum(0), (1, 0))
     pair_positions = torch.empty_like(sorted_pairs)
     pair_positions[sorted_pairs] = torch.arange(T * top_k, device=logits.device)
-    return (topk_weight, topk_idx, scores, prob_mean, seq_prob_mean, expert_counts, seq_counts, sorted_pairs,
-            expert_offsets, pair_positions)
+    return (topk_weight, topk_idx, scores, prob_mean, seq_prob_mean, expert_counts, seq_counts,
+            sorted_pairs, expert_offsets, pair_positions)
 
 
-def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor], grad_scores: Optional[torch.Tensor],
-                                 grad_prob_mean: Optional[torch.Tensor], grad_seq_prob_mean: Optional[torch.Tensor],
-                                 scores: torch.Tensor, topk_idx: torch.Tensor, norm_topk_prob: bool, scoring: str,
-                                 seq_len: int, logits_dtype: torch.dtype) -> torch.Tensor:
+def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor],
+                                 grad_scores: Optional[torch.Tensor],
+                                 grad_prob_mean: Optional[torch.Tensor],
+                                 grad_seq_prob_mean: Optional[torch.Tensor],
+                                 scores: torch.Tensor, topk_idx: torch.Tensor, norm_topk_prob: bool,
+                                 scoring: str, seq_len: int,
+                                 logits_dtype: torch.dtype) -> torch.Tensor:
     """The gradient of router_logits (T, E) from the forward's scores, written out (see the maths
     in csrc/moe_route_backward_cpu.cpp). Any incoming gradient may be None."""
     T, E = scores.shape
@@ -92,37 +100,22 @@ def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor], grad_
     return grad.to(logits_dtype)
 
 
-def minimind_moe_forward(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MiniMind's MOEFeedForward.forward, literally (training branch), on `layer`'s parameters.
+def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor,
+                             ends: torch.Tensor) -> torch.Tensor:
+    """x: (N, K), weight: (G, M, K), ends: (G,) with ends[-1] == N -> (N, M): rows
+    ends[g-1]:ends[g] (from 0 for g = 0) through F.linear with weight[g]."""
+    bounds = [0, *ends.tolist()]
+    return torch.cat([F.linear(x[start:end], weight[g])
+                      for g, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
 
-    `layer` is a minimind_fast.moe.MOEFeedForward. x: (B, T, H) -> (y (B, T, H), aux_loss ()).
-    """
-    gate = layer.gate
-    B, T, H = x.shape
-    logits = F.linear(x.reshape(-1, H), gate.weight)
-    scores = logits.softmax(dim=-1) if gate.scoring_func == "softmax" else logits.sigmoid()
-    topk_weight, topk_idx = torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
-    if gate.top_k > 1 and gate.norm_topk_prob:
-        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
-    if gate.training and gate.alpha > 0.0:
-        idx = topk_idx.view(B, -1)
-        if gate.seq_aux:
-            ce = torch.zeros(B, gate.num_experts, device=x.device)
-            ce.scatter_add_(1, idx, torch.ones(B, T * gate.top_k, device=x.device))
-            ce = ce.div(T * gate.top_k / gate.num_experts)
-            aux_loss = (ce * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * gate.alpha
-        else:
-            fraction = F.one_hot(idx.reshape(-1), num_classes=gate.num_experts).float().mean(0)
-            aux_loss = (scores.mean(0) * fraction * gate.num_experts).sum() * gate.alpha
-    else:
-        aux_loss = scores.new_zeros(())
-    flat = x.reshape(-1, H).repeat_interleave(gate.top_k, dim=0)
-    flat_idx = topk_idx.reshape(-1)
-    y = torch.zeros_like(flat)
-    for e, expert in enumerate(layer.experts):
-        mask = flat_idx == e
-        y[mask] = expert(flat[mask]).to(y.dtype)
-    y = (y.view(*topk_weight.shape, H) * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1).view(B, T, H)
-    for expert in layer.shared_experts:
-        y = y + expert(x)
-    return y, aux_loss
+
+def moe_experts_reference(expert_in: torch.Tensor, expert_counts: torch.Tensor,
+                          gate_proj: Sequence[torch.Tensor], up_proj: Sequence[torch.Tensor],
+                          down_proj: Sequence[torch.Tensor]) -> torch.Tensor:
+    """expert_in: (N, H) sorted by expert, expert_counts: (E,) -> (N, H): expert e's SwiGLU
+    down(silu(gate(x)) * up(x)) on its expert_counts[e] rows, with weights gate_proj[e] and
+    up_proj[e] (I, H), down_proj[e] (H, I)."""
+    parts = expert_in.split(expert_counts.tolist())
+    return torch.cat([F.linear(F.silu(F.linear(part, gate)) * F.linear(part, up), down)
+                      for part, gate, up, down in zip(parts, gate_proj, up_proj, down_proj,
+                                                      strict=True)])
