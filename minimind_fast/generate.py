@@ -18,7 +18,7 @@ from typing import Optional
 
 from .config import PRESETS
 from .dtypes import resolve_device
-from .inference import load_for_inference, print_note, sample_text
+from .inference import check_prompt, load_for_inference, print_note, sample_text
 from .sampling import check_sampling
 
 
@@ -54,11 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1")
     check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as error:  # bytes that are not UTF-8 arrive as lone surrogates
-        raise ValueError(f"--prompt is not valid UTF-8 (undecodable byte(s) at character "
-                         f"{error.start}); pass UTF-8 text") from None
+    check_prompt(args.prompt)
 
 
 def _quiet(note: str) -> None:

@@ -28,8 +28,15 @@ PRESET_FIX = (f"pass the --preset the weights were trained with (one of {', '.jo
               "put the training run's config.json beside them")
 
 
-def _matching_presets(state: dict) -> list[str]:
-    """The presets whose model these weights load into."""
+def _with_preset_hint(message: str, path: Path, state: Optional[dict] = None) -> str:
+    """`message`, plus the presets a bare weights file (no config.json beside it) fits."""
+    if path.is_dir() or (path.parent / "config.json").is_file():
+        return message
+    if state is None:
+        try:
+            _, state = load_weights(path)  # unvalidated: only the dtype and finiteness checks
+        except ValueError:
+            return message
     matches = []
     for name in PRESETS:
         try:
@@ -37,28 +44,21 @@ def _matching_presets(state: dict) -> list[str]:
         except ValueError:
             continue
         matches.append(name)
-    return matches
+    if not matches:
+        return message
+    return f"{message}; these weights fit --preset {' or --preset '.join(matches)}"
 
 
 def _load_model_weights(path: Path, preset: Optional[str]) -> tuple[MiniMindConfig, dict]:
     config = get_preset(preset) if preset is not None else None
     try:
         found, state = load_weights(path, config, fix=PRESET_FIX)
-        config = config if config is not None else found
-        if config is None:
-            raise ValueError(f"no config.json next to {path}: {PRESET_FIX}")
     except ValueError as error:
-        if path.is_dir() or (path.parent / "config.json").is_file():
-            raise
-        try:  # a bare MiniMind file: say which presets it fits
-            _, raw = load_weights(path)
-        except ValueError:
-            raise error from None
-        matches = _matching_presets(raw)
-        if not matches:
-            raise
-        fits = " or --preset ".join(matches)
-        raise ValueError(f"{error}; these weights fit --preset {fits}") from None
+        raise ValueError(_with_preset_hint(str(error), path)) from None
+    config = config if config is not None else found
+    if config is None:
+        message = f"no config.json next to {path}: {PRESET_FIX}"
+        raise ValueError(_with_preset_hint(message, path, state))
     return config, state
 
 
@@ -95,8 +95,18 @@ def fit_to_context(ids: list[int], max_new_tokens: int,
         ids = ids[:1] + ids[len(ids) - keep + 1:]
     if new < max_new_tokens:
         notes.append(f"--max_new_tokens {max_new_tokens} does not fit the {window}-token context "
-                     f"window after a {keep}-token prompt: generating at most {new}")
+                     f"window after the prompt's {keep} tokens: generating at most {new}")
     return ids, new, notes
+
+
+def check_prompt(prompt: str) -> None:
+    """ValueError unless `prompt` is text the tokenizer can take: bytes that are not UTF-8 reach
+    Python (argv, surrogateescape) as lone surrogates, which cannot be encoded."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the prompt (--prompt) is not valid UTF-8 (undecodable byte(s) at "
+                         f"character {error.start}); pass UTF-8 text") from None
 
 
 def print_note(note: str) -> None:
@@ -112,11 +122,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempera
     """The prompt (its most recent context window) followed by a sampled continuation, decoded
     (special tokens dropped). Whatever did not fit the context window is reported via `note`."""
     device = next(model.parameters()).device
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(f"the prompt is not valid UTF-8 (undecodable byte(s) at character "
-                         f"{error.start}); pass UTF-8 text") from None
+    check_prompt(prompt)
     ids = [BOS_TOKEN_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
     window = model.config.max_position_embeddings
     ids, max_new_tokens, notes = fit_to_context(ids, max_new_tokens, window)

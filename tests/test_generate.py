@@ -165,8 +165,9 @@ def test_wrong_preset_for_a_bare_pth_suggests_the_right_one(tmp_path, capsys):
 def test_bare_pth_of_a_preset_names_that_preset(tmp_path, capsys):
     config = get_preset("demo")
     torch.save(tiny_model(config).state_dict(), tmp_path / "pretrain_128.pth")
-    code, _, err = run(["--ckpt", tmp_path / "pretrain_128.pth", "--preset", "minimind2"], capsys)
-    assert_error(code, err, "these weights fit --preset demo")
+    for flags in (["--preset", "minimind2"], []):  # the wrong preset, or none
+        code, _, err = run(["--ckpt", tmp_path / "pretrain_128.pth", *flags], capsys)
+        assert_error(code, err, "these weights fit --preset demo")
 
 
 def run_subprocess(argv: list) -> subprocess.CompletedProcess:

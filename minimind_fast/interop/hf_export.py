@@ -157,11 +157,19 @@ def check_export_target(out: Path, weights_path: Optional[PathLike] = None) -> N
 
 
 def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
+    """Flush a file or directory to disk. Not every platform opens or fsyncs directories; that
+    only weakens durability after a power cut, so it is not an error."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(descriptor)
-    except OSError:  # directories cannot be fsynced on every platform/filesystem
-        pass
+    except OSError:
+        if not path.is_dir():
+            raise
     finally:
         os.close(descriptor)
 
