@@ -1,7 +1,7 @@
 """Answer-quality measures: token-level F1 and ROUGE-L against hand-computed values."""
+import random
+
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from minimind_fast.data.sft_metrics import answer_scores, answer_tokens, rouge_l, token_f1
 
@@ -26,11 +26,14 @@ def test_known_values(prediction, reference, f1, rouge):
     assert rouge_l(prediction, reference) == pytest.approx(rouge)
 
 
-words = st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=12).map(" ".join)
+def random_answer(rng):
+    return " ".join(rng.choice(["a", "b", "c", "d"]) for _ in range(rng.randint(0, 12)))
 
 
-@given(words, words)
-def test_scores_are_symmetric_bounded_and_ordered(prediction, reference):
+@pytest.mark.parametrize("seed", range(50))
+def test_scores_are_symmetric_bounded_and_ordered(seed):
+    rng = random.Random(seed)
+    prediction, reference = random_answer(rng), random_answer(rng)
     f1, rouge = token_f1(prediction, reference), rouge_l(prediction, reference)
     assert 0.0 <= rouge <= f1 <= 1.0  # an LCS never exceeds the bag overlap
     assert f1 == pytest.approx(token_f1(reference, prediction))
