@@ -1,40 +1,330 @@
 """Pretraining: `python -m minimind_fast.pretrain` or `torchrun --nproc_per_node=N -m minimind_fast.pretrain`.
 
-Reads top to bottom like nanoGPT's train.py: parse -> distributed setup -> model/data/optimizer
--> resume -> loop -> save. MiniMind's trainer/train_pretrain.py (flags, AMP + GradScaler,
-accumulation, cosine LR, DDP, checkpoint/resume) done right: non-final micro-steps under DDP
-no_sync(), an LR that is a pure function of the step, atomic checkpoints, bit-exact resume, host
-syncs only at log/eval/save points. Helpers live in minimind_fast/train/ (one concern each).
-With no arguments it trains the `demo` preset on the default corpus (CPU: a few minutes) and
-prints a sample from the final weights.
+Reads top to bottom like nanoGPT's train.py: set up (run directory, flags, data, model,
+optimizer, resume) -> the loop (one optimizer step per window of micro-batches, then maybe log /
+evaluate / save / stop) -> finish (final evaluation and checkpoint, loss curve, a sample).
+MiniMind's trainer/train_pretrain.py done right: DDP no_sync() on non-final micro-steps, an LR
+that is a pure function of the step, atomic checkpoints, bit-exact resume, host syncs only at
+log/eval/save points, a health policy over bad steps, and SIGTERM/SIGINT that end with a
+checkpoint. The parts live in minimind_fast/train/ (one concern each); `sft.py` runs this same
+loop on conversations. With no arguments it trains the `demo` preset on the default corpus.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 from . import compat
-from .config import MiniMindConfig, get_preset
 from .constants import IGNORE_INDEX
 from .data import count_tokens
-from .interop import load_weights, validate_state_dict
 from .model import MiniMindForCausalLM, count_parameters
-from .train import checkpoint, cli, distributed, metrics, optim, precision
-from .train.data_setup import build_data, remaining_steps
-from .train.schedule import learning_rate_at, resolve_warmup_steps
+from .checkpoints import CONFIG_FILE, TOKENIZER_FILES
+from .fileio import copy_file_atomic, describe_write_error, write_json_atomic
+from .train import checkpoint, cli, data_setup, distributed, metrics, optim, precision, prepare
+from .train.health import Health, TrainingUnhealthy, weights_finite
+from .train.metrics import IntervalMeter, MetricsError, Reporter
+from .train import resume
+from .train.run_dir import RunDirectory
+from .train.schedule import learning_rate_at
+from .train.signals import StopRequest
+from .train.state import TrainState
 
-NONFINITE_PATIENCE = 5  # consecutive optimizer steps with a NaN/inf loss that stop the run
+
+class Task(NamedTuple):
+    """What differs between the entry points that share this loop."""
+    prog: str
+    make_parser: Callable[[], cli.ArgumentParser]
+    build_data: Callable[..., data_setup.TrainingData]
+    sample_prompt: Callable[[Any, str], list[int]] = None  # tokenizer, prompt -> prompt ids
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for NONFINITE_PATIENCE optimizer steps."""
+PRETRAIN = Task(cli.PROG, cli.build_parser, data_setup.build_data)
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT arrived; the loop ended at an optimizer-step boundary."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+    args: Any
+    task: Task
+    context: distributed.DistContext
+    run_dir: RunDirectory
+    config: Any
+    model: MiniMindForCausalLM
+    train_model: torch.nn.Module  # the model under DDP / torch.compile
+    ddp: Optional[DistributedDataParallel]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    data: data_setup.TrainingData
+    state: TrainState
+    health: Health
+    meter: IntervalMeter
+    reporter: Reporter
+    stop: StopRequest
+    flops_per_token: float
+    peak_flops: Optional[float]
+    last_saved: int
+    first_step: int
+    lr: float = 0.0
+
+    def log(self, message: str) -> None:
+        self.reporter.print(message)
+
+
+# ---- set up ------------------------------------------------------------------------------------
+
+
+def main(argv=None, task: Task = PRETRAIN) -> int:
+    args, explicit = cli.parse_args(argv, task.make_parser)
+    try:
+        context = distributed.init_distributed(args.device, args.ddp_timeout)
+    except ValueError as error:
+        cli.fail(error, task.prog)
+    run, failed = None, True
+    try:
+        run = setup(args, explicit, context, task)
+        try:
+            train(run)
+        except Stopped:
+            failed = False
+            return stop_on_signal(run)
+        finish(run)
+        failed = False
+        return 0
+    except (TrainingUnhealthy, checkpoint.CheckpointError, MetricsError) as error:
+        print(f"{task.prog}: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # before the loop's own SIGINT handling, or raised by a callee
+        where = "; nothing was saved" if run is None else "; continue with --from_resume 1 (the newest checkpoint)"
+        print(f"{task.prog}: interrupted{where}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if run is not None:
+            run.reporter.close()
+            run.run_dir.release()
+        distributed.teardown(context, failed)
+
+
+def setup(args, explicit: set[str], context, task: Task) -> Run:
+    """Run directory -> flags -> data -> model -> optimizer -> progress. User errors exit 2."""
+    log = print if context.is_main else (lambda *_: None)
+    run_dir = None
+    try:
+        run_dir, candidates = prepare.open_run_dir(args, context, log)
+        source, saved = prepare.load_resume(candidates, log)
+        args = prepare.resolve_flags(args, explicit, saved, source, context.device, log)
+        config = prepare.model_config(args, saved)
+        dtype = precision.resolve_dtype(args.dtype or precision.default_dtype_name(context.device), context.device)
+        args.dtype = str(dtype).replace("torch.", "")
+        data = task.build_data(args, config, context, source)
+        args.data_path = str(data.data_path)
+        distributed.seed_everything(args.seed)  # same initial weights on every rank
+        model = MiniMindForCausalLM(config)
+        prepare.initial_weights(model, args, config, saved, source, log)
+        model.to(context.device)
+        if args.grad_checkpointing:
+            optim.apply_grad_checkpointing(model)
+        optimizer = optim.build_optimizer(model, args.learning_rate, args.weight_decay)
+        scaler = precision.make_grad_scaler(context.device, dtype)
+        if saved is not None:
+            prepare.restore_optimizer(optimizer, scaler, saved, source)
+        state = prepare.train_state(args, data, saved, source, context, log)
+        prepare.schedule(state, args, context.world_size, saved is not None, log)
+        prepare.restore_rng(saved, args, context, state.step)
+        if context.is_main:
+            claim_run_dir(run_dir, state, config, args, data, fresh=saved is None)
+    except ValueError as error:  # includes DataError and RunDirError
+        if run_dir is not None:
+            run_dir.release(undo=True)
+        cli.fail(error, task.prog)
+    return assemble(args, task, context, run_dir, config, model, optimizer, scaler, dtype, data, state, saved)
+
+
+def claim_run_dir(run_dir: RunDirectory, state: TrainState, config, args, data, fresh: bool) -> None:
+    """Rank 0: own the directory, keep the run's metrics to its saved step, write config and tokenizer."""
+    mirror = checkpoint.minimind_weight_name(args.save_weight, config.hidden_size, config.use_moe)
+    run_dir.claim(state.run_id, mirror, fresh)
+    try:
+        metrics.truncate_metrics(run_dir.metrics_path, state.step)
+        write_json_atomic(run_dir.path / CONFIG_FILE, config.to_dict())
+        for name in TOKENIZER_FILES:
+            if (data.tokenizer_dir / name).is_file():
+                copy_file_atomic(data.tokenizer_dir / name, run_dir.path / name)
+    except OSError as error:
+        raise checkpoint.CheckpointError(
+            f"writing to {run_dir.path} failed: {describe_write_error(error, run_dir.path)}") from error
+
+
+def assemble(args, task, context, run_dir, config, model, optimizer, scaler, dtype, data, state, saved) -> Run:
+    """Wrap the model for DDP / compile and create the loop's meters and output."""
+    ddp, train_model = None, model
+    if context.distributed:  # the only buffers, RoPE tables, are derived: DDP never broadcasts them
+        compat.ddp_ignore(model, [name for name, _ in model.named_buffers()])
+        ddp = train_model = DistributedDataParallel(
+            model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    if args.use_compile:
+        train_model = torch.compile(train_model, fullgraph=not context.distributed and not config.use_moe)
+    counts = count_parameters(model)
+    reporter = Reporter(run_dir.path, context.is_main, state.total_steps, state.step, args.tracker,
+                        args.wandb_project, state.run_id, args.run_name, vars(args))
+    run = Run(args, task, context, run_dir, config, model, train_model, ddp, optimizer, scaler,
+              precision.autocast_context(context.device, dtype), data, state,
+              Health(args.max_bad_steps, context.device), IntervalMeter(context.device), reporter, StopRequest(),
+              metrics.flops_per_token(config, args.max_seq_len, counts["active"], counts["embedding"]),
+              metrics.peak_flops(context.device, dtype), state.step if saved is not None else -1, state.step)
+    run.log(f"model {args.preset}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+            f"{args.dtype} on {context.device} x{context.world_size}; {state.num_samples} rows of {args.max_seq_len} "
+            f"tokens ({'packed' if args.packing else 'padded'}); global batch {args.batch_size}x"
+            f"{args.accumulation_steps}x{context.world_size}; {state.total_steps} steps, warmup "
+            f"{state.warmup_steps}, lr {args.learning_rate:g}->{args.min_lr:g}")
+    return run
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def train(run: Run) -> None:
+    """One optimizer step per window of micro-batches, then log / evaluate / save / stop."""
+    run.model.train()
+    run.stop.install()
+    try:
+        for micro_batches, window, end_of_epoch in step_windows(run):
+            if run.state.step >= run.state.total_steps:
+                break
+            train_step(run, micro_batches, window)
+            run.state.finish_step(end_of_epoch)
+            maybe_log(run)
+            paused = time.perf_counter()  # evaluation and saving do not count against tokens/s
+            maybe_evaluate(run)
+            maybe_save(run)
+            run.meter.pause(time.perf_counter() - paused)
+            if run.stop.agreed(run.context):
+                raise Stopped
+    finally:
+        run.stop.restore()
+
+
+def step_windows(run: Run):
+    """(micro-batches, window, end_of_epoch) for each optimizer step from the saved position on.
+    An epoch's last window may be short; with --max_steps the data is cycled."""
+    args, state, sampler = run.args, run.state, run.data.sampler
+    while args.max_steps or state.epoch < args.epochs:
+        sampler.set_epoch(state.epoch, state.consumed)
+        num_micro = math.ceil(len(sampler) / args.batch_size)
+        if num_micro == 0:
+            state.next_epoch()
+            continue
+        batches = iter(run.data.loader)
+        for first in range(0, num_micro, args.accumulation_steps):
+            window = min(args.accumulation_steps, num_micro - first)
+            yield itertools.islice(batches, window), window, first + window == num_micro
+
+
+def train_step(run: Run, micro_batches, window: int) -> None:
+    """Forward/backward over the window (gradient sync on its last micro-batch only), then clip
+    and step; losses stay on the device."""
+    args, context, device = run.args, run.context, run.context.device
+    run.lr = learning_rate_at(run.state.step, run.state.total_steps, args.learning_rate, args.min_lr,
+                              run.state.warmup_steps)
+    optim.set_learning_rate(run.optimizer, run.lr)
+    step_loss = torch.zeros((), device=device)
+    step_aux = torch.zeros((), device=device)
+    for index, batch in enumerate(micro_batches):
+        rows = batch["input_ids"].shape[0]
+        run.meter.add_batch(rows, batch["input_ids"].numel(), count_tokens(batch))
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        last = index == window - 1
+        sync = contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync()
+        with sync:
+            with run.autocast:
+                out = run.train_model(input_ids, labels=labels)
+            run.scaler.scale((out.loss + out.aux_loss) / window).backward()
+        step_loss += out.loss.detach().float() / window
+        step_aux += out.aux_loss.detach().float() / window
+        run.state.start_step(rows * context.world_size)
+    grad_norm, skipped = optim.clip_and_step(run.optimizer, run.scaler, args.grad_clip)
+    run.health.update(run.state.step + 1, step_loss, skipped)
+    run.meter.add_step(step_loss, step_aux, grad_norm, skipped)
+
+
+def check_health(run: Run):
+    """One host sync; stop the run (TrainingUnhealthy) once max_bad_steps bad steps came in a row."""
+    report = run.health.check(run.context)
+    if report.tripped_at is not None:
+        good = run.run_dir.newest_healthy()
+        raise TrainingUnhealthy(
+            f"{run.args.max_bad_steps} consecutive optimizer steps from step {report.tripped_at} had a NaN/inf "
+            f"loss or non-finite gradients (skipped); stopped at step {run.state.step}. Last healthy "
+            f"checkpoint: {good or 'none'} (resume it with --from_resume 1 and a lower --learning_rate or "
+            "--dtype float32; --max_bad_steps sets the limit)")
+    return report
+
+
+def maybe_log(run: Run) -> None:
+    step, args = run.state.step, run.args
+    if not (step % args.log_interval == 0 or step == run.state.total_steps or step == run.first_step + 1):
+        return
+    check_health(run)
+    values = run.meter.reduce(run.context, distributed)
+    record = metrics.train_record(values, step, run.state.epoch_of_step, run.lr, run.flops_per_token,
+                                  args.max_seq_len, run.peak_flops, run.context, run.state.total_steps)
+    run.reporter.record(record, metrics.format_record(record, run.state.total_steps, run.config.use_moe),
+                        advance_to=step)
+    run.meter.reset()
+
+
+def maybe_evaluate(run: Run, final: bool = False) -> None:
+    every, step = run.args.eval_interval, run.state.step
+    due = final or (every and step % every == 0 and step < run.state.total_steps)
+    if not due or run.data.val_loader is None:
+        return
+    val_loss = evaluate(run.model, run.data.val_loader, run.args.eval_batches, run.context, run.autocast)
+    record = {"step": step, "epoch": run.state.epoch_of_step, "val_loss": val_loss,
+              "val_ppl": math.exp(min(val_loss, 50))}
+    run.reporter.record(record, f"step {step}: validation loss {val_loss:.4f}")
+
+
+def maybe_save(run: Run) -> None:
+    every, step = run.args.save_interval, run.state.step
+    if every and step % every == 0 and step < run.state.total_steps:
+        save(run)
+
+
+def save(run: Run) -> None:
+    """Checkpoint the current step: healthy only if the last step was good; never when the
+    weights are not finite (nothing could resume from them)."""
+    report = check_health(run)
+    if not weights_finite(run.model.parameters()):
+        raise TrainingUnhealthy(f"the weights hold NaN/inf at step {run.state.step}, so no checkpoint was saved; "
+                                f"last healthy checkpoint: {run.run_dir.newest_healthy() or 'none'}")
+    rng_states = distributed.gather_objects(resume.capture_rng_state(), run.context)
+    if run.context.is_main:
+        resume_state = {"optimizer": run.optimizer.state_dict(),
+                        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+                        "train_state": run.state.state_dict(), "world_size": run.context.world_size,
+                        "rng": rng_states, "args": vars(run.args)}
+        path = checkpoint.save_checkpoint(run.run_dir.path, run.state.step, run.model, resume_state, run.config,
+                                          run.run_dir.mirror_name, run.data.tokenizer_dir, run.state.run_id,
+                                          healthy=report.healthy)
+        run.run_dir.after_save(path, report.healthy, run.args.keep_checkpoints, run.log)
+        run.log(f"saved {path}" + ("" if report.healthy else f" (marked unhealthy: the last {report.streak} "
+                                                            "step(s) were bad)"))
+    run.last_saved = run.state.step
 
 
 @torch.no_grad()
@@ -54,299 +344,44 @@ def evaluate(model, loader, max_batches, context, autocast) -> float:
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
-def resolve_from_weight(args, config):
-    """--from_weight: a path (weights file, checkpoint / run / exported HF directory), or MiniMind's
-    prefix form {save_dir}/{name}_{hidden}[_moe].pth."""
-    path = Path(args.from_weight).expanduser()
-    if path.exists():
-        return checkpoint.resolve_checkpoint_path(path)
-    name = checkpoint.minimind_weight_name(args.from_weight, config.hidden_size, config.use_moe)
-    prefixed = Path(args.save_dir) / name
-    if prefixed.is_file():
-        return prefixed
-    raise ValueError(f"--from_weight {args.from_weight!r}: neither that path nor {prefixed} exists; pass a "
-                     ".safetensors/.pth file, a checkpoint, run or exported Hugging Face directory, or 'none'")
+# ---- finish ------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    # ---- parse, distributed setup --------------------------------------------------------------
-    args = cli.parse_args(argv)
-    try:
-        context = distributed.init_distributed(args.device, args.ddp_timeout)
-    except ValueError as error:
-        cli.fail(error)
-    failed = True
-    try:
-        train(args, context)
-        failed = False
-        return 0
-    except (TrainingDiverged, checkpoint.CheckpointError) as error:
-        print(f"{cli.PROG}: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{cli.PROG}: interrupted; continue with --from_resume 1 (from the last checkpoint)", file=sys.stderr)
-        return 130
-    finally:
-        distributed.teardown(context, failed)
+def finish(run: Run) -> None:
+    """Final evaluation and checkpoint; a run that ends in a bad streak ends with an error."""
+    maybe_evaluate(run, final=True)
+    if run.state.step > run.last_saved:
+        save(run)
+    report = check_health(run)
+    if not report.healthy:
+        raise TrainingUnhealthy(f"the run ended with {report.streak} bad optimizer step(s) in a row (NaN/inf loss "
+                                f"or skipped); its final checkpoint is marked unhealthy. Last healthy checkpoint: "
+                                f"{run.run_dir.newest_healthy() or 'none'}")
+    if not run.context.is_main:
+        return
+    run.reporter.close()
+    png = metrics.plot_loss_curve(run.run_dir.metrics_path, run.run_dir.path / "loss_curve.png")
+    print(f"done: {run.state.step} steps; weights in {run.run_dir.path}" + (f"; loss curve {png}" if png else ""),
+          flush=True)
+    if run.args.sample_tokens:
+        from .generate import sample_text
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(run.data.tokenizer_dir)
+        text = sample_text(run.model, tokenizer, run.args.sample_prompt, run.args.sample_tokens, seed=run.args.seed)
+        print(f"sample: {text}", flush=True)
 
 
-def train(args, context) -> None:
-    device, run_dir, log = context.device, Path(args.save_dir), print if context.is_main else (lambda *a: None)
-    # ---- model config, data, model, optimizer, resume state (user errors exit 2) ----------------
-    try:
-        latest, state = checkpoint.load_latest_resume_state(run_dir, log) if args.from_resume else (None, None)
-        if state is not None:
-            if args.preset not in (None, state["args"]["preset"]):
-                raise ValueError(f"--preset {args.preset}: {latest} was trained with "
-                                 f"--preset {state['args']['preset']}; "
-                                 "drop --preset to resume it, or start a new run in another --save_dir")
-            args.preset = state["args"]["preset"]
-        args.preset = args.preset or ("minimind2-small" if device.type == "cuda" else "demo")
-        cli.apply_preset_defaults(args, args.preset)
-        cli.check_model_flags(args, args.preset)
-        overrides = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                         vocab_size=args.vocab_size, dropout=args.dropout,
-                         use_moe=None if args.use_moe is None else bool(args.use_moe))
-        config = get_preset(args.preset, **overrides)
-        if state is not None:
-            saved = MiniMindConfig.from_dict(state["config"])
-            differ = [f"{k}={v} (checkpoint: {getattr(saved, k)})" for k, v in overrides.items()
-                      if v is not None and v != getattr(saved, k)]
-            if differ:
-                raise ValueError(f"{latest} was trained with a different model: {', '.join(differ)}; drop those "
-                                 "flags to resume it, or start a new run in another --save_dir")
-            config = saved
-        if args.max_seq_len > config.max_position_embeddings:
-            raise ValueError(f"--max_seq_len {args.max_seq_len} exceeds the model's max_position_embeddings="
-                             f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}")
-        dtype = precision.resolve_dtype(args.dtype or precision.default_dtype_name(device), device)
-        args.dtype = str(dtype).replace("torch.", "")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"--save_dir {run_dir} is a file, not a directory; pick another path")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / f".write-test-{context.rank}", "w"):
-                pass
-            (run_dir / f".write-test-{context.rank}").unlink()
-        except OSError as error:
-            raise ValueError(f"--save_dir {run_dir} is not writable ({error.strerror}); "
-                             "pick another directory") from None
-        loader, sampler, val_loader, tokenizer_dir = build_data(args, config, context, latest)
-
-        distributed.seed_everything(args.seed)  # same initial weights on every rank
-        model = MiniMindForCausalLM(config)
-        if state is not None:
-            model.load_state_dict(validate_state_dict(state["model"], config, source=str(latest)))
-        elif args.from_weight.lower() != "none":
-            weights = resolve_from_weight(args, config)
-            found, weights_state = load_weights(weights, config)  # validated against config's shapes
-            model.load_state_dict(weights_state)
-            log(f"initial weights: {weights}")
-            found_values = found.to_dict() if found is not None else {}
-            differ = [f"{k}={v!r} (this run: {getattr(config, k)!r})" for k, v in found_values.items()
-                      if k not in ("dropout", "extra") and v != getattr(config, k)]
-            if differ:
-                log(f"warning: {weights} was configured with {', '.join(differ)}; this run uses its own values")
-        model.to(device)
-        if args.grad_checkpointing:
-            optim.apply_grad_checkpointing(model)
-        optimizer = optim.build_optimizer(model, args.learning_rate, args.weight_decay)
-        scaler = precision.make_grad_scaler(device, dtype)
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler.is_enabled() and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-    except ValueError as error:  # includes DataError
-        cli.fail(error)
-
-    ddp = None
-    train_model = model
-    if context.distributed:  # the only buffers, RoPE tables, are derived: DDP never broadcasts them
-        compat.ddp_ignore(model, [name for name, _ in model.named_buffers()])
-        ddp = train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if args.use_compile:
-        train_model = torch.compile(train_model, fullgraph=not context.distributed and not config.use_moe)
-    autocast = precision.autocast_context(device, dtype)
-
-    # ---- progress: fresh or resumed ---------------------------------------------------------------
-    num_samples = sampler.num_samples
-    step, epoch, consumed, run_id = 0, 0, 0, checkpoint.new_run_id()
-    epoch_first_step = 0  # global step at which the current epoch began
-    if state is not None:
-        progress, run_id = state["progress"], state["run_id"]
-        step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
-        epoch_first_step = step - progress["step_in_epoch"]
-        if progress["num_samples"] != num_samples:
-            log(f"warning: the training split has {num_samples} rows, the checkpoint's had {progress['num_samples']}")
-            if consumed > num_samples:
-                epoch, consumed, epoch_first_step = epoch + 1, 0, step
-        log(f"resumed {latest} at step {step} (epoch {epoch}, {consumed} samples into it)")
-        if state["world_size"] != context.world_size:
-            log(f"world size changed {state['world_size']} -> {context.world_size}: continuing from the same "
-                f"{consumed} consumed samples; this run is not bit-identical to an uninterrupted one")
-    elif args.from_resume:
-        log(f"no complete checkpoint in {run_dir}; starting fresh")
-    elif checkpoint.list_checkpoints(run_dir):
-        log(f"note: {run_dir} holds checkpoints of an earlier run; this run's checkpoints supersede them "
-            "(pass --from_resume 1 to continue that run instead)")
-    total_steps = args.max_steps or step + remaining_steps(num_samples, epoch, consumed, args, context.world_size)
-    warmup_steps = resolve_warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
-    counts = count_parameters(model)
-    flops_per_token = metrics.flops_per_token(config, args.max_seq_len, counts["active"], counts["embedding"])
-    peak = metrics.peak_flops(device, dtype)
-    if context.is_main:  # metrics.jsonl reads as one run: drop records past the resumed step (all, if fresh)
-        try:
-            metrics.truncate_metrics(run_dir / "metrics.jsonl", step)
-            checkpoint.write_json_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_dict())
-            for name in checkpoint.TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    checkpoint.copy_file_atomic(tokenizer_dir / name, run_dir / name)
-        except OSError as error:
-            raise checkpoint.CheckpointError(f"writing to {run_dir} failed: {error}; free disk space or pick "
-                                             "another --save_dir") from error
-    log(f"model {args.preset}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-        f"{args.dtype} on {device} x{context.world_size}; {num_samples} rows of {args.max_seq_len} tokens "
-        f"({'packed' if args.packing else 'padded'}); global batch {args.batch_size}x{args.accumulation_steps}"
-        f"x{context.world_size}; {total_steps} steps, warmup {warmup_steps}, "
-        f"lr {args.learning_rate:g}->{args.min_lr:g}")
-    reporter = metrics.Reporter(run_dir, context.is_main, total_steps, step, bool(args.use_wandb),
-                                args.wandb_project, run_id, vars(args))
-    if state is None:
-        distributed.seed_everything(args.seed + context.rank)
-    elif state["world_size"] == context.world_size:
-        checkpoint.restore_rng_state(state["rng"][context.rank])
-    else:
-        distributed.seed_everything(args.seed + context.rank + 1_000_003 * step)
-    last_saved = step if state is not None else -1
-    state = None  # free the loaded tensors
-
-    def check_health() -> None:
-        """One host sync: stop if the loss has been non-finite for NONFINITE_PATIENCE steps."""
-        flag = distributed.all_reduce(diverged_at.clone(), context, op="max").item()
-        if flag >= 0:
-            good = checkpoint.latest_checkpoint(run_dir)
-            raise TrainingDiverged(
-                f"the loss was NaN/inf for {NONFINITE_PATIENCE} consecutive optimizer steps from step {flag + 1}; "
-                f"stopped at step {step}. Last good checkpoint: {good or 'none'} (resume with --from_resume 1 "
-                "and a lower --learning_rate, or --dtype float32)")
-
-    def save() -> None:
-        nonlocal last_saved
-        check_health()
-        rng_states = distributed.gather_objects(checkpoint.capture_rng_state(), context)
-        if context.is_main:
-            resume_state = {
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "progress": {"step": step, "epoch": epoch, "step_in_epoch": step - epoch_first_step,
-                             "consumed": consumed, "num_samples": num_samples},
-                "world_size": context.world_size, "rng": rng_states, "args": vars(args),
-                "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps}}
-            path = checkpoint.save_checkpoint(run_dir, step, model, resume_state, config, args.save_weight,
-                                              args.keep_checkpoints, tokenizer_dir, run_id)
-            reporter.print(f"saved {path}")
-        last_saved = step
-
-    def run_eval() -> None:
-        if val_loader is not None:
-            val_loss = evaluate(model, val_loader, args.eval_batches, context, autocast)
-            record = {"step": step, "epoch": step_epoch + 1, "val_loss": val_loss,
-                      "val_ppl": math.exp(min(val_loss, 50))}
-            reporter.record(record, f"step {step}: validation loss {val_loss:.4f}")
-
-    # ---- training loop ----------------------------------------------------------------------------
-    # Per-interval sums stay on the device; .item() happens only at log/eval/save points.
-    sums = torch.zeros(4, device=device)  # loss, aux_loss, grad norm (finite steps), skipped steps
-    diverged_at = torch.full((), -1, dtype=torch.long, device=device)
-    streak = torch.zeros((), dtype=torch.long, device=device)
-    tokens = rows = 0
-    step_epoch, first_step, interval_start, interval_steps = epoch, step, time.perf_counter(), 0
-    model.train()
-    while step < total_steps and (args.max_steps or epoch < args.epochs):
-        sampler.set_epoch(epoch, consumed)
-        num_micro = math.ceil(len(sampler) / args.batch_size)
-        if num_micro == 0:
-            epoch, consumed, epoch_first_step = epoch + 1, 0, step
-            continue
-        step_loss = torch.zeros((), device=device)
-        step_aux = torch.zeros((), device=device)
-        for micro, batch in zip(range(num_micro), loader):
-            if micro % args.accumulation_steps == 0:  # a new optimizer step; the epoch's last may be partial
-                window = min(args.accumulation_steps, num_micro - micro)
-                lr = learning_rate_at(step, total_steps, args.learning_rate, args.min_lr, warmup_steps)
-                optim.set_learning_rate(optimizer, lr)
-            last_micro = micro % args.accumulation_steps == window - 1
-            tokens += count_tokens(batch)
-            rows += batch["input_ids"].shape[0]
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync()
-            with sync:
-                with autocast:
-                    out = train_model(input_ids, labels=labels)
-                scaler.scale((out.loss + out.aux_loss) / window).backward()
-            step_loss += out.loss.detach().float() / window
-            step_aux += out.aux_loss.detach().float() / window
-            consumed += batch["input_ids"].shape[0] * context.world_size
-            if not last_micro:
-                continue
-            grad_norm, skipped = optim.clip_and_step(optimizer, scaler, args.grad_clip)
-            bad = ~torch.isfinite(step_loss)
-            streak = torch.where(bad, streak + 1, 0)
-            diverged_at = torch.where((streak >= NONFINITE_PATIENCE) & (diverged_at < 0), step - NONFINITE_PATIENCE + 1,
-                                      diverged_at)
-            sums += torch.stack([step_loss, step_aux, torch.nan_to_num(grad_norm * (1 - skipped)), skipped])
-            step_loss = torch.zeros((), device=device)
-            step_aux = torch.zeros((), device=device)
-            step, step_epoch = step + 1, epoch
-            interval_steps += 1
-            if micro + 1 == num_micro:
-                epoch, consumed, epoch_first_step = epoch + 1, 0, step
-
-            if step % args.log_interval == 0 or step == total_steps or step == first_step + 1:
-                check_health()
-                counters = sums.new_tensor([tokens, rows], dtype=torch.float64)
-                totals = distributed.all_reduce(torch.cat([sums.double(), counters]), context)
-                elapsed = time.perf_counter() - interval_start
-                loss, aux, norm_sum, skipped_sum, token_sum, row_sum = totals.tolist()
-                loss, aux = loss / context.world_size / interval_steps, aux / context.world_size / interval_steps
-                done = interval_steps - skipped_sum / context.world_size
-                tokens_per_s = token_sum / elapsed
-                flops = flops_per_token * row_sum * args.max_seq_len / elapsed
-                record = {"step": step, "epoch": step_epoch + 1, "loss": loss, "aux_loss": aux, "lr": lr,
-                          "grad_norm": norm_sum / context.world_size / max(done, 1), "skipped_steps": skipped_sum,
-                          "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
-                          "mfu": flops / (peak * context.world_size) if peak else None,
-                          "peak_mem_gb": metrics.peak_memory_gb(device),
-                          "eta_s": (total_steps - step) * elapsed / interval_steps}
-                reporter.record(record, metrics.format_record(record, total_steps, config.use_moe), advance_to=step)
-                sums.zero_()
-                tokens = rows = interval_steps = 0
-                interval_start = time.perf_counter()
-            paused = time.perf_counter()  # evaluation and saving do not count against tokens/s
-            if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                run_eval()
-            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                save()
-            interval_start += time.perf_counter() - paused
-            if step >= total_steps:
-                break
-
-    # ---- end of run: evaluate, save, plot, sample ----------------------------------------------
-    run_eval()
-    if step > last_saved:
-        save()
-    reporter.close()
-    if context.is_main:
-        png = metrics.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        print(f"done: {step} steps; weights in {run_dir}" + (f"; loss curve {png}" if png else ""), flush=True)
-        if args.sample_tokens:
-            from .generate import sample_text
-            from .tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer_dir)
-            text = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens, seed=args.seed)
-            print(f"sample: {text}", flush=True)
+def stop_on_signal(run: Run) -> int:
+    """After SIGTERM/SIGINT: save the step just finished and say how to continue."""
+    if run.state.step > run.last_saved:
+        save(run)
+    name = "SIGTERM" if run.stop.exit_code == 143 else "SIGINT"
+    if run.context.is_main:
+        newest = run.run_dir.newest_healthy()
+        print(f"{run.task.prog}: stopped by {name} at step {run.state.step}; checkpoint {newest}; continue with "
+              f"{run.task.prog} --from_resume 1 --save_dir {run.run_dir.path}", file=sys.stderr, flush=True)
+    return run.stop.exit_code
 
 
 if __name__ == "__main__":

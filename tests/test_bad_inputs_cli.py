@@ -18,7 +18,8 @@ import torch
 from minimind_fast import pretrain
 from minimind_fast.data import reader
 from minimind_fast.tokenizer import train_tokenizer
-from minimind_fast.train import checkpoint, precision
+from minimind_fast import checkpoints
+from minimind_fast.train import precision, resume
 from pretrain_helpers import VOCAB_SIZE, assets, read_metrics, tiny_flags, write_corpus  # noqa: F401
 from bad_input_helpers import (assert_clean, assert_user_error, one_thread, run_cli,  # noqa: F401
                                trained_run, write_lines)
@@ -56,7 +57,7 @@ def test_cli_flag(assets, tmp_path, capsys, case):
 
 def test_cli_unknown_flag(assets, tmp_path, capsys):
     code, err = run_cli(tiny_flags(assets, tmp_path / "run", max_steps=1) + ["--batchsize", "4"], capsys)
-    assert_user_error(code, err, "unrecognized arguments: --batchsize 4")
+    assert_user_error(code, err, "unrecognized argument --batchsize; did you mean --batch_size?")
 
 
 def test_cli_bfloat16_on_a_device_without_it(assets, tmp_path, capsys, monkeypatch):
@@ -158,11 +159,11 @@ def test_tokenizer_size_mismatch_with_the_resumed_config(assets, tmp_path, capsy
     run_dir = trained_run(assets, tmp_path / "run")
     other = train_tokenizer([assets["data"]], VOCAB_SIZE + 40, tmp_path / "bigger")
     code, err = run_cli(tiny_flags(assets, run_dir, max_steps=4, from_resume=1, tokenizer_path=other), capsys)
-    latest = checkpoint.latest_checkpoint(run_dir)
+    latest = checkpoints.latest_checkpoint(run_dir)
     assert_user_error(code, err, "bigger/tokenizer.json is not the one", f"{latest} was trained with",
                       f"pass --tokenizer_path {latest}")
     assert_clean(run_dir, empty=False)
-    assert latest == checkpoint.latest_checkpoint(run_dir)  # nothing was written
+    assert latest == checkpoints.latest_checkpoint(run_dir)  # nothing was written
 
 
 # ---- numerics ---------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def test_fp16_overflow_is_absorbed_by_grad_scaler(assets, tmp_path, monkeypatch)
     skipped = sum(r["skipped_steps"] for r in records)
     assert 0 < skipped < 10 and all(math.isfinite(r["loss"]) for r in records)  # skipped, counted, loss finite
     assert records[-1]["loss"] < records[0]["loss"] - 0.3  # and training went on
-    state = checkpoint.load_resume_state(checkpoint.latest_checkpoint(run_dir))
+    state = resume.load_resume_state(checkpoints.latest_checkpoint(run_dir))
     assert state["scaler"]["scale"] == 2.0 ** (22 - skipped)  # halved once per overflowing step
     assert all(int(s["step"]) == 12 - skipped for s in state["optimizer"]["state"].values())
     assert all(torch.isfinite(v).all() for v in state["model"].values())

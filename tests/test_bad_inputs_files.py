@@ -18,7 +18,8 @@ import torch
 from minimind_fast import pretrain
 from minimind_fast.interop import export_hf, load_weights
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.train import checkpoint
+from minimind_fast import checkpoints
+from minimind_fast.train import checkpoint, resume
 from pretrain_helpers import assets, read_metrics, tiny_flags  # noqa: F401
 from bad_input_helpers import (assert_clean, assert_user_error, one_thread, run_cli,  # noqa: F401
                                subprocess_pretrain, trained_run, write_lines)
@@ -42,13 +43,13 @@ def _truncated_pth(tmp_path, assets):
 
 
 def _truncated_safetensors(tmp_path, assets):
-    data = (checkpoint.latest_checkpoint(trained_run(assets, tmp_path / "src")) / "model.safetensors").read_bytes()
+    data = (checkpoints.latest_checkpoint(trained_run(assets, tmp_path / "src")) / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     return tmp_path / "cut.safetensors"
 
 
 def _corrupt_header(tmp_path, assets):
-    data = bytearray((checkpoint.latest_checkpoint(trained_run(assets, tmp_path / "src")) / "model.safetensors")
+    data = bytearray((checkpoints.latest_checkpoint(trained_run(assets, tmp_path / "src")) / "model.safetensors")
                      .read_bytes())
     data[8:16] = b"{not js:"  # the JSON header starts after its 8-byte length
     (tmp_path / "bad.safetensors").write_bytes(bytes(data))
@@ -106,28 +107,27 @@ def test_checkpoint_resume_with_another_model_size(assets, tmp_path, capsys):
     run_dir = trained_run(assets, tmp_path / "run")
     capsys.readouterr()
     code, err = run_cli(tiny_flags(assets, run_dir, max_steps=4, from_resume=1, hidden_size=64), capsys)
-    assert_user_error(code, err, "was trained with a different model", "hidden_size=64 (checkpoint: 32)",
-                      "drop those flags")
+    assert_user_error(code, err, "was trained with --hidden_size 32", "drop the flag")
     assert_clean(run_dir, empty=False)
 
 
 def test_checkpoint_resume_with_every_resume_state_unreadable(assets, tmp_path, capsys):
     run_dir = trained_run(assets, tmp_path / "run")
-    for ckpt in checkpoint.list_checkpoints(run_dir):
-        data = (ckpt / checkpoint.RESUME_FILE).read_bytes()
-        (ckpt / checkpoint.RESUME_FILE).write_bytes(data[: len(data) // 3])  # a damaged disk
+    for ckpt in checkpoints.list_checkpoints(run_dir):
+        data = (ckpt / checkpoints.RESUME_FILE).read_bytes()
+        (ckpt / checkpoints.RESUME_FILE).write_bytes(data[: len(data) // 3])  # a damaged disk
     capsys.readouterr()
     code, err = run_cli(tiny_flags(assets, run_dir, max_steps=4, from_resume=1), capsys)
-    line = assert_user_error(code, err, "no checkpoint in", "can be read", "truncated", "another --save_dir")
+    line = assert_user_error(code, err, "no checkpoint can be read", "can be read", "truncated", "another --save_dir")
     assert line.count("error:") == 1
     assert_clean(run_dir, empty=False)
 
 
 def test_checkpoint_resume_skips_an_unreadable_latest_state(assets, tmp_path, capsys):
     run_dir = trained_run(assets, tmp_path / "run")
-    older, latest = checkpoint.list_checkpoints(run_dir)[-2:]
-    data = (latest / checkpoint.RESUME_FILE).read_bytes()
-    (latest / checkpoint.RESUME_FILE).write_bytes(data[: len(data) // 3])
+    older, latest = checkpoints.list_checkpoints(run_dir)[-2:]
+    data = (latest / checkpoints.RESUME_FILE).read_bytes()
+    (latest / checkpoints.RESUME_FILE).write_bytes(data[: len(data) // 3])
     capsys.readouterr()
     assert pretrain.main([str(a) for a in tiny_flags(assets, run_dir, max_steps=3, from_resume=1)]) == 0
     out = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_checkpoint_resume_skips_an_unreadable_latest_state(assets, tmp_path, ca
 def test_from_weight_accepts_an_exported_hf_directory(assets, tmp_path, capsys):
     """--from_weight goes through interop.load_weights: an export_hf directory loads, exactly."""
     source = trained_run(assets, tmp_path / "src", steps=3)
-    config, state = load_weights(checkpoint.latest_checkpoint(source))
+    config, state = load_weights(checkpoints.latest_checkpoint(source))
     hf_dir = export_hf(state, config, tmp_path / "hf", tokenizer_dir=assets["tokenizer"], dtype="float32")
     assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "llama"
     captured = {}
@@ -182,7 +182,7 @@ def test_disk_full_at_the_write_keeps_the_previous_checkpoint(assets, tmp_path, 
     real_save = checkpoint._save_torch
 
     def full_disk(value, path):  # the resume state of step 4 gets half written, then ENOSPC
-        if Path(path).name == checkpoint.RESUME_FILE and value["progress"]["step"] == 4:
+        if Path(path).name == checkpoints.RESUME_FILE and value["train_state"]["step"] == 4:
             real_save(value, path)
             with open(path, "r+b") as handle:
                 handle.truncate(os.path.getsize(path) // 2)
@@ -193,10 +193,10 @@ def test_disk_full_at_the_write_keeps_the_previous_checkpoint(assets, tmp_path, 
     run_dir = tmp_path / "run"
     code, err = run_cli(tiny_flags(assets, run_dir, max_steps=6, save_interval=2), capsys)
     assert_user_error(code, err, "saving checkpoint step 4", "No space left on device",
-                      "the previous checkpoint is intact", "Free disk space", expected_code=1)
-    latest = checkpoint.latest_checkpoint(run_dir)
+                      "the earlier checkpoints are intact", "Free disk space", expected_code=1)
+    latest = checkpoints.latest_checkpoint(run_dir)
     assert latest.name == "step_00000002"
-    assert checkpoint.load_resume_state(latest)["progress"]["step"] == 2
+    assert resume.load_resume_state(latest)["train_state"]["step"] == 2
     load_weights(latest)
     load_weights(run_dir / "pretrain_32.pth")  # the run directory's mirror is the previous one, whole
     assert_clean(run_dir, empty=False)
@@ -217,14 +217,14 @@ def test_disk_write_failure_for_real_in_a_subprocess(assets, tmp_path, limit, fr
     """A real failed write in the child (RLIMIT_FSIZE: EFBIG where a full disk gives ENOSPC) ends in
     the one-line CheckpointError, exit 1, with the previous checkpoint and the mirror untouched."""
     run_dir = trained_run(assets, tmp_path / "run", steps=2)
-    before = checkpoint.latest_checkpoint(run_dir)
+    before = checkpoints.latest_checkpoint(run_dir)
     mirror = (run_dir / "pretrain_32.pth").read_bytes()
     result = subprocess_pretrain(tiny_flags(assets, run_dir, max_steps=4, save_interval=1, from_resume=1),
                                  preexec_fn=_limit_file_size(limit))
     assert_user_error(result.returncode, result.stderr, "saving checkpoint step 3", fragment,
-                      "the previous checkpoint is intact", expected_code=1)
-    assert checkpoint.latest_checkpoint(run_dir) == before
-    assert checkpoint.load_resume_state(before)["progress"]["step"] == 2
+                      "the earlier checkpoints are intact", expected_code=1)
+    assert checkpoints.latest_checkpoint(run_dir) == before
+    assert resume.load_resume_state(before)["train_state"]["step"] == 2
     assert (run_dir / "pretrain_32.pth").read_bytes() == mirror
     assert_clean(run_dir, empty=False)
 

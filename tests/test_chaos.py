@@ -1,4 +1,4 @@
-"""kill -9 chaos (issue 6): a tiny CPU pretraining run, SIGKILLed at random moments at least 10
+"""kill -9 chaos: a tiny CPU pretraining run, SIGKILLed at random moments at least 10
 times and resumed each time with --from_resume 1, ends bit-identical to an uninterrupted run of
 the same length; after every kill, every checkpoint directory marked complete reads back whole.
 
@@ -22,127 +22,22 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
-from minimind_fast.interop import load_weights
-from minimind_fast.tokenizer import load_tokenizer
-from minimind_fast.train import checkpoint
-from pretrain_helpers import assets, read_metrics, tiny_flags  # noqa: F401 (assets is a fixture)
+from minimind_fast import checkpoints
+from pretrain_helpers import (Child, assets, check_every_complete_checkpoint_loads, debris, final_state,  # noqa: F401
+                              no_orphans, read_metrics, tiny_flags)
 
 SEED = 20240606
 KILLS = 12
 STEPS = 80
-REPO = Path(__file__).resolve().parents[1]
-TEMP_NAMES = (".tmp-", ".trash-", ".write-test")
-
-
-class Child:
-    """`python -m minimind_fast.pretrain argv` with its output collected line by line."""
-
-    live: list["Child"] = []  # killed at the end of the test, should an assertion leave one running
-
-    def __init__(self, argv):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "minimind_fast.pretrain", *map(str, argv)], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-        Child.live.append(self)
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def resumed_step(self) -> int:
-        found = re.search(r"resumed \S+ at step (\d+)", self.output())
-        return int(found.group(1)) if found else 0
-
-    def training(self) -> bool:
-        return any(line.startswith("model ") for line in self.lines)
-
-    def logged_step(self) -> int:
-        steps = re.findall(r"step (\d+)/\d+ \|", self.output())
-        return int(steps[-1]) if steps else -1
-
-    def wait_until(self, condition, timeout: float = 60.0, poll: float = 0.0002) -> bool:
-        """True once condition() holds while the process still runs; False if it exited first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            if condition():
-                return True
-            time.sleep(poll)
-        raise AssertionError(f"timed out waiting; output so far:\n{self.output()[-3000:]}")
-
-    def kill(self) -> bool:
-        """SIGKILL; True if it landed on a running process."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout=60)
-        self.reader.join(timeout=10)
-        return code == -signal.SIGKILL
-
-    def finish(self, timeout: float = 180) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return code
-
-
-def debris(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.rglob("*") if p.name.startswith(TEMP_NAMES) or p.name.endswith(".tmp")]
-
-
-def check_every_complete_checkpoint_loads(run_dir: Path) -> list[int]:
-    """Every checkpoint marked complete reads back whole and self-consistent; returns their steps."""
-    root = run_dir / checkpoint.CHECKPOINTS_DIR
-    steps, config = [], None
-    if root.is_dir():  # a step_* directory only ever appears by renaming a complete temp directory
-        unmarked = [p.name for p in root.iterdir()
-                    if p.name.startswith("step_") and not (p / checkpoint.MARKER).is_file()]
-        assert not unmarked, unmarked
-    for ckpt in checkpoint.list_checkpoints(run_dir):
-        state = checkpoint.load_resume_state(ckpt)
-        step = int(ckpt.name.split("_")[1])
-        assert state["progress"]["step"] == step, ckpt
-        config, weights = load_weights(ckpt)  # model.safetensors, validated against its config.json
-        _, pth = load_weights(ckpt / "pretrain_32.pth", config)
-        for key, value in weights.items():
-            assert torch.equal(pth[key], value), (ckpt, key)
-            assert torch.equal(state["model"][key].half(), value), (ckpt, key)
-        assert set(state["optimizer"]["state"]) and len(state["rng"]) == 1
-        load_tokenizer(ckpt)
-        steps.append(step)
-    if (run_dir / "pretrain_32.pth").exists():  # the run directory's MiniMind mirror is always whole
-        load_weights(run_dir / "pretrain_32.pth", config)
-    if (run_dir / "tokenizer.json").exists():
-        load_tokenizer(run_dir)
-    return steps
-
-
-@pytest.fixture
-def no_orphans():
-    yield
-    for child in Child.live:
-        if child.proc.poll() is None:
-            child.proc.kill()
-            child.proc.wait()
-    Child.live.clear()
 
 
 def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     rng = random.Random(SEED)
-    flags = dict(max_steps=STEPS, save_interval=1, keep_checkpoints=2, dropout=0.1, log_interval=1, from_resume=1,
+    flags = dict(max_steps=STEPS, save_interval=1, keep_checkpoints=2, dropout=0.1, log_interval=1, from_resume="auto",
                  sample_tokens=0, batch_size=4, accumulation_steps=3)  # 7 steps an epoch, the last a partial window
 
     reference_dir = tmp_path / "reference"
@@ -150,7 +45,7 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     assert reference.finish() == 0, reference.output()[-3000:]
 
     run_dir = tmp_path / "chaos"
-    ckpt_root = run_dir / checkpoint.CHECKPOINTS_DIR
+    ckpt_root = run_dir / checkpoints.CHECKPOINTS_DIR
     modes = ["startup", "step", "save"] * (KILLS // 3)
     rng.shuffle(modes)
     log = []  # (mode, resumed at (None: killed before), latest complete step after the kill, a write cut short)
@@ -199,9 +94,8 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     assert check_every_complete_checkpoint_loads(run_dir)[-1] == STEPS
     assert not debris(run_dir), debris(run_dir)
 
-    expected = checkpoint.load_resume_state(checkpoint.latest_checkpoint(reference_dir))
-    result = checkpoint.load_resume_state(checkpoint.latest_checkpoint(run_dir))
-    assert result["progress"] == expected["progress"]
+    expected, result = final_state(reference_dir), final_state(run_dir)
+    assert {**result["train_state"], "run_id": ""} == {**expected["train_state"], "run_id": ""}
     assert result["model"].keys() == expected["model"].keys()
     for key, value in expected["model"].items():
         assert torch.equal(result["model"][key], value), key

@@ -1,4 +1,5 @@
-"""Checkpoints: round trips into a fresh model, layout, keep-last-K, crash safety, safe loading, RNG state."""
+"""Checkpoints: round trips into a fresh model, layout, crash safety, safe loading, resume-state
+validation, RNG state."""
 import json
 import os
 import pickle
@@ -11,7 +12,9 @@ import torch
 from minimind_fast.config import get_preset
 from minimind_fast.interop import load_weights
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.train import checkpoint
+from minimind_fast import checkpoints
+from minimind_fast.train import checkpoint, resume
+from minimind_fast.train.run_dir import RunDirectory
 
 CONFIG = dict(hidden_size=32, num_hidden_layers=2, vocab_size=300)
 
@@ -23,13 +26,18 @@ def tiny_model(seed=0, **overrides):
 
 def load_into(model, path, config=None):
     """What --from_weight does: resolve a run directory, load and validate, load_state_dict."""
-    _, state = load_weights(checkpoint.resolve_checkpoint_path(path), config or model.config)
+    _, state = load_weights(checkpoints.resolve_checkpoint_path(path), config or model.config)
     model.load_state_dict(state)
 
 
-def save(run_dir, step, model, keep=3):
-    return checkpoint.save_checkpoint(run_dir, step, model, {"progress": {"step": step}}, model.config, "pretrain",
-                                      keep=keep, run_id="run")
+def save(run_dir, step, model, healthy=True, run_id="run"):
+    """A checkpoint as the trainer writes it: the step's directory, then the mirror beside it."""
+    path = checkpoint.save_checkpoint(run_dir, step, model, {"train_state": {"step": step}}, model.config,
+                                      "pretrain_32.pth", run_id=run_id, healthy=healthy)
+    directory = RunDirectory(run_dir)
+    directory.run_id, directory.mirror_name = run_id, "pretrain_32.pth"
+    directory.after_save(path, healthy, keep=100)
+    return path
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -81,14 +89,16 @@ def test_prefixed_state_dicts_are_cleaned(tmp_path):
     assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
 
 
-def test_keep_last_k_and_latest_by_completion_order(tmp_path):
+def test_latest_is_by_completion_order_and_skips_unhealthy(tmp_path):
     model = tiny_model()
-    for step in (10, 20, 30, 40):
-        save(tmp_path, step, model, keep=2)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
-    # A fresh run saving into the same directory supersedes the old one even at a lower step.
-    save(tmp_path, 5, model, keep=2)
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000005"
+    for step in (10, 20, 30):
+        save(tmp_path, step, model)
+    save(tmp_path, 5, model)  # a lower step completed later is newer
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000005"
+    save(tmp_path, 40, model, healthy=False)
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000005"
+    assert checkpoints.latest_checkpoint(tmp_path, healthy_only=False).name == "step_00000040"
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path, healthy_only=False, run_id="other")] == []
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -107,15 +117,15 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
     monkeypatch.setattr(checkpoint, "_save_torch", full_disk)
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
-    with pytest.raises(checkpoint.CheckpointError, match="previous checkpoint is intact"):
+    with pytest.raises(checkpoint.CheckpointError, match="the disk is full.*earlier checkpoints are intact"):
         save(tmp_path, 20, model)
-    assert checkpoint.latest_checkpoint(tmp_path) == good
+    assert checkpoints.latest_checkpoint(tmp_path) == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010"]  # no debris
     assert (tmp_path / "pretrain_32.pth").read_bytes() == mirror_before
     fresh = tiny_model(seed=1)
     load_into(fresh, tmp_path)
     assert torch.equal(fresh.model.norm.weight, torch.ones(32))
-    assert checkpoint.load_resume_state(good)["progress"]["step"] == 10
+    assert torch.load(good / "resume.pt", weights_only=True)["train_state"]["step"] == 10
 
 
 def test_crash_debris_is_ignored_and_swept(tmp_path):
@@ -128,10 +138,10 @@ def test_crash_debris_is_ignored_and_swept(tmp_path):
     unmarked = tmp_path / "checkpoints" / "step_00000030"
     unmarked.mkdir()
     (unmarked / "model.safetensors").write_bytes(b"garbage")
-    assert checkpoint.latest_checkpoint(tmp_path) == good
+    assert checkpoints.latest_checkpoint(tmp_path) == good
     save(tmp_path, 40, model)
     assert not debris.exists()
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000040"
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000040"
 
 
 class _Exploit:
@@ -167,7 +177,7 @@ def test_truncated_and_corrupt_files_give_clear_errors(tmp_path):
         load_weights(tmp_path / "missing.safetensors")
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        checkpoint.resolve_checkpoint_path(tmp_path / "empty_run")
+        checkpoints.resolve_checkpoint_path(tmp_path / "empty_run")
 
 
 def test_weights_of_another_size_are_rejected(tmp_path):
@@ -185,12 +195,12 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = checkpoint.capture_rng_state()
+    state = resume.capture_rng_state()
     torch.save(state, tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    checkpoint.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    resume.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])

@@ -22,7 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minimind_fast.train import checkpoint, distributed
+from minimind_fast import checkpoints
+from minimind_fast.train import distributed, resume
 from pretrain_helpers import assets, read_metrics, tiny_flags  # noqa: F401 (assets is a fixture)
 
 pytestmark = pytest.mark.slow  # each torchrun starts 2 torch processes: 7-15 s on 2 cores
@@ -53,7 +54,7 @@ def clip_and_step_with_fault(*args, **kwargs):
 optim.clip_and_step = clip_and_step_with_fault
 sys.exit(record(pretrain.main)())
 '''
-FLAGS = dict(max_steps=8, batch_size=2, save_interval=2, log_interval=1, dropout=0.1, from_resume=1, sample_tokens=0)
+FLAGS = dict(max_steps=8, batch_size=2, save_interval=2, log_interval=1, dropout=0.1, from_resume="auto", sample_tokens=0)
 
 
 def torchrun(assets, tmp_path: Path, run_dir: Path, fault: str = "none", rank: int = 1, step: int = 0,
@@ -100,7 +101,7 @@ def reference(tmp_path_factory, assets):
     tmp_path = tmp_path_factory.mktemp("ddp_reference")
     result, _ = torchrun(assets, tmp_path, tmp_path / "run")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return tmp_path / "run", checkpoint.load_resume_state(checkpoint.latest_checkpoint(tmp_path / "run"))
+    return tmp_path / "run", resume.load_resume_state(checkpoints.latest_checkpoint(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -112,7 +113,7 @@ def test_one_rank_raising_ends_every_rank_promptly_with_the_error(assets, tmp_pa
     assert seconds < 60, seconds  # bounded: no rank waits out --ddp_timeout (1800 s)
     assert not leftover_workers(tmp_path)
     assert "step 2/8" in result.stdout and "step 4/8" not in result.stdout  # it stopped at the fault
-    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000002"  # the last good one
+    assert checkpoints.latest_checkpoint(tmp_path / "run").name == "step_00000002"  # the last good one
 
 
 @pytest.mark.parametrize("rank", [1, 0])
@@ -121,11 +122,12 @@ def test_killed_rank_restarts_and_continues_from_the_last_checkpoint(assets, tmp
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     run_dir = tmp_path / "run"
     first, _, second = result.stdout.partition(f"injecting SIGKILL on rank {rank} at step 5")
-    assert "starting fresh" in first and "step 4/8" in first and "step 5/8" not in first  # attempt 0, killed
+    assert "starting a fresh run" in first and "step 4/8" in first and "step 5/8" not in first  # attempt 0, killed
     assert f"resumed {run_dir}/checkpoints/step_00000004 at step 4" in second  # attempt 1, by torchrun
     reference_dir, expected = reference
-    state = checkpoint.load_resume_state(checkpoint.latest_checkpoint(run_dir))
-    assert state["progress"] == expected["progress"] and state["progress"]["step"] == 8
+    state = resume.load_resume_state(checkpoints.latest_checkpoint(run_dir))
+    assert {**state["train_state"], "run_id": ""} == {**expected["train_state"], "run_id": ""}
+    assert state["train_state"]["step"] == 8
     assert state["world_size"] == 2
     for key, value in expected["model"].items():
         assert torch.equal(state["model"][key], value), key

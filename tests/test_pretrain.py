@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from minimind_fast import generate, pretrain
+from minimind_fast import checkpoints, generate
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.train import checkpoint, cli, optim
-from pretrain_helpers import assets, read_metrics, tiny_flags  # noqa: F401 (assets is a fixture)
+from minimind_fast.train import checkpoint, cli, optim, resume
+from pretrain_helpers import assets, final_state, read_metrics, run, tiny_flags  # noqa: F401 (assets is a fixture)
 
 REQUIRED_FLAGS = (
     "--epochs --batch_size --learning_rate --accumulation_steps --grad_clip --dtype --log_interval --save_interval "
@@ -17,17 +17,6 @@ REQUIRED_FLAGS = (
     "--save_dir --preset --warmup_steps --warmup_ratio --min_lr --weight_decay --max_steps --seed --packing "
     "--num_workers --grad_checkpointing --tokenizer_path --eval_interval --from_weight --save_weight "
     "--keep_checkpoints --device").split()
-
-
-def run(argv) -> int:
-    try:
-        return pretrain.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
-
-
-def final_state(run_dir):
-    return checkpoint.load_resume_state(checkpoint.latest_checkpoint(run_dir))
 
 
 @contextlib.contextmanager
@@ -118,7 +107,7 @@ def test_run_logs_saves_evaluates_and_samples(assets, tmp_path, capsys):
     assert train[-1]["tokens_per_s"] > 0 and train[-1]["skipped_steps"] == 0
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30]
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_00000020", "step_00000030"]
+    assert [p.name for p in checkpoints.list_checkpoints(run_dir)] == ["step_00000020", "step_00000030"]
     assert (run_dir / "pretrain_32.pth").is_file() and (run_dir / "tokenizer.json").is_file()
     # generate from the run directory and from a weights file
     for ckpt in (run_dir, run_dir / "checkpoints" / "step_00000030" / "model.safetensors"):
@@ -140,20 +129,20 @@ def test_interrupted_and_resumed_run_is_bit_identical(assets, tmp_path, monkeypa
     straight = tmp_path / "straight"
     assert run(tiny_flags(assets, straight, **common)) == 0
     reference = final_state(straight)
-    rows = reference["progress"]["num_samples"]
+    rows = reference["train_state"]["num_samples"]
     if not extra:  # the packed epoch ends in a partial batch and a partial window
         assert math.ceil(rows / 4) % 3 != 0 and rows % 4 != 0
-    assert reference["progress"]["step"] == 2 * math.ceil(math.ceil(rows / 4) / 3)
-    assert reference["progress"]["epoch"] == 2
+    assert reference["train_state"]["step"] == 2 * math.ceil(math.ceil(rows / 4) / 3)
+    assert reference["train_state"]["epoch"] == 2
 
     resumed = tmp_path / "resumed"
     with interrupt_after_save(monkeypatch, interrupt_at):
         assert run(tiny_flags(assets, resumed, save_interval=interrupt_at, **common)) == 130
-    assert checkpoint.latest_checkpoint(resumed).name == f"step_{interrupt_at:08d}"
+    assert checkpoints.latest_checkpoint(resumed).name == f"step_{interrupt_at:08d}"
     assert run(tiny_flags(assets, resumed, save_interval=interrupt_at, from_resume=1, **common)) == 0
     assert f"at step {interrupt_at}" in capsys.readouterr().out
     result = final_state(resumed)
-    assert result["progress"] == reference["progress"]
+    assert {**result["train_state"], "run_id": ""} == {**reference["train_state"], "run_id": ""}
     for key, value in reference["model"].items():
         assert torch.equal(value, result["model"][key]), key
     for index, values in reference["optimizer"]["state"].items():
@@ -163,10 +152,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(assets, tmp_path, monkeypa
     assert {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r} == losses
 
 
-def test_resume_without_checkpoint_starts_fresh(assets, tmp_path, capsys):
-    assert run(tiny_flags(assets, tmp_path / "run", max_steps=2, from_resume=1)) == 0
-    assert "no complete checkpoint" in capsys.readouterr().out
-    assert final_state(tmp_path / "run")["progress"]["step"] == 2
+def test_resume_auto_without_checkpoint_starts_fresh(assets, tmp_path, capsys):
+    assert run(tiny_flags(assets, tmp_path / "run", max_steps=2, from_resume="auto")) == 0
+    assert final_state(tmp_path / "run")["train_state"]["step"] == 2
+    assert run(tiny_flags(assets, tmp_path / "run", max_steps=3, from_resume="auto")) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert final_state(tmp_path / "run")["train_state"]["step"] == 3
 
 
 def capture_gradients(monkeypatch):
@@ -248,9 +239,9 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(assets,
     monkeypatch.setattr(MiniMindForCausalLM, "forward", diverging)
     assert run(tiny_flags(assets, tmp_path / "run", max_steps=50, save_interval=3)) == 1
     err = capsys.readouterr().err
-    assert "NaN/inf for 5 consecutive optimizer steps from step 4" in err and "stopped at step 8" in err
+    assert "5 consecutive optimizer steps from step 4 had a NaN/inf loss" in err and "stopped at step 8" in err
     assert "Traceback" not in err
-    good = checkpoint.latest_checkpoint(tmp_path / "run")
+    good = checkpoints.latest_checkpoint(tmp_path / "run")
     assert good is not None and str(good) in err
-    state = checkpoint.load_resume_state(good)
+    state = resume.load_resume_state(good)
     assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -1,17 +1,24 @@
-"""Command line of `python -m minimind_fast.pretrain` (and `torchrun -m minimind_fast.pretrain`).
+"""Command line of the trainers (`python -m minimind_fast.pretrain`, also under torchrun): the
+flags, their checks, and how a run's flags are resolved from preset, checkpoint and command line.
 
 Flag names follow MiniMind's trainer/train_pretrain.py (--epochs --batch_size --learning_rate
 --accumulation_steps --grad_clip --dtype --log_interval --save_interval --hidden_size
 --num_hidden_layers --max_seq_len --use_moe --data_path --from_resume --use_wandb --use_compile
 --save_dir --save_weight --from_weight); 0/1 switches also accept the bare flag (`--use_moe`).
-Defaults that depend on the model size come from the preset: with no --preset, `demo` on CPU
-(a few minutes on 2 cores) and `minimind2-small` on a GPU (MiniMind's own settings).
-Invalid values end the program with one line naming the value and the fix, exit code 2.
+Abbreviations are not accepted (`--max_step` is an error that suggests `--max_steps`).
+
+Resolution: a fresh run fills every flag left unset from its preset's training defaults. A
+resumed run starts from the flags saved in its checkpoint; a flag given again on the command
+line either applies (with one `note:` line, old -> new), applies with a warning that the run is
+no longer bit-identical (the global batch), or is refused when it would change the model or the
+data stream under the saved position (`RESUME_REFUSED`). Errors are one line, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional
 
 from ..config import PRESETS, MiniMindConfig
@@ -24,6 +31,13 @@ PRESET_DEFAULTS = {
     "default": dict(batch_size=32, learning_rate=5e-4, accumulation_steps=8, max_seq_len=512,
                     log_interval=100, save_interval=1000, eval_interval=500),
 }
+# Flags that fix the model or the data stream: changing one under a saved position is refused.
+RESUME_REFUSED = ("preset", "hidden_size", "num_hidden_layers", "vocab_size", "use_moe", "dropout",
+                  "data_path", "seed", "val_fraction", "packing", "max_seq_len", "add_special_tokens",
+                  "save_weight")
+# Sound to change on resume (the sampler counts samples, so the order is kept), but not bit-identical.
+RESUME_REGROUPS = ("batch_size", "accumulation_steps")
+NOT_SAVED = ("from_resume", "save_dir", "from_weight", "device")  # per invocation, never restored
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,16 +49,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage dump, exit 2
-        fail(message)
+        fail(message, self.prog)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            options = [o for action in self._actions for o in action.option_strings]
+            word = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
+            close = difflib.get_close_matches(word, options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; see {self.prog} --help"
+            fail(f"unrecognized argument {word}{hint}", self.prog)
+        return parsed
 
 
-def fail(message: str) -> NoReturn:
-    """Print `PROG: error: message` as one line and exit with code 2 (a user error)."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+def fail(message, prog: str = PROG) -> NoReturn:
+    """Print `prog: error: message` as one line and exit with code 2 (a user error)."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
-def _number(kind, low=None, low_open=False, high=None, high_open=False, fix=""):
+def _number(kind, low=None, low_open=False, high=None, high_open=False):
     def parse(text: str):
         try:
             value = kind(text)
@@ -55,7 +79,7 @@ def _number(kind, low=None, low_open=False, high=None, high_open=False, fix=""):
         if too_low or too_high or value != value:
             lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
             upper = "" if high is None else f"{'<' if high_open else '<='} {high}"
-            raise argparse.ArgumentTypeError(f"{text} must be {' and '.join(p for p in (lower, upper) if p)}{fix}")
+            raise argparse.ArgumentTypeError(f"{text} must be {' and '.join(p for p in (lower, upper) if p)}")
         return value
     return parse
 
@@ -64,6 +88,7 @@ positive_int = _number(int, 1)
 non_negative_int = _number(int, 0)
 positive_float = _number(float, 0.0, low_open=True)
 non_negative_float = _number(float, 0.0)
+fraction = _number(float, 0.0, high=1.0, high_open=True)
 
 
 def _switch(text: str) -> int:
@@ -72,9 +97,15 @@ def _switch(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=PROG, description="Pretrain a MiniMind-family model (single process or torchrun DDP).",
-                            formatter_class=HelpFormatter)
+def _resume_mode(text: str) -> str:
+    if text not in ("0", "1", "auto"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0, 1 or auto")
+    return text
+
+
+def build_parser(prog: str = PROG, description: str = "Pretrain a MiniMind-family model "
+                 "(single process or torchrun DDP).") -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
     def switch(group, name, default, text):
         group.add_argument(name, type=_switch, nargs="?", const=1, default=default, help=f"{text} (0/1)")
@@ -101,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_seq_len", type=_number(int, 2), default=None,
                        help="tokens per row (default: 256 for demo, 512 otherwise)")
     switch(group, "--packing", 1, "concatenate documents into full rows (0: MiniMind's one padded document per row)")
+    group.add_argument("--add_special_tokens", choices=("auto", "always", "never"), default="auto",
+                       help="wrap each document in BOS/EOS: auto = unless the text already starts/ends with them")
     group.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    group.add_argument("--val_fraction", type=_number(float, 0.0, high=1.0, high_open=True), default=0.01,
+    group.add_argument("--val_fraction", type=fraction, default=0.01,
                        help="fraction of documents held out for validation (0 disables evaluation)")
 
     group = parser.add_argument_group("optimisation")
@@ -119,13 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="final learning rate of the cosine decay (default: learning_rate / 10)")
     group.add_argument("--warmup_steps", type=non_negative_int, default=None,
                        help="linear warmup steps (default: warmup_ratio * total steps)")
-    group.add_argument("--warmup_ratio", type=_number(float, 0.0, high=1.0, high_open=True), default=0.02,
+    group.add_argument("--warmup_ratio", type=fraction, default=0.02,
                        help="warmup as a fraction of the total steps, when --warmup_steps is not given")
     group.add_argument("--weight_decay", type=non_negative_float, default=0.1,
                        help="AdamW weight decay on weight matrices (never on norms, biases, embeddings)")
     group.add_argument("--grad_clip", type=non_negative_float, default=1.0,
                        help="clip the gradient norm to this (0: off)")
     group.add_argument("--seed", type=non_negative_int, default=42, help="base seed (rank r uses seed + r)")
+    group.add_argument("--max_bad_steps", type=positive_int, default=5,
+                       help="stop (exit 1) after this many consecutive optimizer steps with a NaN/inf loss or "
+                            "skipped for non-finite gradients")
 
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -143,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--save_interval", type=non_negative_int, default=None,
                        help="checkpoint every N optimizer steps, and at the end (0: only at the end; "
                             "default: 100 for demo, 1000 otherwise)")
-    group.add_argument("--keep_checkpoints", type=positive_int, default=3, help="keep the newest K checkpoints")
-    switch(group, "--from_resume", 0,
-           "continue from the newest complete checkpoint in --save_dir (fresh start if none)")
+    group.add_argument("--keep_checkpoints", type=positive_int, default=3,
+                       help="keep this run's newest K checkpoints (and always its newest healthy one)")
+    group.add_argument("--from_resume", type=_resume_mode, nargs="?", const="1", default="0",
+                       help="1: continue the run in --save_dir from its newest healthy checkpoint (an error if "
+                            "there is none); auto: continue it if there is one, else start fresh; 0: start "
+                            "fresh (an error if --save_dir already holds a run)")
     group.add_argument("--from_weight", default="none",
                        help="initial weights: a .safetensors/.pth file, a checkpoint or run directory, or a "
                             "MiniMind prefix resolved as {save_dir}/{from_weight}_{hidden_size}.pth "
@@ -157,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: 100 for demo, 500 otherwise)")
     group.add_argument("--eval_batches", type=positive_int, default=20,
                        help="validation batches per rank per evaluation")
-    switch(group, "--use_wandb", 0, "log to Weights & Biases (WANDB_MODE=offline works without network)")
-    group.add_argument("--wandb_project", default="minimind_fast", help="wandb project name")
+    group.add_argument("--tracker", choices=("none", "wandb", "swanlab", "tensorboard"), default="none",
+                       help="experiment tracker (TensorBoard also logs whenever it is installed)")
+    switch(group, "--use_wandb", 0, "MiniMind's spelling of --tracker wandb")
+    group.add_argument("--wandb_project", default="minimind_fast", help="tracker project name (wandb, swanlab)")
+    group.add_argument("--run_name", default=None, help="tracker run name (default: the run id)")
     group.add_argument("--sample_prompt", default="The",
                        help="prompt of the sample printed at the end of training")
     group.add_argument("--sample_tokens", type=non_negative_int, default=48,
@@ -166,38 +208,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Parse and check flags that need no device or data; exits 2 with one line on bad values."""
-    args = build_parser().parse_args(argv)
-    if args.min_lr is not None and args.learning_rate is not None and args.min_lr > args.learning_rate:
-        fail(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr")
+def parse_args(argv: Optional[list[str]] = None, make_parser=build_parser) -> tuple[argparse.Namespace, set[str]]:
+    """(flags, names of the flags given on the command line). Checks what needs no device or
+    data; exits 2 with one line on bad values."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    typed_only = make_parser()  # the same flags with no defaults: it sees only what was typed
+    for action in typed_only._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(typed_only.parse_args(argv)))
     if args.use_wandb:
+        args.tracker = "wandb"
+    if args.min_lr is not None and args.learning_rate is not None and args.min_lr > args.learning_rate:
+        fail(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr", parser.prog)
+    if args.tracker in ("wandb", "swanlab"):
         try:
-            import wandb  # noqa: F401
+            __import__(args.tracker)
         except ImportError:
-            fail("--use_wandb 1 needs the wandb package: pip install wandb (WANDB_MODE=offline logs without network)")
+            fail(f"--tracker {args.tracker} needs the {args.tracker} package: pip install {args.tracker}", parser.prog)
     if not args.save_weight or any(c in args.save_weight for c in "/\\"):
-        fail(f"--save_weight {args.save_weight!r} must be a plain file-name prefix such as 'pretrain'")
-    return args
+        fail(f"--save_weight {args.save_weight!r} must be a plain file-name prefix such as 'pretrain'", parser.prog)
+    return args, explicit
 
 
-def apply_preset_defaults(args: argparse.Namespace, preset: str) -> argparse.Namespace:
-    """Fill the flags left at None from the preset's training defaults."""
-    defaults = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["default"])
+def apply_preset_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left at None from the preset's training defaults (args.preset is set)."""
+    defaults = PRESET_DEFAULTS.get(args.preset, PRESET_DEFAULTS["default"])
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.min_lr is None:
         args.min_lr = args.learning_rate / 10
     elif args.min_lr > args.learning_rate:
-        fail(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr")
+        raise ValueError(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr")
     return args
 
 
-def check_model_flags(args: argparse.Namespace, preset: str) -> None:
+def resume_flags(args: argparse.Namespace, explicit: set[str], saved: dict, source: str,
+                 log=print) -> argparse.Namespace:
+    """The flags of a resumed run: those saved in `source`, then each flag given again on the
+    command line, applied with a note, or refused (ValueError) where it would change the model or
+    the data stream under the saved position."""
+    resolved = argparse.Namespace(**vars(args))
+    for name, value in saved.items():
+        if hasattr(resolved, name) and name not in NOT_SAVED:
+            setattr(resolved, name, value)
+    if args.from_weight.lower() != "none" and "from_weight" in explicit:
+        raise ValueError(f"--from_weight {args.from_weight} is not used when resuming (the run continues from "
+                         f"{source}); drop it, or start a new run in another --save_dir to begin from those weights")
+    for name in sorted(explicit - set(NOT_SAVED)):
+        old, new = saved.get(name, getattr(args, name)), getattr(args, name)
+        setattr(resolved, name, new)
+        if name == "use_wandb" or old == new or (name == "data_path" and _same_path(old, new)):
+            continue
+        if name in RESUME_REFUSED:
+            raise ValueError(f"--{name} {new}: {source} was trained with --{name} {old}, and changing it would "
+                             "change the model or the data under the saved position; drop the flag to resume, "
+                             "or start a new run (another --save_dir) with --from_weight to begin from its "
+                             "weights")
+        if name in RESUME_REGROUPS:
+            log(f"warning: --{name} {old} -> {new}: the data order is kept but the global batch changes, "
+                "so this run is no longer bit-identical to an uninterrupted one")
+        else:
+            log(f"note: --{name} {old} -> {new} (was {old} in {source})")
+    if resolved.min_lr > resolved.learning_rate:
+        raise ValueError(f"--min_lr {resolved.min_lr} exceeds --learning_rate {resolved.learning_rate}; "
+                         "use a smaller --min_lr")
+    return resolved
+
+
+def _same_path(a, b) -> bool:
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
     """ValueError when --hidden_size cannot be split into the preset's attention heads (there is
     no head-count flag: the fix is another --hidden_size)."""
-    values = PRESETS[preset]
+    values = PRESETS[args.preset]
     heads = values.get("num_attention_heads", MiniMindConfig.num_attention_heads)
     if args.hidden_size is None or "head_dim" in values:
         return
@@ -205,6 +292,6 @@ def check_model_flags(args: argparse.Namespace, preset: str) -> None:
         multiple = 2 * heads
         below, above = args.hidden_size // multiple * multiple, (args.hidden_size // multiple + 1) * multiple
         raise ValueError(f"--hidden_size {args.hidden_size} gives head_dim={args.hidden_size / heads:g} with the "
-                         f"{preset} preset's {heads} attention heads, but head_dim must be a whole even number; "
+                         f"{args.preset} preset's {heads} attention heads, but head_dim must be a whole even number; "
                          f"use a multiple of {multiple} (e.g. --hidden_size "
                          f"{f'{below} or {above}' if below else above})")

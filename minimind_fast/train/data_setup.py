@@ -1,14 +1,15 @@
 """Data for the training loop: default corpus and tokenizer, the token cache (built once, rank 0
-first), the held-out split, packed or padded datasets, the resumable sharded loaders, and the
-step count they imply. Wires minimind_fast.data together the way MiniMind's train_pretrain.py
-wires PretrainDataset + DistributedSampler.
+first), the held-out split, packed or padded datasets, and the resumable sharded loaders. Wires
+minimind_fast.data together the way MiniMind's train_pretrain.py wires PretrainDataset +
+DistributedSampler.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..corpus import build_default_corpus
 from ..data import (DataError, PackedDataset, PaddedDataset, ResumableSampler, build_token_cache, make_dataloader,
@@ -17,18 +18,33 @@ from ..tokenizer import default_tokenizer_path, tokenizer_file
 from . import distributed
 
 
-def build_data(args, config, context, resumed_from=None):
+class TrainingData(NamedTuple):
+    loader: DataLoader
+    sampler: ResumableSampler
+    val_loader: Optional[DataLoader]
+    tokenizer_dir: Path
+    data_path: Path  # the file the rows come from, resolved
+    data_digest: str  # content digest of that file (the token cache's fingerprint)
+    num_samples: int  # training rows per epoch
+
+
+def check_tokenizer(tokenizer_dir: Path, checkpoint_dir: Optional[Path]) -> None:
+    """A resumed run must keep the tokenizer it was trained with (else token ids change meaning)."""
+    saved = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir is not None else None
+    current = tokenizer_file(tokenizer_dir)
+    if saved is not None and saved.is_file() and saved.read_bytes() != current.read_bytes():
+        raise ValueError(f"the tokenizer {current} is not the one {checkpoint_dir} was trained with, so token ids "
+                         f"would change meaning; pass --tokenizer_path {checkpoint_dir} (its copy), or start a new "
+                         "run in another --save_dir")
+
+
+def build_data(args, config, context, resumed_from: Optional[Path] = None) -> TrainingData:
     """Corpus -> tokenizer -> token cache (built once by rank 0, then opened by the others: only
-    rank 0 reads the whole data file to fingerprint it) -> train/val datasets and loaders.
-    resumed_from: the checkpoint being resumed; its tokenizer must be the one in use."""
+    rank 0 reads the whole data file to fingerprint it) -> train/val datasets and loaders."""
     with distributed.main_rank_first(context):
-        data_path = args.data_path or build_default_corpus()
+        data_path = Path(args.data_path or build_default_corpus()).expanduser().resolve()
         tokenizer_dir = Path(args.tokenizer_path or default_tokenizer_path(config.vocab_size))
-        saved = Path(resumed_from) / "tokenizer.json" if resumed_from is not None else None
-        if saved is not None and saved.is_file() and saved.read_bytes() != tokenizer_file(tokenizer_dir).read_bytes():
-            raise ValueError(f"the tokenizer {tokenizer_file(tokenizer_dir)} is not the one {resumed_from} was trained "
-                             f"with, so token ids would change meaning; pass --tokenizer_path {resumed_from} (its "
-                             "copy), or start a new run in another --save_dir")
+        check_tokenizer(tokenizer_dir, resumed_from)
         if context.is_main:
             cache = build_token_cache(data_path, tokenizer_dir, progress=True)
     digest = distributed.broadcast_object(cache.data_digest if context.is_main else None, context)
@@ -44,29 +60,26 @@ def build_data(args, config, context, resumed_from=None):
     if len(ResumableSampler(len(train_set), args.seed, 0, 0, context.world_size)) == 0:
         raise DataError(f"{data_path}: {len(train_set)} training rows cannot feed {context.world_size} ranks; "
                         "add data or lower --max_seq_len")
-    val_loader = None
-    if len(val_ids):
-        try:
-            val_set = dataset_class(cache, val_ids, args.max_seq_len)
-            val_sampler = ResumableSampler(len(val_set), args.seed, 0, context.rank, context.world_size, shuffle=False)
-            if len(val_sampler):
-                val_loader = make_dataloader(val_set, args.batch_size, val_sampler)
-                val_loader.generator = torch.Generator().manual_seed(args.seed)
-        except DataError:  # held-out documents too short for one row: evaluate nothing
-            pass
     sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size)
     loader = make_dataloader(train_set, args.batch_size, sampler, args.num_workers,
                              pin_memory=context.device.type == "cuda")
     # Worker seeds come from this generator, not the global RNG, so creating an iterator never
     # shifts the training RNG stream (exact resume).
     loader.generator = torch.Generator().manual_seed(args.seed + context.rank)
-    return loader, sampler, val_loader, tokenizer_dir
+    return TrainingData(loader, sampler, _validation_loader(cache, val_ids, dataset_class, args, context),
+                        tokenizer_dir, data_path, cache.data_digest, len(train_set))
 
 
-def remaining_steps(num_samples, epoch, consumed, args, world_size) -> int:
-    """Optimizer steps left in epochs [epoch, args.epochs) from `consumed` samples into `epoch`."""
-    steps = 0
-    for e in range(epoch, args.epochs):
-        rows = len(ResumableSampler(num_samples, 0, 0, 0, world_size, consumed if e == epoch else 0))
-        steps += math.ceil(math.ceil(rows / args.batch_size) / args.accumulation_steps)
-    return steps
+def _validation_loader(cache, val_ids, dataset_class, args, context) -> Optional[DataLoader]:
+    if not len(val_ids):
+        return None
+    try:
+        val_set = dataset_class(cache, val_ids, args.max_seq_len)
+    except DataError:  # held-out documents too short for one row: evaluate nothing
+        return None
+    val_sampler = ResumableSampler(len(val_set), args.seed, 0, context.rank, context.world_size, shuffle=False)
+    if not len(val_sampler):
+        return None
+    loader = make_dataloader(val_set, args.batch_size, val_sampler)
+    loader.generator = torch.Generator().manual_seed(args.seed)
+    return loader

@@ -30,6 +30,7 @@ class DistContext:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    control_group: Any = None  # a gloo group for small host-side agreements (None: the default group)
 
     @property
     def distributed(self) -> bool:
@@ -83,6 +84,8 @@ def init_distributed(device_name: Optional[str] = None, timeout_s: float = 1800.
         store = _restart_safe_store(world_size, timeout)
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
                                 **({} if store is None else dict(store=store, rank=rank, world_size=world_size)))
+        if backend != "gloo":  # host-side agreements never wait on the accelerator's stream
+            context.control_group = dist.new_group(backend="gloo", timeout=timeout)
     return context
 
 
@@ -167,3 +170,12 @@ def broadcast_object(value: Any, context: DistContext) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def max_over_ranks(value: int, context: DistContext) -> int:
+    """The largest of every rank's `value`, over the CPU control group (no device sync)."""
+    if not context.distributed:
+        return value
+    box = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=context.control_group)
+    return int(box.item())

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..fileio import describe_write_error
+
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets: (bf16/fp16 tensor core, fp32 without TF32).
 PEAK_FLOPS = {
     "H200": (989e12, 67e12),
@@ -81,6 +83,21 @@ def format_record(record: dict[str, Any], total_steps: int, show_aux: bool = Fal
     return " | ".join(parts)
 
 
+def train_record(values: dict[str, float], step: int, epoch: int, lr: float, flops_per_token: float,
+                 seq_len: int, peak: Optional[float], context, total_steps: int) -> dict[str, Any]:
+    """One metrics.jsonl record from IntervalMeter.reduce's totals. Throughput counts every token
+    processed (tokens_per_s, tflops: padding included, which the model computes on) and the
+    tokens that carry loss (scored_tokens_per_s)."""
+    elapsed = values["elapsed"]
+    flops = flops_per_token * values["rows"] * seq_len / elapsed
+    return {"step": step, "epoch": epoch, "loss": values["loss"], "aux_loss": values["aux_loss"], "lr": lr,
+            "grad_norm": values["grad_norm"], "skipped_steps": values["skipped_steps"],
+            "tokens_per_s": values["tokens"] / elapsed, "scored_tokens_per_s": values["scored_tokens"] / elapsed,
+            "tflops": flops / 1e12, "mfu": flops / (peak * context.world_size) if peak else None,
+            "peak_mem_gb": peak_memory_gb(context.device),
+            "eta_s": (total_steps - step) * elapsed / max(values["steps"], 1)}
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records after `last_step` (written by a run that died before its next checkpoint),
     so a resumed run's metrics file reads as one continuous run."""
@@ -99,34 +116,92 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+class MetricsError(RuntimeError):
+    """metrics.jsonl could not be written (disk full, permissions); the file is left as it was."""
+
+
+class IntervalMeter:
+    """What a log line reports about the steps since the previous one. Step values are summed on
+    the device (no host sync per step); token and row counts are host integers; `reduce` does
+    one all-reduce and returns named totals over all ranks."""
+
+    STEP_FIELDS = ("loss", "aux_loss", "grad_norm", "skipped_steps")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.STEP_FIELDS), dtype=torch.float32, device=self.device)
+        self.tokens = self.scored_tokens = self.rows = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add_batch(self, rows: int, tokens: int, scored_tokens: int) -> None:
+        self.rows, self.tokens, self.scored_tokens = self.rows + rows, self.tokens + tokens, \
+            self.scored_tokens + scored_tokens
+
+    def add_step(self, loss: torch.Tensor, aux_loss: torch.Tensor, grad_norm: torch.Tensor,
+                 skipped: torch.Tensor) -> None:
+        """Per-step 0-d tensors; the norm of a skipped step is not averaged in (it is inf/NaN)."""
+        self.sums += torch.stack([loss.float(), aux_loss.float(), torch.nan_to_num(grad_norm * (1 - skipped)),
+                                  skipped.float()])
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        """Exclude `seconds` (evaluation, saving) from the interval's elapsed time."""
+        self.start += seconds
+
+    def reduce(self, context, distributed) -> dict[str, float]:
+        counts = torch.tensor([self.tokens, self.scored_tokens, self.rows], dtype=torch.float64)
+        totals = distributed.all_reduce(torch.cat([self.sums.double(), counts.to(self.device)]), context).tolist()
+        ranks, steps = context.world_size, max(self.steps, 1)
+        values = dict(zip(self.STEP_FIELDS + ("tokens", "scored_tokens", "rows"), totals))
+        values["loss"] /= ranks * steps
+        values["aux_loss"] /= ranks * steps
+        done = steps - values["skipped_steps"] / ranks
+        values["grad_norm"] /= ranks * max(done, 1)
+        values["skipped_steps"] = values["skipped_steps"] / ranks
+        values["elapsed"] = max(time.perf_counter() - self.start, 1e-9)
+        values["steps"] = self.steps
+        return values
+
+
 class Reporter:
-    """Rank 0's output: a tqdm bar on a terminal (plain lines otherwise), metrics.jsonl, and
-    wandb/TensorBoard when enabled/installed. On other ranks every method is a no-op."""
+    """Rank 0's output: a tqdm bar on a terminal (plain lines otherwise), metrics.jsonl, the
+    tracker (wandb or swanlab) when asked for, and TensorBoard whenever it is installed. On other
+    ranks every method is a no-op."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int,
-                 use_wandb: bool = False, wandb_project: str = "minimind_fast", run_id: str = "",
-                 run_config: Optional[dict] = None):
+                 tracker: str = "none", project: str = "minimind_fast", run_id: str = "",
+                 run_name: Optional[str] = None, run_config: Optional[dict] = None):
         self.enabled = enabled
-        self.bar = self.wandb = self.tensorboard = self.jsonl = None
+        self.bar = self.tracker = self.tensorboard = self.jsonl = None
         if not enabled:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.jsonl = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
-        if use_wandb:
+        if tracker == "wandb":
             import wandb  # checked by the CLI; WANDB_MODE=offline logs without network
 
-            self.wandb = wandb.init(project=wandb_project, id=run_id or None, resume="allow",
-                                    dir=str(run_dir), config=run_config or {})
+            self.tracker = wandb.init(project=project, id=run_id or None, name=run_name or run_id or None,
+                                      resume="allow", dir=str(run_dir), config=run_config or {})
+        elif tracker == "swanlab":
+            import swanlab  # checked by the CLI
+
+            self.tracker = swanlab.init(project=project, experiment_name=run_name or run_id or None,
+                                        config=run_config or {}, logdir=str(Path(run_dir) / "swanlog"))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the tensorboard package is optional
             SummaryWriter = None
-        if SummaryWriter is not None:
+        if SummaryWriter is not None or tracker == "tensorboard":
+            if SummaryWriter is None:
+                raise ValueError("--tracker tensorboard needs the tensorboard package: pip install tensorboard")
             self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self.start = time.perf_counter()
 
     def print(self, message: str) -> None:
         if not self.enabled:
@@ -136,16 +211,29 @@ class Reporter:
         else:
             print(message, flush=True)
 
+    def _append(self, line: str) -> None:
+        """One whole line or nothing: a failed write is cut back off the file."""
+        position = self.jsonl.tell()
+        try:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        except OSError as error:
+            try:
+                self.jsonl.truncate(position)
+            except OSError:
+                pass  # readers skip a line cut short
+            raise MetricsError(f"writing {self.path} failed: {describe_write_error(error, self.path.parent)}"
+                               ) from error
+
     def record(self, values: dict[str, Any], line: Optional[str] = None, advance_to: Optional[int] = None) -> None:
         """Append `values` (must hold "step") to the sinks and show `line`."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(values) + "\n")
-        self.jsonl.flush()
+        self._append(json.dumps(values) + "\n")
         step = values["step"]
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=step)
+        if self.tracker is not None:
+            self.tracker.log(numbers, step=step)
         if self.tensorboard is not None:
             for key, value in numbers.items():
                 self.tensorboard.add_scalar(key, value, step)
@@ -157,15 +245,20 @@ class Reporter:
             self.print(line)
 
     def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
         if not self.enabled:
             return
+        self.enabled = False
         if self.bar is not None:
             self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.tracker is not None:
+            self.tracker.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        self.jsonl.close()
+        try:
+            self.jsonl.close()
+        except OSError:
+            pass  # every record was flushed (or cut back) when written
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> Optional[Path]:
