@@ -34,6 +34,12 @@ def _(x, weight, ends):
     return x.new_empty((x.shape[0], weight.shape[1]))
 
 
+def zero_empty_groups(grad_weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """grad_weight: (G, M, K) with the groups that own no row (ends[g] == ends[g-1]) zeroed."""
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+    return grad_weight.masked_fill((sizes == 0).view(-1, 1, 1), 0)
+
+
 @torch.library.custom_op("minimind_fast::grouped_linear_backward", mutates_args=())
 def grouped_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                             ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +51,7 @@ def grouped_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     if grad_weight.is_cuda:
         # grouped_mm's weight gradient of an empty group is not zero on every GPU
         # (https://github.com/pytorch/pytorch/issues/172439)
-        sizes = torch.diff(ends, prepend=ends.new_zeros(1))
-        grad_weight = grad_weight.masked_fill((sizes == 0).view(-1, 1, 1), 0)
+        grad_weight = zero_empty_groups(grad_weight, ends)
     return grad_x, grad_weight
 
 

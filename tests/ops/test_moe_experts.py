@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import assert_close
 from minimind_fast import compat
 from minimind_fast.ops import gather_pairs, grouped_linear, moe_experts, permute_rows, use_backend
+from minimind_fast.ops.grouped_linear import zero_empty_groups
 from minimind_fast.ops.moe_reference import grouped_linear_reference, moe_experts_reference
 
 GROUPED_LINEAR = torch.ops.minimind_fast.grouped_linear.default
@@ -85,6 +86,14 @@ def test_grouped_linear_auto_runs_grouped_mm_where_it_can(monkeypatch):
     assert len(calls) == 3
     with pytest.raises(ValueError, match="'grouped_mm' cannot run torch.float64"):
         grouped_linear(x64, weight64, ends, backend="grouped_mm")
+
+
+def test_zero_empty_groups():
+    """The CUDA backward's guard: the weight gradient of a group without rows is zero."""
+    grad_weight = torch.randn(len(SIZES), 4, 3)
+    zeroed = zero_empty_groups(grad_weight, ends_of(SIZES))
+    for g, size in enumerate(SIZES):
+        assert torch.equal(zeroed[g], torch.zeros(4, 3) if size == 0 else grad_weight[g])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
