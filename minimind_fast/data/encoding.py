@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -104,6 +102,8 @@ def _cut(text: str, start: int, end: int) -> int:
 
 
 def _chunks(text: str, size: int) -> list[str]:
+    if len(text) <= size:
+        return [text]
     out, start = [], 0
     while len(text) - start > size:
         end = _cut(text, start, start + size)
@@ -113,25 +113,29 @@ def _chunks(text: str, size: int) -> list[str]:
     return out
 
 
-@dataclass
 class Document:
-    """One document being encoded: the text's own ids plus the special ids around them."""
+    """One encoded document: line_number (of its text in the data file), text_ids (n,) (the
+    text's own ids, a leading BOS / trailing EOS marker excluded) and the special ids around them
+    (prefix, suffix)."""
 
-    line_number: int
-    prefix: tuple[int, ...]
-    suffix: tuple[int, ...]
-    parts: list[np.ndarray] = field(default_factory=list)
+    __slots__ = ("line_number", "prefix", "suffix", "parts", "text_ids")
 
-    @cached_property
-    def text_ids(self) -> np.ndarray:
-        """(n,) ids of the text, the leading BOS / trailing EOS marker excluded."""
-        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+    def __init__(self, line_number: int, prefix: tuple[int, ...], suffix: tuple[int, ...]):
+        self.line_number, self.prefix, self.suffix = line_number, prefix, suffix
+        self.parts: list[np.ndarray] = []  # ids of its pieces, until the last one is encoded
+        self.text_ids: np.ndarray | None = None
+
+    def finish(self) -> Document:
+        self.text_ids = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        self.parts = []
+        return self
 
 
 def _edges(text: str, mode: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """(text without its leading BOS / trailing EOS marker, prefix ids, suffix ids)."""
     lead, trail = text.startswith(BOS_TEXT), text.endswith(EOS_TEXT)
-    body = text[len(BOS_TEXT) if lead else 0:len(text) - len(EOS_TEXT) if trail else len(text)]
+    body = text[len(BOS_TEXT) if lead else 0:len(text) - len(EOS_TEXT) if trail else len(text)] \
+        if lead or trail else text
     own_bos, own_eos = (BOS_TOKEN_ID,) * lead, (EOS_TOKEN_ID,) * trail
     if mode == "always":
         return body, (BOS_TOKEN_ID,) + own_bos, own_eos + (EOS_TOKEN_ID,)
@@ -165,7 +169,7 @@ def encode_documents(tokenizer: Tokenizer, texts: Iterable[tuple[int, str]],
             doc.parts.append(flat[start:start + length])
             start += length
             if last:
-                finished.append(doc)
+                finished.append(doc.finish())
         units.clear()
         return finished
 
@@ -187,10 +191,20 @@ def encode_documents(tokenizer: Tokenizer, texts: Iterable[tuple[int, str]],
 
 def join(documents: list[Document], dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, lengths): the documents back to back with their special ids, and each length."""
-    pieces, lengths = [], np.empty(len(documents), dtype=np.int64)
-    for i, doc in enumerate(documents):
-        text = doc.text_ids
-        pieces += [np.asarray(doc.prefix, dtype=dtype), text, np.asarray(doc.suffix, dtype=dtype)]
-        lengths[i] = len(doc.prefix) + len(text) + len(doc.suffix)
-    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-    return tokens.astype(dtype, copy=False), lengths
+    prefixes = np.fromiter(map(len, (d.prefix for d in documents)), np.int64, len(documents))
+    suffixes = np.fromiter(map(len, (d.suffix for d in documents)), np.int64, len(documents))
+    texts = [d.text_ids for d in documents]
+    lengths = prefixes + suffixes + np.fromiter(map(len, texts), np.int64, len(documents))
+    starts = np.cumsum(lengths) - lengths
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    is_text = np.ones(len(tokens), dtype=bool)
+    ends = starts + lengths
+    for counts, offsets, ids in ((prefixes, starts, (d.prefix for d in documents)),
+                                 (suffixes, ends - suffixes, (d.suffix for d in documents))):
+        # position j of document i's prefix (suffix) is offsets[i] + j
+        first = np.repeat(offsets - (np.cumsum(counts) - counts), counts)
+        where = first + np.arange(int(counts.sum()))
+        tokens[where] = np.fromiter(itertools.chain.from_iterable(ids), dtype, len(where))
+        is_text[where] = False
+    tokens[is_text] = np.concatenate(texts) if texts else np.empty(0, dtype=dtype)
+    return tokens, lengths
