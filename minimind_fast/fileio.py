@@ -68,19 +68,21 @@ def copy_file_atomic(source: Path, target: Path) -> None:
 
 
 def describe_write_error(error: OSError, directory: Path) -> str:
-    """What went wrong in words a user can act on: a full disk is named as such (torch's and
-    safetensors' writers lose the errno, so free space is checked as well)."""
+    """Why a write into `directory` failed, in words a user acts on: "disk full" is named as such
+    (torch's zip writer loses the errno, so free space is checked as well)."""
     code = getattr(error, "errno", None)
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
         free = None
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"the disk is full ({error})"
+    if code == errno.ENOSPC:
+        return f"disk full ({error})"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded ({error})"
     if code == errno.EFBIG:
-        return f"a file size limit was reached ({error})"
+        return f"file size limit reached ({error})"
     if free is not None and free < 16 << 20:
-        return f"the disk is full, {free >> 20} MiB left ({error})"
+        return f"disk full, {free >> 20} MiB left ({error})"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied ({error})"
     if code == errno.ENOENT:

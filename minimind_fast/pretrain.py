@@ -26,8 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from . import compat
 from .constants import IGNORE_INDEX
 from .data import count_tokens
+from .inference import sample_text
 from .model import MiniMindForCausalLM, count_parameters
 from .checkpoints import CONFIG_FILE, TOKENIZER_FILES
+from .data.tokenizer import load_tokenizer
+from .dtypes import default_dtype_name, resolve_dtype
 from .fileio import copy_file_atomic, describe_write_error, write_json_atomic
 from .train import checkpoint, cli, data_setup, distributed, metrics, optim, precision, prepare
 from .train.health import Health, TrainingUnhealthy, weights_finite
@@ -127,7 +130,7 @@ def setup(args, explicit: set[str], context, task: Task) -> Run:
         source, saved = prepare.load_resume(candidates, log)
         args = prepare.resolve_flags(args, explicit, saved, source, context.device, log)
         config = prepare.model_config(args, saved)
-        dtype = precision.resolve_dtype(args.dtype or precision.default_dtype_name(context.device), context.device)
+        dtype = resolve_dtype(args.dtype or default_dtype_name(context.device), context.device)
         args.dtype = str(dtype).replace("torch.", "")
         data = task.build_data(args, config, context, source)
         args.data_path = str(data.data_path)
@@ -364,9 +367,6 @@ def finish(run: Run) -> None:
     print(f"done: {run.state.step} steps; weights in {run.run_dir.path}" + (f"; loss curve {png}" if png else ""),
           flush=True)
     if run.args.sample_tokens:
-        from .generate import sample_text
-        from .tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(run.data.tokenizer_dir)
         text = sample_text(run.model, tokenizer, run.args.sample_prompt, run.args.sample_tokens, seed=run.args.seed)
         print(f"sample: {text}", flush=True)

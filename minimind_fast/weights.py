@@ -4,14 +4,12 @@
   (PyTorch's own guidance for untrusted checkpoints); one-line errors for bad files.
 - `load_safetensors(files)` / `save_safetensors(tensors, path)`: safetensors files; a failed
   write is an OSError carrying the errno, and the file gets the mode any new file gets.
-- `write_error_reason(error)`: "disk full", "file size limit reached", ... for a failed write.
 - `strip_wrapper_prefixes(state)`: drop DDP's `module.` and torch.compile's `_orig_mod.`.
 - `check_weights(state, source)`: floating-point dtypes and finite values only.
 - `validate_state_dict(state, config)`: all of the above plus keys and shapes against our model.
 """
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
@@ -94,18 +92,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: PathLike,
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
     # safetensors creates the file owner-only; give it the mode of every other new file
     os.chmod(path, _new_file_mode())
-
-
-def write_error_reason(error: OSError) -> str:
-    """Why a write failed, in words a user acts on."""
-    reasons = {errno.ENOSPC: "disk full (No space left on device)",
-               errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file size limit reached (File too large)"}
-    if error.errno in reasons:
-        return reasons[error.errno]
-    if error.errno:
-        return os.strerror(error.errno)
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---- checking -----------------------------------------------------------------------------------

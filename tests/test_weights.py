@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from interop_helpers import tiny_config, tiny_model, write_checkpoint_dir
-from minimind_fast import weights
+from minimind_fast import fileio, weights
 from minimind_fast.interop import export_hf, import_hf, load_weights, validate_state_dict
 
 KEY = "model.layers.1.mlp.up_proj.weight"
@@ -133,7 +133,7 @@ def test_save_safetensors_uses_the_mode_of_any_new_file(tmp_path):
 
 @pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "disk full"),
                                           (errno.EFBIG, "file size limit"),
-                                          (errno.EACCES, "Permission denied")])
+                                          (errno.EACCES, "permission denied")])
 def test_save_safetensors_reports_the_cause(tmp_path, monkeypatch, code, reason):
     import safetensors.torch
     from safetensors import SafetensorError
@@ -145,7 +145,7 @@ def test_save_safetensors_reports_the_cause(tmp_path, monkeypatch, code, reason)
     with pytest.raises(OSError) as error:
         weights.save_safetensors({"a": torch.ones(3)}, tmp_path / "model.safetensors")
     assert error.value.errno == code
-    assert reason in weights.write_error_reason(error.value)
+    assert reason in fileio.describe_write_error(error.value, tmp_path)
 
 
 # ---- imports run one way -------------------------------------------------------------------------

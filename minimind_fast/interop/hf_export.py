@@ -26,7 +26,8 @@ from tokenizers import Tokenizer
 
 from ..config import MiniMindConfig
 from ..dtypes import DTYPES
-from ..weights import save_safetensors, validate_state_dict, write_error_reason
+from ..fileio import describe_write_error
+from ..weights import save_safetensors, validate_state_dict
 from .hf_config import HF_ARCHITECTURES, hf_architecture, to_hf_config
 
 PathLike = Union[str, Path]
@@ -264,7 +265,7 @@ def export_hf(weights: Union[dict, torch.nn.Module], config: MiniMindConfig, out
         _write_atomically(out, write)
     except OSError as error:
         what = out / writing if writing else out
-        failure = ExportWriteError(f"writing {what} failed: {write_error_reason(error)}; {out} was "
+        failure = ExportWriteError(f"writing {what} failed: {describe_write_error(error, out.parent)}; {out} was "
                                    "left as it was (free disk space or pick another --out)")
         failure.errno = error.errno
         raise failure from error

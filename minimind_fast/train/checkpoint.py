@@ -26,7 +26,6 @@ is newest) and train/resume.py (the resume state). Follows MiniMind's `lm_checkp
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -39,9 +38,9 @@ import torch.nn as nn
 from ..checkpoints import (CHECKPOINTS_DIR, CONFIG_FILE, MARKER, RESUME_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
                            list_checkpoints, read_marker)
 from ..fileio import describe_write_error, fsync_dir, fsync_file, write_json_atomic
+from ..weights import save_safetensors, strip_wrapper_prefixes
 from .resume import FORMAT_VERSION
 
-_PREFIX_PATTERN = re.compile(r"(?<![^.])(?:module|_orig_mod)\.")  # at the start or after a dot
 
 
 class CheckpointError(RuntimeError):
@@ -57,20 +56,12 @@ def minimind_weight_name(save_weight: str, hidden_size: int, use_moe: bool) -> s
     return f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}.pth"
 
 
-def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes (at any nesting level)."""
-    return {_PREFIX_PATTERN.sub("", key): value for key, value in state_dict.items()}
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-
 def inference_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Half-precision CPU copy of the model's weights; tensors shared in the model (a tied
     lm_head) stay shared, so each is converted and stored once."""
     converted: dict[tuple, torch.Tensor] = {}
     result = {}
-    for key, tensor in clean_state_dict(model.state_dict()).items():
+    for key, tensor in strip_wrapper_prefixes(model.state_dict()).items():
         identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if identity not in converted:
             converted[identity] = tensor.detach().to("cpu", dtype).contiguous()
@@ -79,17 +70,10 @@ def inference_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -
 
 
 def _save_safetensors(weights: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     tensors = dict(weights)
     if tied and "lm_head.weight" in tensors:  # stored once, restored by interop.load_weights
         del tensors["lm_head.weight"]
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()})
-    except SafetensorError as error:  # how safetensors reports a failed write (disk full, file too large)
-        raise OSError(f"writing {path.name} failed: {error}") from error
-    os.chmod(path, 0o644)  # safetensors creates it owner-only; the checkpoint's other files are 0644
+    save_safetensors(tensors, path, metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()})
 
 
 def _save_torch(value: Any, path: Path) -> None:
@@ -145,7 +129,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         fsync_file(tmp / WEIGHTS_FILE)
         _save_torch(weights, tmp / mirror_name)
         state = dict(resume_state, format_version=FORMAT_VERSION, run_id=run_id, config=config.to_dict(),
-                     model=clean_state_dict(model.state_dict()))
+                     model=strip_wrapper_prefixes(model.state_dict()))
         _save_torch(state, tmp / RESUME_FILE)
         write_json_atomic(tmp / CONFIG_FILE, config.to_dict())
         for name in TOKENIZER_FILES:

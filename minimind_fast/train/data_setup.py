@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..corpus import build_default_corpus
 from ..data import (DataError, PackedDataset, PaddedDataset, ResumableSampler, build_token_cache, make_dataloader,
                     split_documents)
-from ..tokenizer import default_tokenizer_path, tokenizer_file
+from ..data.tokenizer import default_tokenizer_path, tokenizer_file
 from . import distributed
 
 

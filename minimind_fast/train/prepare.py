@@ -8,7 +8,6 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from ..checkpoints import list_checkpoints, resolve_checkpoint_path
@@ -80,14 +79,6 @@ def model_config(args, saved: Optional[dict]) -> MiniMindConfig:
     return config
 
 
-def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
-    """The name of the first tensor holding a NaN or inf, or None."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
 def resolve_from_weight(args, config) -> Path:
     """--from_weight: a path (weights file, checkpoint / run / exported HF directory), or MiniMind's
     prefix form {save_dir}/{name}_{hidden}[_moe].pth."""
@@ -103,7 +94,7 @@ def resolve_from_weight(args, config) -> Path:
 
 
 def initial_weights(model: nn.Module, args, config, saved: Optional[dict], source, log=print) -> None:
-    """Load the resumed weights, or --from_weight's; refuse any that are not finite."""
+    """Load the resumed weights, or --from_weight's (validate_state_dict refuses non-finite ones)."""
     if saved is not None:
         weights, origin = validate_state_dict(saved["model"], config, source=str(source)), source
     elif args.from_weight.lower() != "none":
@@ -117,10 +108,6 @@ def initial_weights(model: nn.Module, args, config, saved: Optional[dict], sourc
             log(f"warning: {origin} was configured with {', '.join(differ)}; this run uses its own values")
     else:
         return
-    bad = first_nonfinite(weights)
-    if bad is not None:
-        raise ValueError(f"{origin}: {bad} holds NaN or inf values; training from it cannot recover. Start from "
-                         "an earlier (healthy) checkpoint or from random weights (--from_weight none)")
     model.load_state_dict(weights)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoints import RESUME_FILE
 from ..config import MiniMindConfig
-from ..interop.hf_import import load_torch_file
+from ..weights import load_torch_file
 from .state import StateError, TrainState
 
 FORMAT_VERSION = 2
