@@ -15,9 +15,9 @@ runs, and the test oracle), and one faster backend. What "auto" picks, per op:
                                                              torch.compile where grouped_mm
                                                              runs; else torch (the split loop)
 
-moe_experts' split loop reads the expert sizes on the host: free on CPU, and cheaper there than
-stacking the expert weights for the grouped call (bench/bench_moe.py); on CUDA that read is a
-device sync and under torch.compile a graph break, which the grouped path avoids.
+moe_experts' split loop reads the expert sizes on the host: free on CPU, where it also runs
+faster than the grouped call (bench/bench_moe.py, test_moe_layer: ours vs ours_grouped); on CUDA
+that read is a device sync and under torch.compile a graph break, which the grouped path avoids.
 
 Order of precedence: an explicit `backend=` argument, then `use_backend(name, op=op)`, then
 `use_backend(name)`, then the MINIMIND_FAST_BACKEND environment variable, then "auto". The
