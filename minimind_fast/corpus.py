@@ -13,10 +13,10 @@ Docstrings alone come to under 2 MB, so the comment blocks (source 3) top the co
 several MB; every piece is deduplicated, pieces under `MIN_DOC_CHARS` are dropped, and the
 order is deterministic (sorted module names, sorted attribute names, sorted file walk).
 
-Importing ~500 modules has side effects a library must not inflict on its caller (prints, warnings,
-`.pyc` writes, a module that hangs), so collection runs in a child interpreter
-(`python -I -S -B this_file --collect OUT`) with stdout/stderr captured, a per-import alarm, and a hard
-timeout; modules with known side effects (`antigravity`, `this`, `idlelib`, tkinter, ...) and
+Importing ~500 modules has side effects a library must not inflict on its caller (prints,
+warnings, `.pyc` writes, a module that hangs), so collection runs in a child interpreter
+(`python -I -S -B this_file --collect OUT`) with stdout/stderr captured, a per-import alarm, and a
+hard timeout; modules with known side effects (`antigravity`, `this`, `idlelib`, tkinter, ...) and
 test packages are never imported. The result is written once as JSONL (`{"text": ...}` per line,
 MiniMind's pretraining format) to the cache directory, atomically (temp file + `os.replace`),
 keyed by the Python version, and reused afterwards.
@@ -26,14 +26,22 @@ when imported as part of the package, minimind_fast.paths).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import io
 import json
 import os
+import pkgutil
 import platform
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import tokenize
+import warnings
 from pathlib import Path
+from pydoc_data.topics import topics as PYDOC_TOPICS
 
 if __package__:  # imported as minimind_fast.corpus (the child runs this file as a plain script)
     from .paths import default_cache_dir
@@ -73,7 +81,9 @@ def build_default_corpus(out_path: Path | None = None) -> Path:
     out_path: where to write it (default: `default_cache_dir() / default_corpus_name()`).
     Raises RuntimeError (with the child's last stderr lines) if collection fails.
     """
-    out_path = Path(out_path) if out_path is not None else default_cache_dir() / default_corpus_name()
+    if out_path is None:
+        out_path = default_cache_dir() / default_corpus_name()
+    out_path = Path(out_path)
     if out_path.is_file() and out_path.stat().st_size > 0:
         return out_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +125,6 @@ def _skip_name(dotted: str) -> bool:
 
 def _import(name: str):
     """Import `name` under an alarm; None if it fails, hangs or is not pure stdlib."""
-    import importlib
-    import signal
-
     def on_alarm(signum, frame):
         raise TimeoutError(name)
 
@@ -136,8 +143,6 @@ def _import(name: str):
 
 def _module_names() -> list[str]:
     """Sorted public stdlib module names, submodules of packages included."""
-    import pkgutil
-
     names = set()
     for top in sorted(sys.stdlib_module_names):
         if _skip_name(top):
@@ -148,17 +153,24 @@ def _module_names() -> list[str]:
         names.add(top)
         if hasattr(module, "__path__"):
             try:
-                infos = list(pkgutil.walk_packages(module.__path__, top + ".", onerror=lambda n: None))
+                infos = list(pkgutil.walk_packages(module.__path__, top + ".",
+                                                   onerror=lambda n: None))
             except BaseException:  # noqa: BLE001
                 continue
             names.update(info.name for info in infos if not _skip_name(info.name))
     return sorted(names)
 
 
+def _public_members(value) -> list:
+    """The public routines and properties defined on class `value`, by name."""
+    members = vars(value)
+    kinds = (property, classmethod, staticmethod)
+    return [members[m] for m in sorted(members) if not m.startswith("_")
+            and (inspect.isroutine(members[m]) or isinstance(members[m], kinds))]
+
+
 def _docstrings(module) -> list[str]:
     """Docstrings of a module and of its public classes/functions/methods/properties, in order."""
-    import inspect
-
     objects = [module]
     for attr in sorted(dir(module)):
         if attr.startswith("_"):
@@ -170,12 +182,7 @@ def _docstrings(module) -> list[str]:
         if inspect.isclass(value) or inspect.isroutine(value):
             objects.append(value)
         if inspect.isclass(value):
-            members = vars(value)
-            for member in sorted(members):
-                if not member.startswith("_"):
-                    obj = members[member]
-                    if inspect.isroutine(obj) or isinstance(obj, (property, classmethod, staticmethod)):
-                        objects.append(obj)
+            objects.extend(_public_members(value))
     docs = []
     for obj in objects:
         doc = getattr(obj, "__doc__", None)
@@ -186,8 +193,6 @@ def _docstrings(module) -> list[str]:
 
 def _comment_blocks(path: Path) -> list[str]:
     """Runs of consecutive `#` comment lines of one source file, each joined into a paragraph."""
-    import tokenize
-
     blocks, current, last_line = [], [], -2
     try:
         source = path.read_bytes()
@@ -209,8 +214,6 @@ def _comment_blocks(path: Path) -> list[str]:
 
 
 def _source_files() -> list[Path]:
-    import sysconfig
-
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for directory, subdirs, names in os.walk(root):
@@ -221,8 +224,6 @@ def _source_files() -> list[Path]:
 
 def _collect(out_file) -> int:
     """Write every kept piece as one JSONL line; returns the number of documents."""
-    import warnings
-
     warnings.simplefilter("ignore")
     seen: set[str] = set()
     count = 0
@@ -230,16 +231,15 @@ def _collect(out_file) -> int:
     def emit(text: str) -> None:
         nonlocal count
         text = text.strip()
-        if len(text) < MIN_DOC_CHARS or text in seen or sum(map(str.isalpha, text)) < MIN_DOC_CHARS // 2:
+        letters = sum(map(str.isalpha, text))
+        if len(text) < MIN_DOC_CHARS or text in seen or letters < MIN_DOC_CHARS // 2:
             return
         seen.add(text)
         out_file.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         count += 1
 
-    from pydoc_data.topics import topics
-
-    for topic in sorted(topics):
-        emit(topics[topic])
+    for topic in sorted(PYDOC_TOPICS):
+        emit(PYDOC_TOPICS[topic])
     for name in _module_names():
         module = _import(name)
         if module is not None:
