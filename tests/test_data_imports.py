@@ -9,6 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minimind_fast"
 DATA_SIDE = sorted(PACKAGE.glob("data/*.py")) + [PACKAGE / "tokenizer.py", PACKAGE / "corpus.py"]
+OPTIONAL = {"triton", "transformers", "wandb", "swanlab", "matplotlib"}  # may load late
 
 
 def module_name(path: Path) -> str:
@@ -65,6 +66,24 @@ def graph() -> dict[str, set[str]]:
 def test_no_function_level_imports_of_the_package():
     late = [(module_name(p), t) for p in DATA_SIDE for t, nested in package_imports(p) if nested]
     assert not late, f"function-level imports hide a dependency: {late}"
+
+
+def test_function_level_imports_only_for_optional_dependencies():
+    late = []
+    for path in DATA_SIDE:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = ["." * node.level + (node.module or "")]
+                else:
+                    continue
+                late += [(module_name(path), n) for n in names if n.split(".")[0] not in OPTIONAL]
+    assert not late, f"imports inside functions: {late}"
 
 
 def test_no_import_cycles():
