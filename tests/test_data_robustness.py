@@ -12,28 +12,22 @@ import threading
 
 import numpy as np
 import pytest
-from test_data import make_texts, write_jsonl
 
 from minimind_fast.constants import BOS_TOKEN_ID, EOS_TOKEN_ID
-from minimind_fast.data import (
-    DataError,
-    PackedDataset,
-    PaddedDataset,
-    SkipStats,
-    build_token_cache,
-    encoding,
-    iter_documents,
-    iter_jsonl_records,
-    reader,
-)
+from minimind_fast.data import DataError, PackedDataset, PaddedDataset, SkipStats, build_token_cache
 from minimind_fast.data import cache as cache_module
-from minimind_fast.tokenizer import load_tokenizer, main, train_tokenizer
+from minimind_fast.data import encoding, iter_documents, iter_jsonl_records, reader
+from minimind_fast.data import tokenizer as tokenizer_module
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+from minimind_fast.tokenizer import main
+from test_data import make_texts, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     return train_tokenizer([write_jsonl(root / "train.jsonl", make_texts(200))], 300, root / "tok")
+
 
 GOOD = '{"text": "the model reads tokens"}\n'
 LONE = '{"text": "emoji cut in half \\ud83d here"}\n'  # the JSON escape of a lone high surrogate
@@ -205,7 +199,7 @@ def failing_open(after_bytes):
             self.file = file
 
         def write(self, data):
-            data = memoryview(data).cast("B")
+            data = data if isinstance(data, str) else memoryview(data).cast("B")
             room = min(budget[0], len(data))
             self.file.write(data[:room])
             budget[0] -= room
@@ -280,6 +274,27 @@ def test_real_full_disk(tmp_path, tok_dir, tiny_disk):
     assert str(caught.value).startswith("disk full: writing the token cache of big.jsonl to ")
     assert "\n" not in str(caught.value)
     assert_nothing_left(tiny_disk / "token_cache")
+
+
+def test_tokenizer_on_a_full_disk_leaves_no_half_file(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "data.jsonl", make_texts(100))
+    out = tmp_path / "tok"
+    monkeypatch.setattr(tokenizer_module, "open", failing_open(2000), raising=False)
+    with pytest.raises(DataError) as caught:
+        train_tokenizer([data], 300, out)
+    assert str(caught.value).startswith(f"disk full: writing the tokenizer to {out} failed")
+    assert not out.exists(), "no half-written tokenizer, no temp file, no empty directory"
+    monkeypatch.undo()
+    assert main(["--data", str(data), "--vocab_size", "300", "--out", str(out)]) == 0
+
+
+def test_tokenizer_on_a_real_full_disk(tmp_path, tiny_disk):
+    data = write_jsonl(tmp_path / "data.jsonl", make_texts(100))
+    (tiny_disk / "filler").write_bytes(bytes((1 << 20) - (8 << 10)))  # 8 KiB left
+    out = tiny_disk / "tok"
+    with pytest.raises(DataError, match=rf"^disk full: writing the tokenizer to {out} failed"):
+        train_tokenizer([data], 300, out)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------- no empty cache folders

@@ -98,26 +98,36 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path) -> Path:
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, "
                                f"expected {token_id}")
 
-    out_dir = Path(out_dir)
-    config = json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
-    with writing(out_dir, "the tokenizer"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
-        _write_text_atomic(out_dir / "tokenizer_config.json", config)
-    return out_dir
+    files = {"tokenizer.json": tokenizer.to_str(pretty=True),
+             "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2,
+                                                 ensure_ascii=False) + "\n"}
+    _write_files_atomic(Path(out_dir), files, "the tokenizer")
+    return Path(out_dir)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same directory, then rename: `path` is whole or absent."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_files_atomic(out_dir: Path, files: dict[str, str], what: str) -> None:
+    """Write every file to a temp file in `out_dir` first, then rename them all: a failure (a full
+    disk) leaves the old files or none, never half of them; a directory it created goes again."""
+    created = not out_dir.exists()
+    temps: dict[str, str] = {}
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with writing(out_dir, what):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+                os.close(fd)
+                with open(temps[name], "w", encoding="utf-8") as file:
+                    file.write(text)
+                os.chmod(temps[name], 0o644)  # mkstemp makes it owner-only
+            for name, tmp in temps.items():
+                os.replace(tmp, out_dir / name)
+    except BaseException:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def tokenizer_file(path) -> Path:
