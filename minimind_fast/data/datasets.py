@@ -7,11 +7,12 @@
   hold the pad id (built with literal_special_tokens="keep" from texts that spell
   `<|endoftext|>`) is refused.
 - PaddedDataset: one document per row, as MiniMind's current PretrainDataset builds it
-  (dataset/lm_dataset.py, MiniMind-3 code): a document longer than T keeps its first T - 1
+  (dataset/lm_dataset.py as MiniMind-3 ships it): a document longer than T keeps its first T - 1
   tokens and its final EOS (MiniMind: BOS + text[:T - 2] + EOS), shorter ones are right-padded
   with pad_id; labels are the input ids with every pad id set to IGNORE_INDEX (MiniMind's rule,
   which also masks a pad id inside a document). With a cache built with
-  add_special_tokens="always" and literal_special_tokens="keep" the rows are MiniMind's exactly.
+  add_special_tokens="always" and literal_special_tokens="keep" the rows are MiniMind's exactly,
+  row for row, as long as no text is shorter than MIN_DOC_TOKENS tokens (the cache skips those).
   (MiniMind2's PretrainDataset added no BOS/EOS itself, its corpus carried them, and cut rows at
   T without keeping the EOS.)
 

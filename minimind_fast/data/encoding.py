@@ -3,10 +3,10 @@ means, and tokenisation in bounded pieces.
 
 BOS/EOS (`add_special_tokens`):
 - "auto" (default): each document is [BOS] + text + [EOS], except that a text that already
-  starts with `<|im_start|>` (BOS) or ends with `<|im_end|>` (EOS), as every text of MiniMind2's
-  pretrain_hq.jsonl does, keeps its own marker instead of getting a second one.
+  starts with `<|im_start|>` (BOS) or ends with `<|im_end|>` (EOS), as the texts of MiniMind2's
+  pretrain_hq.jsonl do, keeps its own marker instead of getting a second one.
 - "always": [BOS] + text + [EOS] whatever the text holds: MiniMind's current PretrainDataset
-  (dataset/lm_dataset.py since its MiniMind-3 code), which doubles the markers of marked texts.
+  (dataset/lm_dataset.py as MiniMind-3 ships it), which doubles the markers of marked texts.
 - "never": the text's tokens only; documents run into each other unless the texts carry markers.
 
 Special-token strings inside a text (`literal_special_tokens`):
