@@ -5,18 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_data import make_texts, write_jsonl
 
 from minimind_fast.constants import BOS_TOKEN_ID, EOS_TOKEN_ID, IGNORE_INDEX, PAD_TOKEN_ID
 from minimind_fast.data import DataError, PackedDataset, PaddedDataset, build_token_cache
 from minimind_fast.data.encoding import split_at_special_tokens
-from minimind_fast.tokenizer import load_tokenizer, train_tokenizer
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+from test_data import make_texts, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     return train_tokenizer([write_jsonl(root / "train.jsonl", make_texts(200))], 300, root / "tok")
+
 
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 MARKED = f"{BOS}the model reads tokens and predicts the next one{EOS}"  # MiniMind2's pretrain_hq
