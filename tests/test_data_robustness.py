@@ -8,7 +8,9 @@ import logging
 import pickle
 import shutil
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,14 +80,28 @@ def test_tokenizer_training_skips_lone_surrogates(tmp_path, caplog):
     assert f"skipped 1 line(s)/document(s): 1 {SURROGATE_REASON} (line 101)" in caplog.text
 
 
-def test_tokenizer_cli_refusal_names_file_and_line(tmp_path, capsys):
-    data = tmp_path / "bad.jsonl"
-    data.write_text(LONE + '{"no": "text"}\n', encoding="utf-8")
-    assert main(["--data", str(data), "--vocab_size", "300", "--out", str(tmp_path / "tok")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: no usable text in ") and err.count("\n") == 1, err
-    assert f"bad.jsonl: 1 {SURROGATE_REASON} (line 1)" in err and "Traceback" not in err
+def test_tokenizer_cli_reports_skips_and_refuses_in_one_line(tmp_path):
+    def cli(*files):
+        command = [sys.executable, "-m", "minimind_fast.tokenizer", "--data", *map(str, files),
+                   "--vocab_size", "300", "--out", str(tmp_path / "tok")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parent.parent)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(LONE + '{"no": "text"}\n', encoding="utf-8")
+    refused = cli(bad)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: no usable text in ")
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"bad.jsonl: 1 {SURROGATE_REASON} (line 1); 1 missing" in refused.stderr
     assert not (tmp_path / "tok").exists()
+
+    good = write_jsonl(tmp_path / "good.jsonl", make_texts(100))
+    with open(good, "a", encoding="utf-8") as file:
+        file.write(LONE)
+    done = cli(good)
+    assert done.returncode == 0 and "wrote" in done.stdout
+    summary = f"{good}: skipped 1 line(s)/document(s): 1 {SURROGATE_REASON} (line 101)\n"
+    assert done.stderr == summary
 
 
 # ------------------------------------------------------------------------------ long .txt lines

@@ -42,7 +42,6 @@ def _iter_texts(files: Iterable[Path], stats: list[SkipStats]) -> Iterator[str]:
     for path in files:
         stats.append(SkipStats(path))
         yield from (text for _, text in iter_documents(path, stats[-1]))
-        stats[-1].log()
 
 
 def _tokenizer_config() -> dict:
@@ -93,6 +92,8 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path) -> Path:
         raise DataError(f"no usable text in {', '.join(map(str, paths))}: the tokenizer learned "
                         f"no merges{skipped}. Check the files' format (JSONL with a \"text\" "
                         "field, or .txt).")
+    for file_stats in stats:  # after the check above: a refusal carries them in its one line
+        file_stats.log()
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:  # BpeTrainer puts specials first; be sure
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, "
