@@ -103,10 +103,10 @@ class Child:
 
     live: list["Child"] = []  # killed at the end of the test, should an assertion leave one running
 
-    def __init__(self, argv, module: str = "minimind_fast.pretrain"):
+    def __init__(self, argv, module: str = "minimind_fast.pretrain", preexec_fn=None):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env, preexec_fn=preexec_fn,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)

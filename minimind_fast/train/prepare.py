@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..checkpoints import list_checkpoints, resolve_checkpoint_path
+from ..checkpoints import RESUME_FILE, list_checkpoints, resolve_checkpoint_path
 from ..config import MiniMindConfig, get_preset
 from ..interop import load_weights, validate_state_dict
 from . import checkpoint, cli, distributed, resume
@@ -113,7 +113,7 @@ def initial_weights(model: nn.Module, args, config, saved: Optional[dict], sourc
 
 def restore_optimizer(optimizer, scaler, saved: dict, source) -> None:
     """Validated, then loaded: a mis-shaped moment would crash the fused AdamW kernel."""
-    resume.check_optimizer(saved["optimizer"], optimizer, str(source))
+    resume.check_optimizer(saved["optimizer"], optimizer, str(Path(source) / RESUME_FILE))
     optimizer.load_state_dict(saved["optimizer"])
     if scaler.is_enabled() and saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])

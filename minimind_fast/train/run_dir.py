@@ -200,6 +200,10 @@ class RunDirectory:
             raise RunDirError(f"--from_resume 1: {self.flag} {self.path} holds {detail}, so there is nothing to "
                               "resume; check the path (the --save_dir of the run), or pass --from_resume auto "
                               "to start fresh when there is nothing to resume")
+        if existing and not list_checkpoints(self.path, healthy_only=False):
+            raise RunDirError(f"{self.flag} {self.path} already holds an earlier run with no checkpoint to resume "
+                              f"({existing}); delete those files or start in another directory (nothing was "
+                              "changed)")
         if existing:
             raise RunDirError(f"{self.flag} {self.path} already holds an earlier run ({existing}); continue it "
                               "with --from_resume 1, or start a new run in another directory (nothing was "
