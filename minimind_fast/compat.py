@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -45,8 +46,6 @@ def optimizer_takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 def abort_process_group() -> bool:
     """Abort every communicator of the default process group without waiting for peers.
     False when this torch cannot (the caller then destroys the group normally)."""
-    import torch.distributed as dist
-
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if abort is None:
         return False

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ..fileio import describe_write_error
 
@@ -181,8 +182,6 @@ class Reporter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.jsonl = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
         if tracker == "wandb":
             import wandb  # checked by the CLI; WANDB_MODE=offline logs without network
