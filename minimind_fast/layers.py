@@ -2,7 +2,8 @@
 
 Parameter names and shapes follow MiniMind's model/model_minimind.py so state dicts are
 interchangeable. Every fused op is reached through `minimind_fast.ops`, which picks the
-Triton kernel or the PyTorch reference; nothing here branches on device.
+Triton kernel or the PyTorch reference; nothing here branches on device. Packed rows of several
+documents attend within their own document through `document_causal_mask`.
 """
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ from .nn import RMSNorm
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids: (B, T) -> (B, 1, T, T) bool, True where query t may attend to key s:
+    s <= t and both in the same segment (an SDPA `attn_mask`; every row keeps its diagonal)."""
+    T = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE (and optional q/k RMSNorm), through SDPA.
 
     x: (B, T, H) -> (B, T, H). q/k/v are laid out (B, T, heads, D) for RoPE, then (B, heads, T, D).
+    attn_mask: None (plain causal attention: SDPA's is_causal fast path) or a (B, 1, T, T) bool
+    mask from `document_causal_mask`; not combined with a KV cache.
     """
 
     def __init__(self, config: MiniMindConfig):
@@ -44,7 +56,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past_kv: Optional[KVCache] = None, use_cache: bool = False):
+                past_kv: Optional[KVCache] = None, use_cache: bool = False,
+                attn_mask: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -63,7 +76,9 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
         S = k.shape[2]
-        if S == T:
+        if attn_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif S == T:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # decoding with a cache: query i sits at absolute position S - T + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)

@@ -7,7 +7,7 @@ lm_head + cross-entropy, so full (B, T, V) logits are never built unless asked f
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import MiniMindConfig
 from .constants import IGNORE_INDEX
-from .layers import Attention, FeedForward, KVCache
+from .layers import Attention, FeedForward, KVCache, document_causal_mask
 from .nn import RMSNorm
 from .moe import MoEFeedForward
 
@@ -38,14 +38,15 @@ class MiniMindBlock(nn.Module):
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, residual: torch.Tensor, pending: Optional[torch.Tensor], cos, sin,
-                past_kv: Optional[KVCache] = None, use_cache: bool = False):
+                past_kv: Optional[KVCache] = None, use_cache: bool = False,
+                attn_mask: Optional[torch.Tensor] = None):
         """residual: (B, T, H) stream so far; pending: the previous block's MLP output not yet
         added to it (None for the first block). Returns (residual, mlp_out, aux_loss, present)."""
         if pending is None:
             normed = self.input_layernorm(residual)
         else:
             normed, residual = self.input_layernorm.add_forward(pending, residual)
-        attn_out, present = self.self_attn(normed, cos, sin, past_kv, use_cache)
+        attn_out, present = self.self_attn(normed, cos, sin, past_kv, use_cache, attn_mask)
         normed, residual = self.post_attention_layernorm.add_forward(attn_out, residual)
         if isinstance(self.mlp, MoEFeedForward):
             mlp_out, aux_loss = self.mlp(normed)
@@ -68,7 +69,7 @@ class MiniMindModel(nn.Module):
         self.register_buffer("freqs_sin", sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[list[KVCache]] = None,
-                use_cache: bool = False):
+                use_cache: bool = False, segment_ids: Optional[torch.Tensor] = None):
         """input_ids: (B, T) -> hidden (B, T, H), aux_loss (), presents."""
         B, T = input_ids.shape
         start = past_key_values[0][0].shape[2] if past_key_values else 0
@@ -78,9 +79,12 @@ class MiniMindModel(nn.Module):
         pending = None
         aux_loss = residual.new_zeros((), dtype=torch.float32)
         presents = [] if use_cache else None
+        # built once for all layers; None keeps SDPA's is_causal fast path
+        attn_mask = None if segment_ids is None else document_causal_mask(segment_ids)
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            residual, pending, layer_aux, present = layer(residual, pending, cos, sin, past, use_cache)
+            residual, pending, layer_aux, present = layer(residual, pending, cos, sin, past,
+                                                          use_cache, attn_mask)
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
             if use_cache:
@@ -106,17 +110,24 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 past_key_values: Optional[list[KVCache]] = None, use_cache: bool = False,
-                return_logits: bool = False) -> CausalLMOutput:
+                return_logits: bool = False,
+                segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids, labels: (B, T). Position t predicts labels[:, t + 1] (shifted inside);
         labels equal to IGNORE_INDEX (-100) are skipped. Logits are built only when labels is
-        None or return_logits is set; otherwise the fused lm_head + cross-entropy is used."""
+        None or return_logits is set; otherwise the fused lm_head + cross-entropy is used.
+        segment_ids: (B, T) for packed rows (document d of a row holds segment id d): a token
+        attends only to earlier tokens of its own segment (`document_causal_mask`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if segment_ids is not None and (segment_ids.shape != input_ids.shape or past_key_values):
+            raise ValueError(f"segment_ids of shape {tuple(segment_ids.shape)} must match "
+                             f"input_ids {tuple(input_ids.shape)} and come without "
+                             "past_key_values (packed training rows only)")
         T = input_ids.shape[1] + (past_key_values[0][0].shape[2] if past_key_values else 0)
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}; shorten the input or raise the limit")
-        hidden, aux_loss, presents = self.model(input_ids, past_key_values, use_cache)
+        hidden, aux_loss, presents = self.model(input_ids, past_key_values, use_cache, segment_ids)
         logits = loss = None
         if labels is None or return_logits:
             logits = self.lm_head(hidden)
@@ -135,11 +146,13 @@ class MiniMindForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                  eos_token_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 streamer: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Sample continuations of input_ids (B, T) (rows of equal length, no padding).
 
         temperature 0 is greedy. Rows that emit EOS keep emitting the pad token; generation stops
-        when every row has finished. Returns (B, T + new).
+        when every row has finished. streamer, when given, receives each step's tokens (B,) as
+        they are chosen (for printing a reply while it is written). Returns (B, T + new).
         """
         from .sampling import next_token  # local: sampling is an inference-only helper
 
@@ -157,6 +170,8 @@ class MiniMindForCausalLM(nn.Module):
                                repetition_penalty, generator)
             token = torch.where(finished, torch.full_like(token, self.config.pad_token_id), token)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
+            if streamer is not None:
+                streamer(token)
             finished |= token == eos
             if bool(finished.all()):
                 break

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import compat
 from .constants import IGNORE_INDEX
 from .data import count_tokens
-from .inference import sample_text
+from .inference import sample_reply, sample_text
 from .model import MiniMindForCausalLM, count_parameters
 from .checkpoints import CONFIG_FILE, TOKENIZER_FILES
 from .data.tokenizer import load_tokenizer
@@ -48,6 +48,7 @@ class Task(NamedTuple):
     make_parser: Callable[[], cli.ArgumentParser]
     build_data: Callable[..., data_setup.TrainingData]
     sample_prompt: Callable[[Any, str], list[int]] = None  # tokenizer, prompt -> prompt ids
+    fresh_defaults: Callable[[Any, set[str]], None] = None  # (flags, typed flags) of a new run
 
 
 PRETRAIN = Task(cli.PROG, cli.build_parser, data_setup.build_data)
@@ -129,6 +130,8 @@ def setup(args, explicit: set[str], context, task: Task) -> Run:
         run_dir, candidates = prepare.open_run_dir(args, context, log)
         source, saved = prepare.load_resume(candidates, log)
         args = prepare.resolve_flags(args, explicit, saved, source, context.device, log)
+        if saved is None and task.fresh_defaults is not None:
+            task.fresh_defaults(args, explicit)
         config = prepare.model_config(args, saved)
         dtype = resolve_dtype(args.dtype or default_dtype_name(context.device), context.device)
         args.dtype = str(dtype).replace("torch.", "")
@@ -251,11 +254,14 @@ def train_step(run: Run, micro_batches, window: int) -> None:
         run.meter.add_batch(rows, batch["input_ids"].numel(), count_tokens(batch))
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        segment_ids = batch.get("segment_ids")  # packed SFT rows: attend within a conversation
+        if segment_ids is not None:
+            segment_ids = segment_ids.to(device, non_blocking=True)
         last = index == window - 1
         sync = contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync()
         with sync:
             with run.autocast:
-                out = run.train_model(input_ids, labels=labels)
+                out = run.train_model(input_ids, labels=labels, segment_ids=segment_ids)
             run.scaler.scale((out.loss + out.aux_loss) / window).backward()
         step_loss += out.loss.detach().float() / window
         step_aux += out.aux_loss.detach().float() / window
@@ -339,8 +345,12 @@ def evaluate(model, loader, max_batches, context, autocast) -> float:
         targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if targets == 0:
             continue
+        segment_ids = batch.get("segment_ids")
+        if segment_ids is not None:
+            segment_ids = segment_ids.to(context.device)
         with autocast:
-            out = model(batch["input_ids"].to(context.device), labels=batch["labels"].to(context.device))
+            out = model(batch["input_ids"].to(context.device),
+                        labels=batch["labels"].to(context.device), segment_ids=segment_ids)
         totals += torch.stack([out.loss.double() * targets, totals.new_tensor(targets)])
     model.train()
     distributed.all_reduce(totals, context)
@@ -368,8 +378,15 @@ def finish(run: Run) -> None:
           flush=True)
     if run.args.sample_tokens:
         tokenizer = load_tokenizer(run.data.tokenizer_dir)
-        text = sample_text(run.model, tokenizer, run.args.sample_prompt, run.args.sample_tokens, seed=run.args.seed)
-        print(f"sample: {text}", flush=True)
+        if run.task.sample_prompt is None:
+            text = sample_text(run.model, tokenizer, run.args.sample_prompt, run.args.sample_tokens,
+                               seed=run.args.seed)
+            print(f"sample: {text}", flush=True)
+        else:  # a chat model: the reply to the prompt as a user message
+            ids = run.task.sample_prompt(tokenizer, run.args.sample_prompt)
+            reply = sample_reply(run.model, tokenizer, ids, run.args.sample_tokens,
+                                 seed=run.args.seed)
+            print(f"question: {run.args.sample_prompt}\nanswer: {reply}", flush=True)
 
 
 def stop_on_signal(run: Run) -> int:

@@ -1,5 +1,5 @@
 """SFT datasets: truncation at turn boundaries, padded rows against MiniMind's, packing (whole
-conversations, boundaries, no scored prediction across them), the document mask, the loader."""
+conversations, boundaries, no scored prediction across them), the loader."""
 import logging
 import pickle
 import random
@@ -15,12 +15,7 @@ from minimind_fast.data.datasets import split_documents
 from minimind_fast.data.reader import DataError
 from minimind_fast.data.sampler import ResumableSampler, count_tokens, make_dataloader
 from minimind_fast.data.sft_cache import build_sft_cache
-from minimind_fast.data.sft_datasets import (
-    SFTPackedDataset,
-    SFTPaddedDataset,
-    document_causal_mask,
-    pack_best_fit,
-)
+from minimind_fast.data.sft_datasets import SFTPackedDataset, SFTPaddedDataset, pack_best_fit
 
 transformers = pytest.importorskip("transformers")
 T = 64
@@ -215,17 +210,6 @@ def test_pack_best_fit_properties(seed):
         for row in rows[:later]:
             load = sum(lengths[i] for i in row if rank[i] < rank[opener])
             assert load + lengths[opener] > capacity
-
-
-def test_document_causal_mask():
-    segments = torch.tensor([[0, 0, 1, 1, 1, 2]])
-    mask = document_causal_mask(segments)
-    assert mask.shape == (1, 1, 6, 6)
-    expected = torch.zeros(6, 6, dtype=torch.bool)
-    for query in range(6):
-        for key in range(query + 1):
-            expected[query, key] = segments[0, query] == segments[0, key]
-    assert torch.equal(mask[0, 0], expected)
 
 
 def test_loader_batches_and_counts_scored_tokens(random_cache):

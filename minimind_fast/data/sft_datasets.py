@@ -16,9 +16,10 @@ no scored token, the conversation is skipped and counted (warning with its line 
   which leaves little padding; the tail of a row that nothing fits is padded as above.
   Row: {"input_ids": (T,), "labels": (T,), "segment_ids": (T,)}, int64. segment_ids numbers
   the conversations of the row 0, 1, ... in order; the padded tail forms one last segment.
-  A document mask lets a token attend only within its segment (`document_causal_mask`).
-  Without it, attention crosses conversations, but no loss does: every conversation starts
-  with an unscored `<|im_start|>`, so no position is trained to predict the next conversation.
+  The model turns segment_ids into a document mask (`layers.document_causal_mask`), so a token
+  attends only within its own conversation. Without it attention would cross conversations,
+  but no loss would: every conversation starts with an unscored `<|im_start|>`, so no position
+  is trained to predict the next conversation.
 """
 from __future__ import annotations
 
@@ -88,15 +89,6 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
             rows_with_room[left].append(row)
             has_room |= 1 << left
     return rows
-
-
-def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """segment_ids: (B, T) -> (B, 1, T, T) bool, True where query t may attend to key s:
-    s <= t and both in the same segment (an SDPA `attn_mask`)."""
-    T = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    return (same & causal).unsqueeze(1)
 
 
 class _SFTRows(Dataset):
