@@ -4,6 +4,8 @@
 config.json, generation_config.json, model.safetensors and (given a tokenizer) tokenizer.json +
 tokenizer_config.json + special_tokens_map.json, so that
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` needs no `trust_remote_code`.
+tokenizer_config.json keeps the source's settings and gains the ChatML chat template when it
+has none, so `apply_chat_template` renders conversations as SFT trained on them.
 Which architecture, and why each mapping is exact: see hf_config.
 
 Writing is all or nothing: the files go into a temp directory beside out_dir, which is renamed
@@ -25,6 +27,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import MiniMindConfig
+from ..data.tokenizer import CHAT_TEMPLATE
 from ..dtypes import DTYPES
 from ..fileio import describe_write_error
 from ..weights import save_safetensors, validate_state_dict
@@ -106,6 +109,7 @@ def _tokenizer_settings(tokenizer_dir: PathLike, config: MiniMindConfig) -> tupl
     if source_config.is_file():  # keep chat_template, added_tokens_decoder, ...
         settings = json.loads(source_config.read_text(encoding="utf-8"))
     settings.update(tokens, tokenizer_class="PreTrainedTokenizerFast")
+    settings.setdefault("chat_template", CHAT_TEMPLATE)  # the ChatML that SFT trains on
     settings.setdefault("unk_token", tokens["pad_token"])
     settings.setdefault("model_max_length", config.max_position_embeddings)
     settings.setdefault("clean_up_tokenization_spaces", False)
