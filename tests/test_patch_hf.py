@@ -1,4 +1,5 @@
-"""patch_hf_model: tiny random transformers models give the same logits, loss and gradients on our ops."""
+"""patch_hf_model: tiny random transformers models give the same logits, loss and gradients on our
+ops, with the lm_head and the loss fused (no full logits) whenever labels are given."""
 import copy
 
 import pytest
@@ -40,7 +41,7 @@ def tiny_hf_model(model_type: str):
 @pytest.fixture
 def op_calls(monkeypatch):
     """Count calls of our ops (patched where the patched model looks them up at call time)."""
-    calls = {"rms_norm": 0, "apply_rotary": 0, "cross_entropy": 0}
+    calls = {"rms_norm": 0, "apply_rotary": 0, "cross_entropy": 0, "fused_linear_cross_entropy": 0}
     for name in calls:
         original = getattr(ops, name)
 
@@ -57,7 +58,13 @@ def forward_backward(model, ids, labels, **kwargs):
     out = model(input_ids=ids, labels=labels, **kwargs)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    return None if out.logits is None else out.logits.detach(), out.loss.detach(), grads
+
+
+def assert_same_grads(got: dict, expected: dict, model) -> None:
+    assert got.keys() == expected.keys() and len(got) == len(list(model.parameters()))
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
@@ -68,16 +75,72 @@ def test_logits_loss_and_grads_match(model_type, op_calls):
     labels = ids.clone()
     labels[0, :5] = -100  # ignored targets
     expected = forward_backward(reference, ids, labels)
-    assert op_calls == {"rms_norm": 0, "apply_rotary": 0, "cross_entropy": 0}  # the unpatched model: HF's code
-    got = forward_backward(patched, ids, labels)
+    assert not any(op_calls.values())  # the unpatched model: HF's code
+    got = forward_backward(patched, ids, labels, skip_logits=False)
     layers = COMMON["num_hidden_layers"]
     norms_per_layer = 4 if model_type.startswith("qwen3") else 2
-    assert op_calls == {"rms_norm": layers * norms_per_layer + 1, "apply_rotary": layers, "cross_entropy": 1}
+    assert op_calls == {"rms_norm": layers * norms_per_layer + 1, "apply_rotary": layers,
+                        "cross_entropy": 0, "fused_linear_cross_entropy": 1}
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
-    assert got[2].keys() == expected[2].keys() and len(got[2]) == len(list(reference.parameters()))
-    for name, grad in expected[2].items():
-        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(got[2], expected[2], reference)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mixtral"])
+def test_fused_loss_builds_no_logits_in_training(model_type, op_calls):
+    """Training with labels: the loss is the fused op's and logits are None unless asked for;
+    eval mode returns them. A MoE model's router aux loss still joins the loss (HF's code)."""
+    kwargs = {"output_router_logits": True} if model_type == "mixtral" else {}
+    reference = tiny_hf_model(model_type)
+    patched = patch_hf_model(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (2, 11))
+    labels = ids.masked_fill(torch.rand(2, 11) < 0.2, -100)
+    expected = forward_backward(reference, ids, labels, **kwargs)
+    got = forward_backward(patched, ids, labels, **kwargs)
+    assert got[0] is None and op_calls["fused_linear_cross_entropy"] == 1
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
+    assert_same_grads(got[2], expected[2], reference)
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        out, ref = patched(ids, labels=labels, **kwargs), reference(ids, labels=labels, **kwargs)
+        as_tuple = patched(ids, labels=labels, return_dict=False, **kwargs)
+        ref_tuple = reference(ids, labels=labels, return_dict=False, **kwargs)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(ref_tuple)
+    for ours, theirs in zip(as_tuple, ref_tuple):
+        if torch.is_tensor(theirs):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_keeps_the_loss_contract():
+    """num_items_in_batch and shift_labels through the fused loss, as transformers' loss."""
+    reference = tiny_hf_model("qwen3")
+    patched = patch_hf_model(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    labels = ids.masked_fill(torch.rand(2, 9) < 0.3, -100)
+    for kwargs in ({"num_items_in_batch": torch.tensor(23)},
+                   {"shift_labels": torch.randint(0, VOCAB, (2, 9))}):
+        expected = forward_backward(reference, ids, labels, **kwargs)
+        got = forward_backward(patched, ids, labels, **kwargs)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
+        assert_same_grads(got[2], expected[2], reference)
+
+
+def test_fused_loss_with_a_biased_lm_head():
+    reference = tiny_hf_model("llama")
+    head = torch.nn.Linear(COMMON["hidden_size"], VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(reference.lm_head.weight)
+    reference.lm_head = head
+    patched = patch_hf_model(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    expected = forward_backward(reference, ids, ids)
+    got = forward_backward(patched, ids, ids)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
+    assert_same_grads(got[2], expected[2], reference)
+    assert "lm_head.bias" in got[2]
 
 
 def test_modules_swapped_and_weights_shared():

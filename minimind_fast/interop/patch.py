@@ -17,9 +17,16 @@ instance and leaves the transformers modules (and every other model) untouched:
    transformers builds it by default, or all rows are equal — checked once per forward, a
    host sync); rows with their own positions (explicit per-row position_ids) go to HF's own
    function. The cos/sin tables themselves stay HF's (its rotary embedding module computes them).
-3. Loss: `model.loss_function` becomes `causal_lm_loss`, transformers' ForCausalLMLoss contract
-   (label shift, ignore_index, num_items_in_batch, shift_labels) on `ops.cross_entropy`, which
-   never materialises an fp32 copy of the logits. An all-ignored batch gives loss 0 (HF: NaN).
+3. Loss: with labels, the patched model never builds full logits for its loss: the lm_head
+   (an nn.Linear, bias or not) and the loss run as one `ops.fused_linear_cross_entropy` on the
+   final hidden states, with transformers' ForCausalLMLoss contract (label shift, ignore_index,
+   num_items_in_batch, shift_labels; a MoE model's router aux loss is added by HF's own code).
+   Logits are still returned when the caller asks: `model(..., labels=y, skip_logits=False)`,
+   or by default in eval mode; in training mode with labels `logits` is None (Liger-Kernel's
+   rule), since computing them would bring back the memory the fused loss saves. Without labels
+   the model runs unchanged. A loss on logits (a model whose output embedding is not a
+   Linear) uses `causal_lm_loss`, the same contract on `ops.cross_entropy`. An all-ignored
+   batch gives loss 0 (HF: NaN).
 
 Also covers the model types whose modeling files share Llama's code for all three (qwen2,
 mistral, qwen3_moe, qwen2_moe, mixtral). A patched model deep-copies fine but cannot be pickled
@@ -27,6 +34,7 @@ whole (its attention forwards are per-instance functions); save its state_dict i
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import weakref
@@ -44,24 +52,114 @@ _NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm
 _ROTARY_NAME = "apply_rotary_pos_emb"
 
 
+def _targets(labels: torch.Tensor, ignore_index: int, shift_labels: Optional[torch.Tensor],
+             device: torch.device) -> torch.Tensor:
+    """(B * T,) targets: position t predicts labels[:, t + 1] (or shift_labels[:, t])."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1).to(device)
+
+
+def _per_item(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                   num_items_in_batch: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
-                   shift_labels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+                   num_items_in_batch: Optional[torch.Tensor] = None,
+                   ignore_index: int = IGNORE_INDEX, shift_labels: Optional[torch.Tensor] = None,
+                   **kwargs) -> torch.Tensor:
     """transformers' ForCausalLMLoss on ops.cross_entropy.  logits: (B, T, V), labels: (B, T).
 
     Position t predicts labels[:, t + 1]; mean over non-ignored targets, or the sum divided by
     num_items_in_batch when given (gradient accumulation across micro-batches).
     """
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     flat_logits = logits.reshape(-1, vocab_size)
-    targets = shift_labels.reshape(-1).to(flat_logits.device)
+    targets = _targets(labels, ignore_index, shift_labels, flat_logits.device)
     if num_items_in_batch is None:
         return ops.cross_entropy(flat_logits, targets, ignore_index)
     loss = ops.cross_entropy(flat_logits, targets, ignore_index, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    return _per_item(loss, num_items_in_batch)
+
+
+def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor] = None,
+                         ignore_index: int = IGNORE_INDEX,
+                         shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """causal_lm_loss(F.linear(hidden, weight, bias), labels, V) without the (B, T, V) logits.
+
+    hidden: (B, T, H) final hidden states, weight: (V, H) and bias: (V,) or None, the lm_head's.
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = _targets(labels, ignore_index, shift_labels, flat_hidden.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = ops.fused_linear_cross_entropy(flat_hidden, weight, targets, ignore_index, reduction,
+                                          bias=bias)
+    return loss if num_items_in_batch is None else _per_item(loss, num_items_in_batch)
+
+
+# The fused loss path, per patched model: its forward runs HF's own forward with the lm_head
+# passing the hidden states through (so no logits are built), HF's code hands them to
+# model.loss_function with the labels, and that loss applies the lm_head fused with the CE.
+_CAPTURE = "_minimind_fast_capture"
+
+
+def _lm_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    """The lm_head's forward: the hidden states themselves while its model computes a fused loss."""
+    if getattr(self, _CAPTURE, False):
+        return hidden
+    return F.linear(hidden, self.weight, self.bias)
+
+
+def _model_loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                num_items_in_batch: Optional[torch.Tensor] = None,
+                ignore_index: int = IGNORE_INDEX, shift_labels: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+    """model.loss_function of a patched model: fused while its forward captures hidden states."""
+    head = self.get_output_embeddings()
+    if not getattr(head, _CAPTURE, False):
+        return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                              shift_labels)
+    return fused_causal_lm_loss(logits, head.weight, head.bias, labels, num_items_in_batch,
+                                ignore_index, shift_labels)
+
+
+def _make_fused_forward(original: Callable) -> Callable:
+    """A CausalLM forward that computes its loss fused; `skip_logits` says whether to return
+    logits too (default: not in training mode)."""
+    signature = inspect.signature(original)
+
+    def forward(self, *args, skip_logits: Optional[bool] = None, **kwargs):
+        if signature.bind_partial(self, *args, **kwargs).arguments.get("labels") is None:
+            return original(self, *args, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        head = self.get_output_embeddings()
+        setattr(head, _CAPTURE, True)
+        try:
+            out = original(self, *args, return_dict=True, **kwargs)
+        finally:
+            setattr(head, _CAPTURE, False)
+        keep_logits = not (self.training if skip_logits is None else skip_logits)
+        logits = F.linear(out.logits, head.weight, head.bias) if keep_logits else None
+        out = dataclasses.replace(out, logits=logits)
+        return out if return_dict else out.to_tuple()
+
+    forward.__doc__ = (f"{original.__qualname__} with minimind_fast's fused linear + "
+                       "cross-entropy loss; skip_logits: return no logits (default: in training)")
+    return forward
+
+
+def _fuse_loss(model: torch.nn.Module) -> bool:
+    """Route the model's loss through the fused op; False where the lm_head is not a Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    head.forward = types.MethodType(_lm_head_forward, head)
+    model.forward = types.MethodType(_make_fused_forward(type(model).forward), model)
+    return True
 
 
 def _make_rotary(original: Callable) -> Callable:
@@ -189,9 +287,12 @@ def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = T
         raise ValueError(f"this transformers version's {model_type} attention does not call a module-level "
                          f"{_ROTARY_NAME}; call patch_hf_model(model, rope=False)")
     if loss and hasattr(model, "loss_function"):
+        loss_function = causal_lm_loss
+        if _fuse_loss(model):
+            loss_function = types.MethodType(_model_loss, model)
         try:
-            model.loss_function = causal_lm_loss
+            model.loss_function = loss_function
         except AttributeError:  # transformers without a loss_function setter
-            model.__dict__["_loss_function"] = causal_lm_loss
+            model.__dict__["_loss_function"] = loss_function
     model._minimind_fast_patched = True
     return model
