@@ -1,12 +1,12 @@
 """Cross-entropy with ignore_index, and the fused lm_head + cross-entropy: ours vs eager reference
 vs torch.compile(reference) (vs Liger on GPU), with peak memory.
 
-Targets (issue 4): cross-entropy V=6400, N=16k: fwd+bwd >= 2x eager, and no fp32 (N, V)
-buffer beyond the logits (peak extra memory < N*V*4 bytes). Fused linear + CE at N=16k,
-V=6400, H=768: peak memory of the loss step (fwd+bwd) <= 1/4 of the unfused path (the eager
-reference: logits = hidden @ W.T, then CE) at <= 1.1x its time; the memory cut is also checked
-on CPU, where `ours` is the chunked PyTorch path; where the size profile runs a smaller N (CPU CI),
-test_fused_linear_cross_entropy_memory_at_issue_shape still measures the memory at N=16k.
+Targets: cross-entropy V=6400, N=16k: fwd+bwd >= 2x eager, and no fp32 (N, V) buffer beyond
+the logits (peak extra memory < N*V*4 bytes). Fused linear + CE at N=16k, V=6400, H=768: peak
+memory of the loss step (fwd+bwd) <= 1/4 of the unfused path (the eager reference: logits =
+hidden @ W.T, then CE) at <= 1.1x its time; the memory cut is also checked on CPU, where `ours`
+is the chunked PyTorch path; where the size profile runs a smaller N (CPU CI),
+test_fused_linear_cross_entropy_memory_n16384 still measures the memory at N=16k.
 5% of the targets are ignore_index.
 Bytes for CE: read the logits (fwd), plus write their gradient (fwd+bwd). FLOPs for the fused
 loss step: 2 N H V forward, 4 N H V backward (dhidden and dW).
@@ -14,8 +14,9 @@ loss step: 2 N H V forward, 4 N H V backward (dhidden and dW).
 import pytest
 import torch
 
-from harness import (CUDA, DEVICE, DTYPE, compiled, grads_of, liger_functional, measure, ours_or_skip, peak_memory,
-                     record_bandwidth, record_flops, record_memory, size)
+from harness import (CUDA, DEVICE, DTYPE, compiled, grads_of, liger_functional, measure,
+                     ours_or_skip, peak_memory, record_bandwidth, record_flops, record_memory,
+                     size)
 from minimind_fast import ops
 from minimind_fast.constants import IGNORE_INDEX
 from minimind_fast.ops import reference
@@ -23,7 +24,7 @@ from minimind_fast.ops import reference
 V = 6400
 N_CE = size(2048, 16384)
 N_FLCE, H_FLCE = size(2048, 16384), 768
-N_ISSUE = 16384  # the fused linear CE memory target's N
+N_MEMORY = 16384  # the fused linear CE memory target's N
 
 
 def make_targets(n):
@@ -78,36 +79,38 @@ def test_fused_linear_cross_entropy(benchmark, impl):
         liger = liger_functional()
 
         def fn(hidden, weight, targets):
-            return liger.liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+            return liger.liger_fused_linear_cross_entropy(hidden, weight, targets,
+                                                          ignore_index=IGNORE_INDEX)
     hidden = torch.randn(N_FLCE, H_FLCE, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (0.02 * torch.randn(V, H_FLCE, device=DEVICE)).to(DTYPE).requires_grad_()
     targets = make_targets(N_FLCE)
 
     def step():
         return grads_of(fn(hidden, weight, targets), (hidden, weight), None)
-    # Each CPU call is ~60 GFLOP: keep the call count low there.
+    # A CPU call is 6 N H V FLOPs (tens of GFLOP at the small profile): few calls there.
     median = measure(benchmark, step, warmup=2 if CUDA else 1, min_rounds=3)
     benchmark.extra_info.update(n=N_FLCE, hidden=H_FLCE, vocab=V, dtype=str(DTYPE))
     record_flops(benchmark, 6 * N_FLCE * H_FLCE * V, median)
     record_memory(benchmark, step)
 
 
-def test_fused_linear_cross_entropy_memory_at_issue_shape(benchmark):
-    """Peak memory of the loss step, ours and unfused, at N=16384 H=768 V=6400 (one call each;
-    about 10 s on 2 CPU cores): the memory target's own shape whatever the size profile."""
-    if N_FLCE == N_ISSUE:
-        pytest.skip("test_fused_linear_cross_entropy already runs at the issue's N")
+def test_fused_linear_cross_entropy_memory_n16384(benchmark):
+    """Peak memory of the loss step, ours and unfused, at N=16384 H=768 V=6400 (one call each):
+    the memory target's own shape whatever the size profile."""
+    if N_FLCE == N_MEMORY:
+        pytest.skip("test_fused_linear_cross_entropy already runs at N=16384")
     ours_or_skip()
-    benchmark.group = f"fused_linear_cross_entropy memory N{N_ISSUE} H{H_FLCE} V{V}"
-    hidden = torch.randn(N_ISSUE, H_FLCE, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    benchmark.group = f"fused_linear_cross_entropy memory N{N_MEMORY} H{H_FLCE} V{V}"
+    hidden = torch.randn(N_MEMORY, H_FLCE, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (0.02 * torch.randn(V, H_FLCE, device=DEVICE)).to(DTYPE).requires_grad_()
-    targets = make_targets(N_ISSUE)
+    targets = make_targets(N_MEMORY)
 
     def step(fn):
         return lambda: grads_of(fn(hidden, weight, targets), (hidden, weight), None)
     ours, unfused = step(ops.fused_linear_cross_entropy), step(reference.fused_linear_cross_entropy)
     peaks = {"ours": peak_memory(ours), "unfused": peak_memory(unfused)}
-    benchmark.pedantic(ours, rounds=1, iterations=1)  # the time of that one call of ours, for the record
-    benchmark.extra_info.update(n=N_ISSUE, hidden=H_FLCE, vocab=V, dtype=str(DTYPE),
-                                peak_mem_ours_bytes=peaks["ours"], peak_mem_unfused_bytes=peaks["unfused"],
+    benchmark.pedantic(ours, rounds=1, iterations=1)  # one call of ours, timed for the record
+    benchmark.extra_info.update(n=N_MEMORY, hidden=H_FLCE, vocab=V, dtype=str(DTYPE),
+                                peak_mem_ours_bytes=peaks["ours"],
+                                peak_mem_unfused_bytes=peaks["unfused"],
                                 peak_mem_ratio=peaks["ours"] / peaks["unfused"])

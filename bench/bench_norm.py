@@ -1,7 +1,7 @@
 """RMSNorm and fused residual-add + RMSNorm: ours vs eager reference vs torch.compile(reference)
 (vs Liger-Kernel on GPU when installed), forward and forward+backward.
 
-Targets (issue 4, GPU, hidden 512 and 768, 16k rows, bf16): fwd+bwd >= 1.5x eager and not
+Targets (GPU, hidden 512 and 768, 16k rows, bf16): fwd+bwd >= 1.5x eager and not
 slower than compile; forward >= 70% of the copy bandwidth of the same bytes (bench_baseline's
 copy[hH]). Bytes are the minimum a fused kernel must move: rms_norm fwd reads x and writes y
 (2 N H s), fwd+bwd adds reading x and dy and writing dx (5 N H s); add_rms_norm fwd reads x and

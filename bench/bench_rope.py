@@ -4,7 +4,7 @@ forward and forward+backward, q (B, T, Hq, D) and k (B, T, Hkv, D) rotated toget
 Shapes: MiniMind2's attention (8 query heads, 2 KV heads, head_dim 64); full B=8, T=2048,
 small B=2, T=256. Bytes: read q, k and write both (fwd), the same again for the backward
 (the rotation by -theta), tables negligible. Liger runs on its native (B, H, T, D) layout,
-transposed before timing. No target in the issues; reported for the side-by-side table.
+transposed before timing. No target; reported for the side-by-side table.
 """
 import pytest
 import torch

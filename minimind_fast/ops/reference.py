@@ -113,7 +113,8 @@ def _logsumexp(x: Tensor) -> Tensor:
     """(N, V) -> (N,). Shifted by the row max, so a row with a +inf logit or only -inf logits
     comes out NaN (torch.logsumexp would give +inf / -inf there)."""
     row_max = x.amax(-1, keepdim=True).detach()  # lse does not depend on the shift
-    return (row_max + (x - row_max).exp().sum(-1, keepdim=True).log()).squeeze(-1)
+    shifted = (x - row_max).exp_()  # in place: one (N, V) temporary, not two
+    return (row_max + shifted.sum(-1, keepdim=True).log()).squeeze(-1)
 
 
 def _row_losses(x: Tensor, safe_targets: Tensor, valid: Tensor, label_smoothing: float,
