@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: install pretrain test bench clean
+.PHONY: install pretrain sft test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): $(SOURCES)
 
 pretrain: $(STAMP)
 	$(BIN)/python -m minimind_fast.pretrain $(ARGS)
+
+# Fine-tunes the pretrained model in out/ (sft's default --from_weight) on the default SFT set
+# into out_sft/ (its default --save_dir), then answers a held-out question; running it again
+# continues that run (finished: it only evaluates and answers).
+sft: $(STAMP)
+	$(BIN)/python -m minimind_fast.sft --from_resume auto $(ARGS)
 
 test: $(STAMP)
 	MINIMIND_FAST_REQUIRE_EXT=1 $(BIN)/python -m pytest tests/ -q $(ARGS)
