@@ -6,6 +6,7 @@ import torch
 
 from helpers import assert_close
 from interop_helpers import tiny_config, tiny_model
+from minimind_fast.constants import BOS_TOKEN_ID
 from minimind_fast.layers import document_causal_mask
 from minimind_fast.train.optim import apply_grad_checkpointing
 
@@ -119,3 +120,25 @@ def test_segment_ids_misuse_is_one_line_error(model, case):
         ids, kwargs = ids[:, 4:], dict(segment_ids=segments[:, 4:], past_key_values=past)
     with pytest.raises(ValueError, match="segment_ids of shape"):
         model(ids, **kwargs)
+
+
+def test_packed_dataset_rows_through_the_model_equal_each_conversation_alone(tmp_path):
+    from minimind_fast.data.sft import SFTPackedDataset, build_sft_cache
+    from sft_helpers import random_conversations, train_small_tokenizer, write_jsonl
+
+    tokenizer_dir = train_small_tokenizer(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "chats.jsonl", random_conversations(12, seed=7, turns=1))
+    cache = build_sft_cache(data, tokenizer_dir, cache_dir=tmp_path / "cache", progress=False)
+    dataset = SFTPackedDataset(cache, None, max_seq_len=96)
+    row = max((dataset[i] for i in range(len(dataset))), key=lambda r: int(r["segment_ids"].max()))
+    segments = row["segment_ids"]
+    assert int(segments.max()) >= 2  # two conversations and the padded tail at least
+    torch.manual_seed(5)
+    network = tiny_model(tiny_config(vocab_size=cache.vocab_size, max_position_embeddings=96))
+    packed = network(row["input_ids"][None], segment_ids=segments[None]).logits[0]
+    for segment in range(int(segments.max())):  # the last segment may be padding
+        where = torch.nonzero(segments == segment).flatten()
+        ids = row["input_ids"][where]
+        assert int(ids[0]) == BOS_TOKEN_ID  # a whole conversation
+        alone = network(ids[None]).logits[0]
+        assert_close(packed[where], alone, atol=2e-5, rtol=2e-5, what=f"segment {segment}")
