@@ -47,8 +47,8 @@ from .. import ops
 from ..constants import IGNORE_INDEX
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "qwen2_moe", "mixtral")
-_NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3MoeRMSNorm",
-                 "Qwen2MoeRMSNorm", "MixtralRMSNorm"}
+_NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm",
+                 "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "MixtralRMSNorm"}
 _ROTARY_NAME = "apply_rotary_pos_emb"
 
 
@@ -165,14 +165,15 @@ def _fuse_loss(model: torch.nn.Module) -> bool:
 def _make_rotary(original: Callable) -> Callable:
     """Our replacement for one modeling file's apply_rotary_pos_emb (HF's signature)."""
     signature = inspect.signature(original)
-    last: dict = {}  # the most recent multi-row cos checked: weakref and verdict (one check per forward)
+    last: dict = {}  # the last multi-row cos checked: weakref and verdict (one check a forward)
 
     def rows_share_positions(cos: torch.Tensor, sin: torch.Tensor) -> bool:
         if cos.shape[0] == 1 or cos.stride(0) == 0:
             return True
         if last.get("cos") is not None and last["cos"]() is cos:
             return last["shared"]
-        shared = bool(torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin)))
+        shared = bool(torch.equal(cos, cos[:1].expand_as(cos))
+                      and torch.equal(sin, sin[:1].expand_as(sin)))
         last.update(cos=weakref.ref(cos), shared=shared)
         return shared
 
@@ -192,7 +193,8 @@ def _make_rotary(original: Callable) -> Callable:
             return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
         return ops.apply_rotary(q, k, cos, sin)
 
-    apply_rotary_pos_emb.__doc__ = f"minimind_fast rotary, falling back to {original.__module__}.{_ROTARY_NAME}"
+    apply_rotary_pos_emb.__doc__ = (f"minimind_fast rotary, falling back to "
+                                    f"{original.__module__}.{_ROTARY_NAME}")
     return apply_rotary_pos_emb
 
 
@@ -205,7 +207,8 @@ def _with_global(func: Callable, name: str, value) -> Callable:
             raise LookupError(f"{func.__qualname__} does not call {name}")
         namespace = dict(func.__globals__)
         namespace[name] = value
-        new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+        new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__,
+                                 func.__closure__)
         new.__dict__.update(func.__dict__)
     else:
         new_inner = _with_global(inner, name, value)
@@ -220,7 +223,8 @@ def _with_global(func: Callable, name: str, value) -> Callable:
         if not any(holds_inner(c) for c in cells):
             raise LookupError(f"cannot rebuild the decorator around {inner.__qualname__}")
         cells = tuple(types.CellType(new_inner) if holds_inner(c) else c for c in cells)
-        new = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__, cells)
+        new = types.FunctionType(func.__code__, func.__globals__, func.__name__,
+                                 func.__defaults__, cells)
         new.__dict__.update(func.__dict__)
         new.__wrapped__ = new_inner
     new.__kwdefaults__ = func.__kwdefaults__
@@ -266,26 +270,30 @@ def _patch_rotary(model: torch.nn.Module) -> int:
     return patched
 
 
-def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True, loss: bool = True):
-    """Swap the RMSNorm modules, the rotary application and the loss of a transformers Llama / Qwen3
-    (or qwen2, mistral, qwen3_moe, qwen2_moe, mixtral) model for minimind_fast's ops, in place.
+def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True,
+                   loss: bool = True):
+    """Swap the RMSNorm modules, the rotary application and the loss (fused with the lm_head) of a
+    transformers Llama / Qwen3 (or qwen2, mistral, qwen3_moe, qwen2_moe, mixtral) model for
+    minimind_fast's ops, in place.
 
     Returns the model. Calling it twice is a no-op. Raises ValueError for other models.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
-        raise ValueError(f"patch_hf_model expects a transformers PreTrainedModel (pip install transformers), "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"patch_hf_model expects a transformers PreTrainedModel "
+                         f"(pip install transformers), got {type(model).__name__}")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"patch_hf_model supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; got "
-                         f"{model_type!r}, whose norm / rotary code may differ (e.g. Gemma's 1 + weight)")
+        raise ValueError(f"patch_hf_model supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                         f"got {model_type!r}, whose norm / rotary code may differ (e.g. Gemma's "
+                         "1 + weight)")
     if getattr(model, "_minimind_fast_patched", False):
         return model
     if rms_norm and _swap_norms(model) == 0:
-        raise ValueError(f"no RMSNorm module of a known class in this {model_type} model; nothing to swap")
+        raise ValueError(f"no RMSNorm module of a known class in this {model_type} model; "
+                         "nothing to swap")
     if rope and _patch_rotary(model) == 0:
-        raise ValueError(f"this transformers version's {model_type} attention does not call a module-level "
-                         f"{_ROTARY_NAME}; call patch_hf_model(model, rope=False)")
+        raise ValueError(f"this transformers version's {model_type} attention does not call a "
+                         f"module-level {_ROTARY_NAME}; call patch_hf_model(model, rope=False)")
     if loss and hasattr(model, "loss_function"):
         loss_function = causal_lm_loss
         if _fuse_loss(model):

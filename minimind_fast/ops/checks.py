@@ -34,5 +34,6 @@ def check_triton_dtypes(op: str, **tensors: torch.Tensor) -> None:
     """ValueError unless every tensor is float32, bfloat16 or float16 (what the kernels take)."""
     for name, tensor in tensors.items():
         if tensor.dtype not in TRITON_DTYPES:
-            raise ValueError(f"{op}: the Triton kernel takes float32/bfloat16/float16, but {name} "
-                             f"is {tensor.dtype}; use backend='torch' (float64 stays float64 there)")
+            raise ValueError(f"{op}: the Triton kernel takes float32/bfloat16/float16, but "
+                             f"{name} is {tensor.dtype}; use backend='torch' (float64 stays "
+                             "float64 there)")

@@ -1,30 +1,24 @@
 """Cross-entropy and fused linear + cross-entropy: registered ops, autograd and dispatch.
 
 Semantics are those of minimind_fast.ops.reference.cross_entropy (the oracle): mean over
-non-ignored targets, label smoothing as in torch.nn.CrossEntropyLoss, optional z-loss
-(scale * lse^2). An all-ignored batch gives loss 0 and zero gradients (mean divides by
-max(count, 1)); the count is a device tensor, never a host sync.
+non-ignored targets (an all-ignored batch gives 0 and zero gradients; the count stays a device
+tensor), label smoothing as in torch.nn.CrossEntropyLoss, optional z-loss (scale * lse^2).
+Precision: fp32 losses for fp32/bf16/fp16; float64 runs in float64 on "torch" (gradcheck
+passes) and is refused by "triton". Edge rows: an ignored row gives loss 0 and gradient 0
+whatever its logits; otherwise as F.cross_entropy (a -inf target logit: loss +inf, finite
+gradient; a +inf or NaN logit, or only -inf: NaN in that row).
 
-Precision: the loss is fp32 for fp32/bf16/fp16 inputs. float64 runs in float64 on the "torch"
-backend (so gradcheck passes) and is refused by "triton" with a one-line ValueError.
-Edge rows: an ignored row gives loss 0 and gradient 0 whatever its logits (-inf, +inf, NaN);
-otherwise as F.cross_entropy: a -inf target logit gives loss +inf (finite gradient), a +inf or
-NaN logit or a row of only -inf gives NaN in that row.
-
-Dispatch (choose_backend, one place):
-  cross_entropy              "torch"  -> reference.cross_entropy (PyTorch ops; inductor fuses it)
-                             "triton" -> op minimind_fast::cross_entropy: one Triton launch gives
-                                         per-row losses and dlogits (logits' dtype); the backward,
-                                         minimind_fast::cross_entropy_backward, scales dlogits.
-  fused_linear_cross_entropy both     -> op minimind_fast::fused_linear_cross_entropy: Liger-style
-                                         chunking over N, one (chunk, V) block of logits at a time;
-                                         per chunk the CE gradient is formed in place (the Triton
-                                         kernel, or reference.cross_entropy_loss_and_grad), then
-                                         dh = dlogits @ W, dW += dlogits.T @ h, db += sum dlogits.
+Dispatch (choose_backend):
+  cross_entropy   "torch": reference.cross_entropy (PyTorch ops; inductor fuses it). "triton":
+                  op minimind_fast::cross_entropy, one launch for per-row losses and dlogits;
+                  its backward, minimind_fast::cross_entropy_backward, scales dlogits.
+  fused_linear_cross_entropy   op minimind_fast::fused_linear_cross_entropy on both: chunks of
+                  rows, one (chunk, V) block of logits at a time, its CE gradient formed in place
+                  (the Triton kernel, or reference.cross_entropy_loss_and_grad), then
+                  dh = dlogits @ W, dW += dlogits.T @ h, db += sum dlogits.
 With mean/sum the fused op does all the work in forward (dW, db kept in fp32) and its backward
-applies the reduction scale and grad_output before casting to the parameters' dtypes; with
-reduction="none" the forward computes losses only and the backward re-runs the chunk loop with
-the per-row scale (op minimind_fast::fused_linear_cross_entropy_backward).
+applies the reduction scale and grad_output before casting; with reduction="none" the backward
+re-runs the chunk loop with the per-row scale (minimind_fast::fused_linear_cross_entropy_backward).
 
 Out-of-range targets (not ignore_index, outside [0, V)) raise ValueError when the check costs no
 host sync (CPU tensors) or when MINIMIND_FAST_DEBUG=1; otherwise the Triton kernel makes that
@@ -327,7 +321,8 @@ def _fused_setup(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
     ignore_index, smoothing, z_loss, chunk, backend, *grads = ctx.options
-    if any(needs and not asked for needs, asked in zip(ctx.needs_input_grad[:3], grads)):
+    needed = ctx.needs_input_grad[:3]
+    if any(needs and not asked for needs, asked in zip(needed, grads, strict=True)):
         raise RuntimeError(f"{FLCE}: a gradient is needed that the forward was told to skip "
                            f"(grad_hidden/grad_weight/grad_bias); call ops.{FLCE} instead")
     if ctx.reduction == "none":
@@ -343,7 +338,8 @@ def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
         hidden_dtype, weight_dtype = ctx.dtypes
         dh = (dh * scale).to(hidden_dtype)
         dw, db = (dw * scale).to(weight_dtype), (db * scale).to(weight_dtype)
-    results = tuple(grad if asked else None for grad, asked in zip((dh, dw, db), grads))
+    results = tuple(grad if asked else None
+                    for grad, asked in zip((dh, dw, db), grads, strict=True))
     return results + (None,) * 10
 
 

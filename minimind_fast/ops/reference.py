@@ -39,7 +39,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
-    """residual' = residual + x; returns (rms_norm(residual'), residual').  x, residual: (..., H)."""
+    """residual' = residual + x; returns (rms_norm(residual'), residual').
+    x, residual: (..., H)."""
     updated = residual + x
     return rms_norm(updated, weight, eps), updated
 
