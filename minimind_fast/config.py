@@ -1,8 +1,10 @@
 """Model configuration: MiniMind2 defaults, MiniMind-3 switches, named presets.
 
-Field names follow MiniMind's `MiniMindConfig` (model/model_minimind.py) so a config dict
-round-trips between the two projects. `validate()` turns every impossible combination into a
-one-line ValueError that names the value and the fix.
+Field names follow MiniMind2's `MiniMindConfig` (model/model_minimind.py) so a config dict
+round-trips between the two projects. The `minimind3*` presets reproduce MiniMind-3's current
+defaults for any hidden size (its FFN width rule, eps, KV heads, q/k norm, MoE settings).
+`validate()` turns every impossible combination into a one-line ValueError that names the value
+and the fix.
 """
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ from typing import Any, Optional
 
 
 def default_intermediate_size(hidden_size: int) -> int:
-    """MiniMind's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 64."""
+    """MiniMind2's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 64."""
     return 64 * math.ceil(hidden_size * 8 / 3 / 64)
+
+
+def minimind3_intermediate_size(hidden_size: int) -> int:
+    """MiniMind-3's SwiGLU width: pi times hidden, rounded up to a multiple of 64 (768 -> 2432)."""
+    return 64 * math.ceil(hidden_size * math.pi / 64)
 
 
 @dataclass
@@ -119,26 +126,39 @@ class MiniMindConfig:
         return dataclasses.replace(self, **changes)
 
 
+# MiniMind-3's config defaults (model/model_minimind.py): head_dim = hidden // heads; the MoE
+# fields apply when use_moe is set (4 experts, top-1, no shared expert, token-level aux loss).
+_MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, qk_norm=True,
+                  n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0,
+                  aux_loss_alpha=5e-4, seq_aux=False, norm_topk_prob=True)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A few M parameters: trains visibly in minutes on 2 CPU cores.
     "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=2048),
+    # MiniMind2 (its config defaults, with 512/8, 768/16 and the 640/8 MoE of its release)
     "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
     "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
     "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                           use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
-    "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                      head_dim=128, qk_norm=True),
-    "minimind3-moe": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                          head_dim=128, qk_norm=True, use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
-                          n_shared_experts=0),
+    # MiniMind-3: also what MiniMind's own size flags build without --preset (train/cli.py)
+    "minimind3": dict(_MINIMIND3),
+    "minimind3-moe": dict(_MINIMIND3, use_moe=True),
 }
+# Presets whose FFN width is MiniMind-3's pi rule of their (possibly overridden) hidden size.
+_FFN_WIDTH_RULES = {"minimind3": minimind3_intermediate_size,
+                    "minimind3-moe": minimind3_intermediate_size}
 
 
 def get_preset(name: str, **overrides: Any) -> MiniMindConfig:
-    """The named preset with `overrides` applied (None values are ignored)."""
+    """The named preset with `overrides` applied (None values are ignored). Sizes the preset
+    does not fix (head_dim, intermediate_size) follow its family's rule for the final hidden
+    size."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if name in _FFN_WIDTH_RULES and "intermediate_size" not in values:
+        values["intermediate_size"] = _FFN_WIDTH_RULES[name](values["hidden_size"])
     return MiniMindConfig(**values)

@@ -37,7 +37,7 @@ from .train.health import Health, TrainingUnhealthy, weights_finite
 from .train.metrics import IntervalMeter, MetricsError, Reporter
 from .train import resume
 from .train.run_dir import RunDirectory
-from .train.schedule import learning_rate_at
+from .train.schedule import step_learning_rate
 from .train.signals import StopRequest
 from .train.state import TrainState
 
@@ -143,7 +143,8 @@ def setup(args, explicit: set[str], context, task: Task) -> Run:
         model.to(context.device)
         if args.grad_checkpointing:
             optim.apply_grad_checkpointing(model)
-        optimizer = optim.build_optimizer(model, args.learning_rate, args.weight_decay)
+        optimizer = optim.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_betas,
+                                          args.weight_decay_on)
         scaler = precision.make_grad_scaler(context.device, dtype)
         if saved is not None:
             prepare.restore_optimizer(optimizer, scaler, saved, source)
@@ -244,8 +245,7 @@ def train_step(run: Run, micro_batches, window: int) -> None:
     """Forward/backward over the window (gradient sync on its last micro-batch only), then clip
     and step; losses stay on the device."""
     args, context, device = run.args, run.context, run.context.device
-    run.lr = learning_rate_at(run.state.step, run.state.total_steps, args.learning_rate, args.min_lr,
-                              run.state.warmup_steps)
+    run.lr = step_learning_rate(args, run.state, window, context.world_size)
     optim.set_learning_rate(run.optimizer, run.lr)
     step_loss = torch.zeros((), device=device)
     step_aux = torch.zeros((), device=device)

@@ -31,7 +31,7 @@ def test_invalid_configs_raise_clear_errors(kwargs, message):
 
 def test_round_trip_dict_keeps_unknown_keys():
     config = MiniMindConfig.from_dict({**get_preset("minimind3").to_dict(), "flash_attn": True})
-    assert config.qk_norm and config.head_dim == 128
+    assert config.qk_norm and config.head_dim == 96
     assert config.extra["flash_attn"] is True
     assert MiniMindConfig.from_dict(config.to_dict()) == config
 

@@ -1,9 +1,12 @@
-"""Warmup + cosine learning rate: values at the boundaries, monotonicity, warmup resolution."""
+"""Learning-rate schedules: warmup + cosine at the optimizer step (values at the boundaries,
+monotonicity, warmup resolution) and MiniMind's get_lr at its micro-step index."""
 import math
 
 import pytest
 
-from minimind_fast.train.schedule import learning_rate_at, resolve_warmup_steps
+from minimind_fast.train.schedule import (learning_rate_at, micro_batches_per_epoch,
+                                          minimind_learning_rate, minimind_micro_step,
+                                          minimind_total_micro_steps, resolve_warmup_steps)
 
 MAX, MIN = 1e-3, 1e-4
 
@@ -51,3 +54,30 @@ def test_resolve_warmup_steps():
     assert resolve_warmup_steps(1000, 7, 0.5) == 7  # explicit steps win
     assert resolve_warmup_steps(10, 50, 0.0) == 10  # never more than the run
     assert resolve_warmup_steps(10, None, 0.0) == 0
+
+
+def test_minimind_learning_rate_is_get_lr():
+    lr = 5e-4
+    assert minimind_learning_rate(0, 40, lr) == lr * (0.1 + 0.45 * 2)
+    assert minimind_learning_rate(40, 40, lr) == lr * 0.1
+    cosine = 1 + math.cos(math.pi * 13 / 40)
+    assert minimind_learning_rate(13, 40, lr) == lr * (0.1 + 0.45 * cosine)
+    assert minimind_learning_rate(45, 40, lr) == lr * 0.1  # never past S (a cycled --max_steps run)
+    with pytest.raises(ValueError, match="total_micro_steps=0"):
+        minimind_learning_rate(0, 0, lr)
+
+
+def test_minimind_step_index_counts_micro_batches_per_rank():
+    assert micro_batches_per_epoch(11, 2, 1) == 6  # the last micro-batch holds one row
+    assert micro_batches_per_epoch(11, 2, 2) == 3  # 5 rows per rank (the odd row is dropped)
+    # epoch 1 of 6 micro-batches, 4 taken (8 rows on one rank), a window of 2 ends at the 6th
+    assert minimind_micro_step(1, 8, 2, 11, 2, 1) == 6 + 6
+    # two ranks: 8 rows consumed globally = 2 micro-batches of 2 rows on each rank
+    assert minimind_micro_step(0, 8, 2, 20, 2, 2) == 4
+    assert minimind_micro_step(0, 8, 4, 20, 2, 2) == 5  # a short last window stops at iters
+
+
+def test_minimind_total_covers_the_optimizer_steps():
+    assert minimind_total_micro_steps(6, 10, 2, 2, 1) == 10  # 2 epochs of 5 micro-batches
+    assert minimind_total_micro_steps(4, 10, 2, 2, 1) == 5 + 2  # --max_steps 4: an epoch + 1 window
+    assert minimind_total_micro_steps(1, 10, 8, 4, 1) == 2

@@ -1,7 +1,10 @@
 """Deterministic, resumable, DDP-sharded sampling and the DataLoader that batches it.
 
 The order of an epoch is one global permutation, `torch.randperm(N)` under a generator seeded from
-(seed, epoch) (identity when shuffle=False), truncated to a multiple of world_size. Rank r reads
+(seed, epoch) (identity when shuffle=False), truncated to a multiple of world_size. Seeding
+"mixed" (default) mixes the pair so that nearby seeds give unrelated orders; "sum" seeds the
+generator with seed + epoch, as MiniMind's trainer does (`setup_seed(42 + epoch);
+torch.randperm(len(ds))`), so one process reads MiniMind's exact order. Rank r reads
 order[consumed + r :: world_size], where `consumed` counts the samples of this epoch already
 consumed by all ranks together. Hence (as in torchtitan's / Megatron's resumable samplers):
 - resuming at any `consumed`, with any world size, continues at exactly the same place in the
@@ -28,10 +31,18 @@ def _non_negative_int(name: str, value) -> int:
     return int(value)
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+SEEDINGS = ("mixed", "sum")
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True,
+                seeding: str = "mixed") -> torch.Tensor:
     """The global sample order of one epoch: (num_samples,) int64, a permutation of range(N)."""
+    if seeding not in SEEDINGS:
+        raise ValueError(f"seeding={seeding!r}: use one of {', '.join(SEEDINGS)}")
     if not shuffle:
         return torch.arange(num_samples, dtype=torch.int64)
+    if seeding == "sum":  # torch.manual_seed(s) seeds the default generator exactly like this
+        return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
     # SeedSequence mixes (seed, epoch) so that e.g. (0, 1) and (1, 0) give unrelated orders.
     mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]) >> 1
     generator = torch.Generator().manual_seed(mixed)
@@ -47,7 +58,7 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                 consumed: int = 0, shuffle: bool = True):
+                 consumed: int = 0, shuffle: bool = True, seeding: str = "mixed"):
         self.num_samples = _non_negative_int("num_samples", num_samples)
         self.seed = _non_negative_int("seed", seed)
         self.epoch = _non_negative_int("epoch", epoch)
@@ -58,6 +69,9 @@ class ResumableSampler(Sampler[int]):
         if self.rank >= self.world_size:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
         self.shuffle = bool(shuffle)
+        if seeding not in SEEDINGS:
+            raise ValueError(f"seeding={seeding!r}: use one of {', '.join(SEEDINGS)}")
+        self.seeding = seeding
         self.set_epoch(epoch, consumed)
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
@@ -79,7 +93,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         start, per_rank = self._bounds()
-        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.seeding)
         first = start + self.rank
         mine = order[first:first + per_rank * self.world_size:self.world_size]
         for chunk in mine.split(1 << 16):  # bounded Python-int overhead for huge epochs

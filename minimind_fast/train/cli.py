@@ -7,8 +7,13 @@ Flag names follow MiniMind's trainer/train_pretrain.py (--epochs --batch_size --
 --save_dir --save_weight --from_weight); 0/1 switches also accept the bare flag (`--use_moe`).
 Abbreviations are not accepted (`--max_step` is an error that suggests `--max_steps`).
 
-Resolution: a fresh run fills every flag left unset from its preset's training defaults. A
-resumed run starts from the flags saved in its checkpoint; a flag given again on the command
+Model: `--preset` picks a layout; MiniMind's own model flags (--hidden_size, --num_hidden_layers,
+--use_moe) without --preset build MiniMind-3's model for that size (the `minimind3` /
+`minimind3-moe` presets), as MiniMind's trainer does. `--recipe` picks the training procedure:
+`default` (this project's) or `minimind` (MiniMind's optimizer, schedule, rows and data order).
+
+Resolution: a fresh run fills every flag left unset from its preset's and its recipe's defaults.
+A resumed run starts from the flags saved in its checkpoint; a flag given again on the command
 line either applies (with one `note:` line, old -> new), applies with a warning that the run is
 no longer bit-identical (the global batch), or is refused when it would change the model or the
 data stream under the saved position (`RESUME_REFUSED`). Errors are one line, exit code 2.
@@ -24,17 +29,32 @@ from typing import NoReturn, Optional
 from ..config import PRESETS, MiniMindConfig
 
 PROG = "python -m minimind_fast.pretrain"
-# Training defaults per preset; "default" serves every preset but demo (MiniMind2's settings).
+# Training defaults per preset; "default" serves the MiniMind2 presets (MiniMind2's trainer
+# settings), "minimind3" the MiniMind-3 ones (its trainer's shorter rows).
 PRESET_DEFAULTS = {
     "demo": dict(batch_size=8, learning_rate=3e-3, accumulation_steps=1, max_seq_len=256,
                  log_interval=20, save_interval=100, eval_interval=100),
     "default": dict(batch_size=32, learning_rate=5e-4, accumulation_steps=8, max_seq_len=512,
                     log_interval=100, save_interval=1000, eval_interval=500),
 }
-# Flags that fix the model or the data stream: changing one under a saved position is refused.
+PRESET_DEFAULTS["minimind3"] = PRESET_DEFAULTS["minimind3-moe"] = dict(PRESET_DEFAULTS["default"],
+                                                                       max_seq_len=340)
+# MiniMind's model flags: given without --preset they build MiniMind-3's model of that size.
+MINIMIND_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe")
+# Per recipe, the defaults of the flags it decides. "default": this project's recipe; "minimind":
+# MiniMind's trainer/train_pretrain.py (AdamW(model.parameters()) at torch's defaults, no
+# warmup, no held-out split, one padded document per row wrapped in BOS/EOS).
+RECIPES = {
+    "default": dict(adam_betas=(0.9, 0.95), weight_decay=0.1, weight_decay_on="matrices",
+                    warmup_ratio=0.02, val_fraction=0.01, packing=1, add_special_tokens="auto"),
+    "minimind": dict(adam_betas=(0.9, 0.999), weight_decay=0.01, weight_decay_on="all",
+                     warmup_ratio=0.0, val_fraction=0.0, packing=0, add_special_tokens="always"),
+}
+# Flags that fix the model, the data stream or the optimizer's layout: changing one under a saved
+# position is refused.
 RESUME_REFUSED = ("preset", "hidden_size", "num_hidden_layers", "vocab_size", "use_moe", "dropout",
                   "data_path", "seed", "val_fraction", "packing", "max_seq_len", "add_special_tokens",
-                  "save_weight")
+                  "save_weight", "recipe", "weight_decay_on")
 # Sound to change on resume (the sampler counts samples, so the order is kept), but not bit-identical.
 RESUME_REGROUPS = ("batch_size", "accumulation_steps")
 NOT_SAVED = ("from_resume", "save_dir", "from_weight", "device")  # per invocation, never restored
@@ -97,6 +117,16 @@ def _switch(text: str) -> int:
     return int(text)
 
 
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        betas = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise argparse.ArgumentTypeError(f"{text!r} must be two numbers in [0, 1) such as 0.9,0.95")
+    return betas
+
+
 def _resume_mode(text: str) -> str:
     if text not in ("0", "1", "auto"):
         raise argparse.ArgumentTypeError(f"{text!r} must be 0, 1 or auto")
@@ -113,8 +143,12 @@ def build_parser(prog: str = PROG, description: str = "Pretrain a MiniMind-famil
     group = parser.add_argument_group("model")
     group.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="model preset (default: demo on CPU, minimind2-small on a GPU)")
-    group.add_argument("--hidden_size", type=positive_int, default=None, help="override the preset's hidden size")
-    group.add_argument("--num_hidden_layers", type=positive_int, default=None, help="override the preset's layer count")
+    group.add_argument("--hidden_size", type=positive_int, default=None,
+                       help="override the preset's hidden size (without --preset: MiniMind-3's "
+                            "model of this size, as MiniMind's trainer builds it)")
+    group.add_argument("--num_hidden_layers", type=positive_int, default=None,
+                       help="override the preset's layer count (without --preset: MiniMind-3's "
+                            "model)")
     group.add_argument("--vocab_size", type=positive_int, default=None,
                        help="model vocabulary (preset: 6400); must cover the tokenizer")
     group.add_argument("--dropout", type=_number(float, 0.0, high=1.0, high_open=True), default=None,
@@ -130,15 +164,23 @@ def build_parser(prog: str = PROG, description: str = "Pretrain a MiniMind-famil
                        help="directory with tokenizer.json (default: a 6400-token BPE trained on the default "
                             "corpus)")
     group.add_argument("--max_seq_len", type=_number(int, 2), default=None,
-                       help="tokens per row (default: 256 for demo, 512 otherwise)")
-    switch(group, "--packing", 1, "concatenate documents into full rows (0: MiniMind's one padded document per row)")
-    group.add_argument("--add_special_tokens", choices=("auto", "always", "never"), default="auto",
-                       help="wrap each document in BOS/EOS: auto = unless the text already starts/ends with them")
+                       help="tokens per row (default: 256 for demo, 340 for minimind3*, 512 "
+                            "otherwise)")
+    switch(group, "--packing", None, "concatenate documents into full rows (0: MiniMind's "
+           "one padded document per row; default: 1, recipe minimind: 0)")
+    group.add_argument("--add_special_tokens", choices=("auto", "always", "never"), default=None,
+                       help="wrap each document in BOS/EOS: auto = unless the text already "
+                            "starts/ends with them (default: auto, recipe minimind: always)")
     group.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    group.add_argument("--val_fraction", type=fraction, default=0.01,
-                       help="fraction of documents held out for validation (0 disables evaluation)")
+    group.add_argument("--val_fraction", type=fraction, default=None,
+                       help="fraction of documents held out for validation (0 disables evaluation; "
+                            "default: 0.01, recipe minimind: 0)")
 
     group = parser.add_argument_group("optimisation")
+    group.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                       help="training procedure: default (this project's) or minimind (MiniMind's "
+                            "optimizer, LR formula and step index, padded rows, BOS/EOS rule "
+                            "and data order; see the README)")
     group.add_argument("--epochs", type=positive_int, default=1, help="passes over the training split")
     group.add_argument("--max_steps", type=positive_int, default=None,
                        help="stop after this many optimizer steps (overrides --epochs; data is cycled)")
@@ -152,10 +194,17 @@ def build_parser(prog: str = PROG, description: str = "Pretrain a MiniMind-famil
                        help="final learning rate of the cosine decay (default: learning_rate / 10)")
     group.add_argument("--warmup_steps", type=non_negative_int, default=None,
                        help="linear warmup steps (default: warmup_ratio * total steps)")
-    group.add_argument("--warmup_ratio", type=fraction, default=0.02,
-                       help="warmup as a fraction of the total steps, when --warmup_steps is not given")
-    group.add_argument("--weight_decay", type=non_negative_float, default=0.1,
-                       help="AdamW weight decay on weight matrices (never on norms, biases, embeddings)")
+    group.add_argument("--warmup_ratio", type=fraction, default=None,
+                       help="warmup as a fraction of the total steps, when --warmup_steps is "
+                            "not given (default: 0.02, recipe minimind: no warmup)")
+    group.add_argument("--weight_decay", type=non_negative_float, default=None,
+                       help="AdamW weight decay (default: 0.1, recipe minimind: 0.01)")
+    group.add_argument("--weight_decay_on", choices=("all", "matrices"), default=None,
+                       help="tensors that decay: matrices = 2-D weights but the embedding "
+                            "(never norms, biases, the tied embedding), all = every parameter, "
+                            "as MiniMind's AdamW (default: matrices, recipe minimind: all)")
+    group.add_argument("--adam_betas", type=_betas, default=None, metavar="B1,B2",
+                       help="AdamW betas (default: 0.9,0.95, recipe minimind: 0.9,0.999)")
     group.add_argument("--grad_clip", type=non_negative_float, default=1.0,
                        help="clip the gradient norm to this (0: off)")
     group.add_argument("--seed", type=non_negative_int, default=42, help="base seed (rank r uses seed + r)")
@@ -219,6 +268,11 @@ def parse_args(argv: Optional[list[str]] = None, make_parser=build_parser) -> tu
     explicit = set(vars(typed_only.parse_args(argv)))
     if args.use_wandb:
         args.tracker = "wandb"
+    if args.preset is None and explicit & set(MINIMIND_MODEL_FLAGS):  # MiniMind's own model
+        args.preset = "minimind3-moe" if args.use_moe else "minimind3"
+    conflict = minimind_recipe_conflict(args, explicit)
+    if conflict:
+        fail(conflict, parser.prog)
     if args.min_lr is not None and args.learning_rate is not None and args.min_lr > args.learning_rate:
         fail(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; use a smaller --min_lr", parser.prog)
     if args.tracker in ("wandb", "swanlab"):
@@ -231,12 +285,35 @@ def parse_args(argv: Optional[list[str]] = None, make_parser=build_parser) -> tu
     return args, explicit
 
 
+def minimind_recipe_conflict(args: argparse.Namespace, explicit: set[str]) -> Optional[str]:
+    """The error for a schedule flag given with --recipe minimind, else None: MiniMind's LR
+    formula has no warmup and ends at learning_rate / 10, so these are refused, not half applied."""
+    if args.recipe != "minimind":
+        return None
+    for name in ("warmup_steps", "warmup_ratio"):
+        if name in explicit and getattr(args, name):
+            return (f"--{name} {getattr(args, name)}: --recipe minimind uses MiniMind's schedule, "
+                    "which has no warmup; drop the flag or use --recipe default")
+    if "min_lr" in explicit:
+        return (f"--min_lr {args.min_lr}: --recipe minimind decays to learning_rate / 10 as "
+                "MiniMind does; drop the flag or use --recipe default")
+    return None
+
+
+def fill_recipe_defaults(args: argparse.Namespace, recipe: str) -> None:
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def apply_preset_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left at None from the preset's training defaults (args.preset is set)."""
+    """Fill the flags left at None from the preset's training defaults and the recipe's
+    (args.preset is set)."""
     defaults = PRESET_DEFAULTS.get(args.preset, PRESET_DEFAULTS["default"])
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    fill_recipe_defaults(args, args.recipe)
     if args.min_lr is None:
         args.min_lr = args.learning_rate / 10
     elif args.min_lr > args.learning_rate:
@@ -250,6 +327,8 @@ def resume_flags(args: argparse.Namespace, explicit: set[str], saved: dict, sour
     command line, applied with a note, or refused (ValueError) where it would change the model or
     the data stream under the saved position."""
     resolved = argparse.Namespace(**vars(args))
+    # A checkpoint saved before a flag existed was trained with the default recipe's value.
+    saved = {**RECIPES["default"], "recipe": "default", **saved}
     for name, value in saved.items():
         if hasattr(resolved, name) and name not in NOT_SAVED:
             setattr(resolved, name, value)
@@ -262,15 +341,20 @@ def resume_flags(args: argparse.Namespace, explicit: set[str], saved: dict, sour
         if name == "use_wandb" or old == new or (name == "data_path" and _same_path(old, new)):
             continue
         if name in RESUME_REFUSED:
-            raise ValueError(f"--{name} {new}: {source} was trained with --{name} {old}, and changing it would "
-                             "change the model or the data under the saved position; drop the flag to resume, "
-                             "or start a new run (another --save_dir) with --from_weight to begin from its "
-                             "weights")
+            raise ValueError(f"--{name} {new}: {source} was trained with --{name} {old}, and "
+                             "changing it would change the model, the data or the optimizer under "
+                             "the saved position; drop the flag to resume, or start a new run "
+                             "(another --save_dir) with --from_weight to begin from its weights")
         if name in RESUME_REGROUPS:
             log(f"warning: --{name} {old} -> {new}: the data order is kept but the global batch changes, "
                 "so this run is no longer bit-identical to an uninterrupted one")
         else:
             log(f"note: --{name} {old} -> {new} (was {old} in {source})")
+    conflict = minimind_recipe_conflict(resolved, explicit)
+    if conflict:
+        raise ValueError(conflict)
+    if resolved.recipe == "minimind":  # MiniMind's floor follows the learning rate
+        resolved.min_lr = resolved.learning_rate / 10
     if resolved.min_lr > resolved.learning_rate:
         raise ValueError(f"--min_lr {resolved.min_lr} exceeds --learning_rate {resolved.learning_rate}; "
                          "use a smaller --min_lr")

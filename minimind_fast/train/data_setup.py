@@ -1,7 +1,9 @@
 """Data for the training loop: default corpus and tokenizer, the token cache (built once, rank 0
 first), the held-out split, packed or padded datasets, and the resumable sharded loaders. Wires
 minimind_fast.data together the way MiniMind's train_pretrain.py wires PretrainDataset +
-DistributedSampler.
+DistributedSampler. `--recipe minimind` reads MiniMind's rows in MiniMind's order: BOS + text +
+EOS with special-token strings kept as their ids (its tokenizer call), one padded document per
+row, and the epoch order `randperm` under seed + epoch.
 """
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ def check_tokenizer(tokenizer_dir: Path, checkpoint_dir: Optional[Path]) -> None
                          "run in another --save_dir")
 
 
+def token_cache_modes(args) -> dict[str, str]:
+    """build_token_cache's BOS/EOS options: --add_special_tokens, and special-token strings kept
+    as ids (as MiniMind's tokenizer call reads them) only where they can be: padded rows of the
+    minimind recipe (packed rows never hold the pad id)."""
+    keep = args.recipe == "minimind" and not args.packing
+    return dict(add_special_tokens=args.add_special_tokens,
+                literal_special_tokens="keep" if keep else "split")
+
+
 def build_data(args, config, context, resumed_from: Optional[Path] = None) -> TrainingData:
     """Corpus -> tokenizer -> token cache (built once by rank 0, then opened by the others: only
     rank 0 reads the whole data file to fingerprint it) -> train/val datasets and loaders."""
@@ -46,10 +57,12 @@ def build_data(args, config, context, resumed_from: Optional[Path] = None) -> Tr
         tokenizer_dir = Path(args.tokenizer_path or default_tokenizer_path(config.vocab_size))
         check_tokenizer(tokenizer_dir, resumed_from)
         if context.is_main:
-            cache = build_token_cache(data_path, tokenizer_dir, progress=True)
+            cache = build_token_cache(data_path, tokenizer_dir, progress=True,
+                                      **token_cache_modes(args))
     digest = distributed.broadcast_object(cache.data_digest if context.is_main else None, context)
     if not context.is_main:  # rank 0's cache on a shared file system; else this node builds its own
-        cache = build_token_cache(data_path, tokenizer_dir, progress=False, data_digest=digest)
+        cache = build_token_cache(data_path, tokenizer_dir, progress=False, data_digest=digest,
+                                  **token_cache_modes(args))
     tokenizer_dir = tokenizer_file(tokenizer_dir).parent
     if cache.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's vocab_size "
@@ -60,7 +73,9 @@ def build_data(args, config, context, resumed_from: Optional[Path] = None) -> Tr
     if len(ResumableSampler(len(train_set), args.seed, 0, 0, context.world_size)) == 0:
         raise DataError(f"{data_path}: {len(train_set)} training rows cannot feed {context.world_size} ranks; "
                         "add data or lower --max_seq_len")
-    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size)
+    seeding = "sum" if args.recipe == "minimind" else "mixed"  # MiniMind: randperm at seed + epoch
+    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size,
+                               seeding=seeding)
     loader = make_dataloader(train_set, args.batch_size, sampler, args.num_workers,
                              pin_memory=context.device.type == "cuda")
     # Worker seeds come from this generator, not the global RNG, so creating an iterator never

@@ -1,11 +1,12 @@
 """Optimizer construction and the optimizer step: AdamW parameter groups, gradient clipping,
 skipping non-finite steps without a host sync, and activation checkpointing.
 
-Follows nanoGPT's `configure_optimizers` (decay only on matrices: no weight decay on norms, biases
-or embeddings) and PyTorch's AMP recipe (unscale, then clip, then step). Non-finite steps are
-skipped on the device: the fused AdamW kernel takes a `found_inf` flag (the same mechanism
-GradScaler uses), so float32/bfloat16 steps with NaN/inf gradients leave the weights and the
-optimizer state untouched without a `.item()` per step.
+Decay groups: "matrices" follows nanoGPT's `configure_optimizers` (no weight decay on norms,
+biases or embeddings); "all" is MiniMind's `optim.AdamW(model.parameters(), lr)`, one group
+that decays every tensor. The step follows PyTorch's AMP recipe (unscale, then clip, then step).
+Non-finite steps are skipped on the device: the fused AdamW kernel takes a `found_inf` flag (the
+same mechanism GradScaler uses), so float32/bfloat16 steps with NaN/inf gradients leave the
+weights and the optimizer state untouched without a `.item()` per step.
 """
 from __future__ import annotations
 
@@ -27,27 +28,47 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and undecayed norms, biases and embeddings.
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     decay_on: str = "matrices") -> list[dict]:
+    """AdamW groups. decay_on="matrices": decayed weight matrices, and undecayed norms, biases and
+    embeddings (two groups); "all": one group, every parameter decayed.
 
-    A tied lm_head shares the embedding's tensor; parameters are deduplicated by identity and
-    the embedding (hence the tied head) is not decayed.
+    A tied lm_head shares the embedding's tensor; parameters are deduplicated by identity (as
+    `model.parameters()` does) and the embedding (hence the tied head) is a matrix not decayed.
     """
+    if decay_on not in ("matrices", "all"):
+        raise ValueError(f"decay_on={decay_on!r}: use 'matrices' or 'all'")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for _, parameter in model.named_parameters():
         if id(parameter) in seen or not parameter.requires_grad:
             continue
         seen.add(id(parameter))
-        (decay if parameter.dim() >= 2 and id(parameter) not in embeddings else no_decay).append(parameter)
+        matrix = parameter.dim() >= 2 and id(parameter) not in embeddings
+        (decay if matrix or decay_on == "all" else no_decay).append(parameter)
+    if decay_on == "all":
+        return [{"params": decay, "weight_decay": weight_decay}]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """Fused AdamW (CPU and CUDA kernels exist in torch >= 2.4) over `parameter_groups`."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps,
-                             fused=True)
+                    betas: tuple[float, float] = (0.9, 0.95), decay_on: str = "matrices",
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA kernels exist in torch >= 2.4) over `parameter_groups`.
+
+    Loading a saved state keeps this run's betas and weight decay (the flags of the resumed
+    invocation); only the moments, step counts and learning rate come from the checkpoint.
+    """
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay, decay_on), lr=learning_rate,
+                                  betas=tuple(betas), eps=eps, fused=True)
+    configured = [(group["betas"], group["weight_decay"]) for group in optimizer.param_groups]
+
+    def keep_configured(loaded: torch.optim.Optimizer) -> None:
+        for group, (group_betas, group_decay) in zip(loaded.param_groups, configured):
+            group["betas"], group["weight_decay"] = group_betas, group_decay
+
+    optimizer.register_load_state_dict_post_hook(keep_configured)
+    return optimizer
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> None:
