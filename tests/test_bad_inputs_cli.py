@@ -19,6 +19,7 @@ from minimind_fast import pretrain
 from minimind_fast.data import reader
 from minimind_fast.tokenizer import train_tokenizer
 from minimind_fast import checkpoints
+from minimind_fast import dtypes
 from minimind_fast.train import precision, resume
 from pretrain_helpers import VOCAB_SIZE, assets, read_metrics, tiny_flags, write_corpus  # noqa: F401
 from bad_input_helpers import (assert_clean, assert_user_error, one_thread, run_cli,  # noqa: F401
@@ -61,7 +62,7 @@ def test_cli_unknown_flag(assets, tmp_path, capsys):
 
 
 def test_cli_bfloat16_on_a_device_without_it(assets, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)  # as on a pre-Ampere GPU
+    monkeypatch.setattr(dtypes, "bf16_supported", lambda device: False)  # as on a pre-Ampere GPU
     code, err = run_cli(tiny_flags(assets, tmp_path / "run", max_steps=1, dtype="bfloat16"), capsys)
     assert_user_error(code, err, "--dtype bfloat16 is not supported by device cpu", "use --dtype float16")
     assert_clean(tmp_path / "run")

@@ -5,6 +5,7 @@ TrainState and schedule. Every user error is a one-line ValueError (the CLI exit
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ from ..config import MiniMindConfig, get_preset
 from ..interop import load_weights, validate_state_dict
 from . import checkpoint, cli, distributed, resume
 from .run_dir import RunDirectory
-from .schedule import learning_rate_at, resolve_warmup_steps
+from .schedule import resolve_warmup_steps, step_learning_rate
 from .state import TrainState
 
 
@@ -147,10 +148,12 @@ def schedule(state: TrainState, args, world_size: int, resumed: bool, log=print)
     total = args.max_steps or state.step + remaining
     warmup = resolve_warmup_steps(total, args.warmup_steps, args.warmup_ratio)
     if resumed and (total, warmup) != (state.total_steps, state.warmup_steps) and state.step < total:
-        old = learning_rate_at(state.step, state.total_steps, args.learning_rate, args.min_lr, state.warmup_steps)
-        new = learning_rate_at(state.step, total, args.learning_rate, args.min_lr, warmup)
-        log(f"note: the schedule now runs {total} steps with {warmup} warmup (was {state.total_steps}, "
-            f"{state.warmup_steps}): the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}")
+        before = copy.copy(state)
+        state.total_steps, state.warmup_steps = total, warmup
+        old = step_learning_rate(args, before, args.accumulation_steps, world_size)
+        new = step_learning_rate(args, state, args.accumulation_steps, world_size)
+        log(f"note: the schedule now runs {total} steps with {warmup} warmup (was {before.total_steps}, "
+            f"{before.warmup_steps}): the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}")
     state.total_steps, state.warmup_steps = total, warmup
     if resumed and state.step >= total:
         log(f"note: the run is already at step {state.step} of {total}; nothing left to train")
