@@ -9,6 +9,7 @@ import torch
 from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM
 from bad_input_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from helpers import HAS_CUDA
 
 
 def _rope(**changes):
@@ -46,6 +47,7 @@ def _model_loss(labels):
 
 
 LONG, META = torch.int64, "meta"
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # where backend="triton" runs
 OPS_CASES = {
     "rms-norm-wrong-dtype": (lambda: _rms(torch.ones(3, 8, dtype=LONG), torch.ones(8)),
                              ["rms_norm: x must be a floating-point tensor, got torch.int64", "x.float()"]),
@@ -89,8 +91,9 @@ OPS_CASES = {
         lambda: _flce(torch.randn(4, 8), torch.randn(0, 8), torch.ones(4, dtype=LONG)),
         ["fused_linear_cross_entropy: weight (0, 8) has V=0 rows"]),
     "fused-linear-cross-entropy-float64-triton": (
-        lambda: _flce(torch.randn(4, 8).double(), torch.randn(10, 8).double(),
-                      torch.ones(4, dtype=LONG), backend="triton"),
+        lambda: _flce(torch.randn(4, 8, device=TRITON_DEVICE).double(),
+                      torch.randn(10, 8, device=TRITON_DEVICE).double(),
+                      torch.ones(4, dtype=LONG, device=TRITON_DEVICE), backend="triton"),
         ["the Triton kernel takes float32/bfloat16/float16, but hidden is torch.float64",
          "backend='torch'"]),
     "cross-entropy-zero-classes": (lambda: _ce(torch.randn(4, 0), torch.ones(4, dtype=LONG)),
@@ -98,7 +101,8 @@ OPS_CASES = {
     "apply-rotary-negative-offset": (lambda: _rope(position_offset=-1),
                                      ["apply_rotary: position_offset -1 must be >= 0"]),
     "rms-norm-float64-triton": (
-        lambda: _rms(torch.ones(3, 8).double(), torch.ones(8).double(), backend="triton"),
+        lambda: _rms(torch.ones(3, 8, device=TRITON_DEVICE).double(),
+                     torch.ones(8, device=TRITON_DEVICE).double(), backend="triton"),
         ["rms_norm: the Triton kernel takes float32/bfloat16/float16, but x is torch.float64",
          "backend='torch'"]),
     "model-labels-out-of-range": (lambda: _model_loss(torch.tensor([[1, 2, 999]])),

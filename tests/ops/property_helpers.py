@@ -23,7 +23,7 @@ import os
 from datetime import timedelta
 
 import torch
-from helpers import assert_close
+from helpers import HAS_CUDA, assert_close
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -54,12 +54,24 @@ def dtypes_for(backend: str):
     return st.sampled_from(HALF_DTYPES if backend == "triton" else HALF_DTYPES + (torch.float64,))
 
 
+# Values are drawn on the CPU from the example's seed (the same on every machine), then moved.
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=generator(seed)) * scale).to(dtype)
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator(seed)).to(DEVICE)
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=generator(seed)).to(DEVICE)
+
+
+def randint(high: int, shape: tuple, seed: int) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=generator(seed)).to(DEVICE)
 
 
 LAYOUTS = ("contiguous", "transposed", "row_slice", "column_step")
@@ -71,11 +83,11 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return x.t().contiguous().t()
     if layout == "row_slice":  # row stride > cols, unit column stride
-        padded = torch.zeros(rows, cols + 5, dtype=x.dtype)
+        padded = x.new_zeros(rows, cols + 5)
         padded[:, 2:2 + cols] = x
         return padded[:, 2:2 + cols]
     if layout == "column_step":
-        wide = torch.zeros(rows, 2 * cols, dtype=x.dtype)
+        wide = x.new_zeros(rows, 2 * cols)
         wide[:, ::2] = x
         return wide[:, ::2]
     return x.contiguous()

@@ -414,10 +414,10 @@ def test_input_errors_name_the_fused_op(backend):
     targets[2] = 0
     with pytest.raises(ValueError, match=r"bias \(9,\) must be \(V,\) = \(10,\)"):
         ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend,
-                                       bias=torch.zeros(9))
+                                       bias=torch.zeros(9, device=DEVICE))
     with pytest.raises(ValueError, match="hidden is torch.float32 but bias is torch.float16"):
         ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend,
-                                       bias=torch.zeros(10).half())
+                                       bias=torch.zeros(10, device=DEVICE).half())
     with pytest.raises(ValueError, match=r"weight \(0, 8\) has V=0 rows"):
         ops.fused_linear_cross_entropy(hidden, weight[:0], targets, backend=backend)
 

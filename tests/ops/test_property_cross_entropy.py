@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given
 from hypothesis import strategies as st
-from property_helpers import (BACKENDS, LABEL_SMOOTHING, LAYOUTS, check_close, dtypes_for,
-                              generator, laid_out)
+from property_helpers import (BACKENDS, DEVICE, LABEL_SMOOTHING, LAYOUTS, check_close,
+                              dtypes_for, laid_out, rand, randint, randn)
 
 from minimind_fast import ops
 from minimind_fast.kernels.cross_entropy import MAX_SINGLE_BLOCK_V
@@ -45,8 +45,8 @@ def cases(draw, backend: str) -> dict:
 
 def make_inputs(case: dict):
     rows, vocab, seed = case["rows"], case["vocab"], case["seed"]
-    logits = torch.randn(rows, vocab, generator=generator(seed)) * 4
-    targets = torch.randint(0, vocab, (rows,), generator=generator(seed + 1))
+    logits = randn(rows, vocab, seed=seed) * 4
+    targets = randint(vocab, (rows,), seed=seed + 1)
     for row, mask in enumerate(case["masks"]):
         span = max(vocab // 4, 1)
         starts = {"none": vocab, "start": 0, "middle": (vocab - span) // 2, "end": vocab - span}
@@ -54,9 +54,9 @@ def make_inputs(case: dict):
         logits[row, start:start + span] = -float("inf")
         if not torch.isfinite(logits[row]).any():  # keep one class possible in the row
             logits[row, -1] = 0.0
-    targets[torch.tensor(case["ignored"])] = case["ignore_index"]
+    targets[torch.tensor(case["ignored"], device=DEVICE)] = case["ignore_index"]
     logits = laid_out(logits.to(case["dtype"]), case["layout"])
-    upstream = torch.rand(rows, generator=generator(seed + 2)) + 0.5
+    upstream = rand(rows, seed=seed + 2) + 0.5
     return logits, targets, upstream if case["reduction"] == "none" else upstream[0]
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given
 from hypothesis import strategies as st
-from property_helpers import BACKENDS, LABEL_SMOOTHING, check_close, dtypes_for, generator, laid_out
+from property_helpers import (BACKENDS, DEVICE, LABEL_SMOOTHING, check_close, dtypes_for,
+                              laid_out, rand, randint, randn)
 
 from minimind_fast import ops
 from minimind_fast.kernels.cross_entropy import MAX_SINGLE_BLOCK_V
@@ -48,19 +49,18 @@ def cases(draw, backend: str) -> dict:
 def make_inputs(case: dict):
     rows, hidden_size, vocab, seed = case["rows"], case["hidden"], case["vocab"], case["seed"]
     dtype = case["dtype"]
-    hidden = laid_out(torch.randn(rows, hidden_size, generator=generator(seed)).to(dtype),
-                      case["hidden_layout"])
-    weight = torch.randn(vocab, hidden_size, generator=generator(seed + 1)) / hidden_size**0.5
+    hidden = laid_out(randn(rows, hidden_size, seed=seed).to(dtype), case["hidden_layout"])
+    weight = randn(vocab, hidden_size, seed=seed + 1) / hidden_size**0.5
     weight = laid_out(weight.to(dtype), case["weight_layout"])
     bias = None
     if case["bias"] != "none":
-        bias = torch.randn(vocab, generator=generator(seed + 2))
+        bias = randn(vocab, seed=seed + 2)
         if case["bias"] == "masked bias" and vocab > 1:
             bias[: vocab // 2] = -float("inf")  # a vocabulary mask over the leading classes
         bias = bias.to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=generator(seed + 3))
-    targets[torch.tensor(case["ignored"])] = case["ignore_index"]
-    upstream = torch.rand(rows, generator=generator(seed + 4)) + 0.5
+    targets = randint(vocab, (rows,), seed=seed + 3)
+    targets[torch.tensor(case["ignored"], device=DEVICE)] = case["ignore_index"]
+    upstream = rand(rows, seed=seed + 4) + 0.5
     return hidden, weight, bias, targets, upstream if case["reduction"] == "none" else upstream[0]
 
 
@@ -118,7 +118,8 @@ def test_fused_linear_cross_entropy_matches_torch(backend, data):
     assert loss.dtype == loss_dtype
     check_close(loss, expected[0], dtype, "loss")  # from logits rounded to `dtype`
     grads = (h.grad, w.grad, None if b is None else b.grad)
-    for name, actual, ref, magnitude in zip(("dh", "dW", "db"), grads, expected[1:], magnitudes):
+    for name, actual, ref, magnitude in zip(("dh", "dW", "db"), grads, expected[1:], magnitudes,
+                                            strict=True):
         if ref is not None:
             assert actual.dtype == dtype, name
             check_close(actual, ref, dtype, name, magnitude)

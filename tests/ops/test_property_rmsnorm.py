@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from property_helpers import BACKENDS, LAYOUTS, check_close, dtypes_for, generator, laid_out
+from property_helpers import BACKENDS, LAYOUTS, check_close, dtypes_for, laid_out, randn
 
 from minimind_fast import ops
 
@@ -42,7 +42,7 @@ def make_x(case: dict, offset: int, dtype: torch.dtype) -> torch.Tensor:
     rows = 1
     for size in case["lead"]:
         rows *= size
-    values = torch.randn(rows, case["hidden"], generator=generator(case["seed"] + offset))
+    values = randn(rows, case["hidden"], seed=case["seed"] + offset)
     values = (values * case["scale"]).to(dtype)
     if case["layout"] == "expanded":  # one row repeated by a stride-0 view
         return values[:1].expand(rows, case["hidden"]).view(*case["lead"], case["hidden"])
@@ -51,7 +51,7 @@ def make_x(case: dict, offset: int, dtype: torch.dtype) -> torch.Tensor:
 
 def make_weight(case: dict) -> torch.Tensor:
     dtype = torch.float32 if case["weight_fp32"] else case["dtype"]
-    return (1 + 0.5 * torch.randn(case["hidden"], generator=generator(case["seed"] + 9))).to(dtype)
+    return (1 + 0.5 * randn(case["hidden"], seed=case["seed"] + 9)).to(dtype)
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_rms_norm_matches_transformers_and_torch(backend, data):
     eps = case["eps"]
     x_leaf, w_leaf = x.detach().requires_grad_(), weight.detach().requires_grad_()
     y = ops.rms_norm(x_leaf, w_leaf, eps, backend=backend)
-    upstream = torch.randn(y.shape, generator=generator(case["seed"] + 5)).to(y.dtype)
+    upstream = randn(*y.shape, seed=case["seed"] + 5).to(y.dtype)
     y.backward(upstream)
     assert y.dtype == x.dtype and x_leaf.grad.dtype == x.dtype
     assert w_leaf.grad.dtype == weight.dtype
@@ -123,7 +123,7 @@ def test_add_rms_norm_matches_transformers_and_torch(backend, data):
     leaves = [t.detach().requires_grad_() for t in (x, residual, weight)]
     normed, updated = ops.add_rms_norm(*leaves, eps, backend=backend)
     out_dtype = torch.result_type(x, residual)
-    grads = [torch.randn(normed.shape, generator=generator(case["seed"] + i)).to(out_dtype)
+    grads = [randn(*normed.shape, seed=case["seed"] + i).to(out_dtype)
              for i in (5, 6)]
     torch.autograd.backward((normed, updated), grads)
     expected_updated = residual + x  # PyTorch's own add, rounded to the promoted dtype
@@ -138,6 +138,7 @@ def test_add_rms_norm_matches_transformers_and_torch(backend, data):
     expected = grads_in_float64(fused, (x, residual, weight), grads)
     dx_size, dw_size = term_sizes(expected_updated, weight, grads[0], eps)
     sizes = (dx_size + grads[1].double().abs(),) * 2 + (dw_size,)
-    for name, leaf, ref, size in zip(("dx", "dresidual", "dweight"), leaves, expected, sizes):
+    for name, leaf, ref, size in zip(("dx", "dresidual", "dweight"), leaves, expected, sizes,
+                                     strict=True):
         assert leaf.grad.dtype == leaf.dtype, name
         check_close(leaf.grad, ref, case["dtype"], name, size)

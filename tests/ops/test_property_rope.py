@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from property_helpers import BACKENDS, check_close, dtypes_for, generator
+from property_helpers import BACKENDS, DEVICE, check_close, dtypes_for, randn
 
 from minimind_fast import ops
 
@@ -39,12 +39,12 @@ def make_tables(case: dict):
     rows = case["seq_len"] + (case["offset"] or 0)
     head_dim = case["head_dim"]
     if case["tables"] == "random":
-        return (torch.randn(rows, head_dim, generator=generator(case["seed"] + 7)),
-                torch.randn(rows, head_dim, generator=generator(case["seed"] + 8)))
+        return (randn(rows, head_dim, seed=case["seed"] + 7),
+                randn(rows, head_dim, seed=case["seed"] + 8))
     scaling = None
     if case["tables"] == "yarn":
         scaling = {"factor": 4, "original_max_position_embeddings": 2}
-    return ops.rope_tables(head_dim, rows, case["theta"], rope_scaling=scaling)
+    return ops.rope_tables(head_dim, rows, case["theta"], rope_scaling=scaling, device=DEVICE)
 
 
 def make_qk(case: dict):
@@ -52,13 +52,12 @@ def make_qk(case: dict):
     hq, hkv, dtype = case["q_heads"], case["kv_heads"], case["dtype"]
     seed = case["seed"]
     if case["layout"] == "fused_qkv":  # q and k as strided views into one projection output
-        qkv = torch.randn(batch, seq_len, (hq + 2 * hkv) * head_dim,
-                          generator=generator(seed)).to(dtype)
+        qkv = randn(batch, seq_len, (hq + 2 * hkv) * head_dim, seed=seed).to(dtype)
         q = qkv[..., : hq * head_dim].view(batch, seq_len, hq, head_dim)
         k = qkv[..., hq * head_dim: (hq + hkv) * head_dim].view(batch, seq_len, hkv, head_dim)
         return q, k
-    q = torch.randn(batch, hq, seq_len, head_dim, generator=generator(seed)).to(dtype)
-    k = torch.randn(batch, hkv, seq_len, head_dim, generator=generator(seed + 1)).to(dtype)
+    q = randn(batch, hq, seq_len, head_dim, seed=seed).to(dtype)
+    k = randn(batch, hkv, seq_len, head_dim, seed=seed + 1).to(dtype)
     if case["layout"] == "transposed":  # (B, H, T, D) storage seen as (B, T, H, D)
         return q.transpose(1, 2), k.transpose(1, 2)
     return q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
@@ -76,7 +75,7 @@ def test_apply_rotary_matches_transformers(backend, data):
     q_leaf, k_leaf = q.detach().requires_grad_(), k.detach().requires_grad_()
     q_rot, k_rot = ops.apply_rotary(q_leaf, k_leaf, cos, sin, backend=backend,
                                     position_offset=offset)
-    upstream = [torch.randn(t.shape, generator=generator(case["seed"] + i)).to(t.dtype)
+    upstream = [randn(*t.shape, seed=case["seed"] + i).to(t.dtype)
                 for i, t in ((3, q_rot), (4, k_rot))]
     torch.autograd.backward((q_rot, k_rot), upstream)
 

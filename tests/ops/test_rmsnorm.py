@@ -14,7 +14,7 @@ float64 runs on the reference only (in float64: gradcheck below); the kernel ref
 """
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HAS_CUDA, assert_close
 
 from minimind_fast import ops
 from minimind_fast.nn import RMSNorm
@@ -233,6 +233,8 @@ def test_float64_reference_passes_gradcheck_and_triton_refuses(fused):
     assert all(out.dtype == torch.float64 for out in (fn(*inputs) if fused else (fn(*inputs),)))
     assert torch.autograd.gradcheck(fn, inputs)
     name = "add_rms_norm" if fused else "rms_norm"
+    device = "cuda" if HAS_CUDA else "cpu"  # where the Triton backend runs
+    x, residual, weight = (t.detach().to(device) for t in (x, residual, weight))
     with pytest.raises(ValueError, match=f"^{name}: the Triton kernel takes float32/bfloat16/"
                                          "float16, but x is torch.float64; use backend='torch'"):
         if fused:

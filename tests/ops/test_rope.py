@@ -12,7 +12,7 @@ float64 runs on the reference only (in float64: gradcheck below); the kernel ref
 """
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HAS_CUDA, assert_close
 
 from minimind_fast import ops
 from minimind_fast.ops import reference
@@ -176,6 +176,8 @@ def test_float64_reference_passes_gradcheck_and_triton_refuses():
 
     assert all(out.dtype == torch.float64 for out in fn(q, k))
     assert torch.autograd.gradcheck(fn, (q, k))
+    device = "cuda" if HAS_CUDA else "cpu"  # where the Triton backend runs
+    q, k, cos, sin = (t.detach().to(device) for t in (q, k, cos, sin))
     with pytest.raises(ValueError, match="^apply_rotary: the Triton kernel takes float32/bfloat16/"
                                          "float16, but q is torch.float64; use backend='torch'"):
         ops.apply_rotary(q, k, cos, sin, backend="triton")
