@@ -4,7 +4,7 @@
 #   bench/run_gpu.sh [OUTDIR]        (default: $OUT when set, else bench/out)
 #
 # Steps (each with its own timeout, all inside RUN_GPU_BUDGET_S, default 450 s, so the whole run
-# fits one 8-minute device session on an H200):
+# fits an 8-minute slot on an H200):
 #   1. environment: GPU, torch/Triton versions, the Python packages the repo needs; missing ones
 #      are installed from a wheel folder when one is given (WHEELS=dir, or ./.whl), never fetched
 #   2. build the extension: pip install --no-build-isolation --no-deps -e .   (sm_90 only by
@@ -17,8 +17,8 @@
 #   5. summary: bench/summarize.py -> OUTDIR/summary.md (targets + tables) and OUTDIR/bench.json
 # Knobs: PYTHON (default python3), RUN_GPU_BUDGET_S, WHEELS, TORCH_CUDA_ARCH_LIST, SKIP_BUILD=1,
 # SKIP_TESTS=1 (e.g. a rerun of the benchmarks on a machine where the first run built and tested).
-# OUTDIR receives only run_gpu.log, bench.json and summary.md (a device session returns <= 8
-# files); raw per-step logs and JSON go to OUTDIR/raw, or to a temp folder when $OUT is used.
+# OUTDIR receives only run_gpu.log, bench.json and summary.md (a small, fixed set of files
+# for machines that return only a few); raw per-step logs and JSON go to OUTDIR/raw, or to a temp folder when $OUT is used.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -1,4 +1,4 @@
-"""Shared pieces of the bad-input catalogue (issue 6): tests/test_bad_inputs_{cli,files,ops}.py.
+"""Shared pieces of the bad-input catalogue: tests/test_bad_inputs_{cli,files,ops}.py.
 
 The contract every CLI case asserts: a non-zero exit (2 for user errors, 1 for a failed write),
 exactly one stderr line `python -m minimind_fast.pretrain: error: ...` naming the value and the

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6), part 1: CLI flags, data, the tokenizer and numerics. One test
+"""The bad-input catalogue, part 1: CLI flags, data, the tokenizer and numerics. One test
 id each; every case asserts the contract in tests/bad_input_helpers.py (one `error:` line naming
 the value and the fix, exit 2, no traceback, nothing left behind). Cases run in-process through
 `pretrain.main(argv)` (seconds each). Checkpoints and disk: test_bad_inputs_files.py; the ops:

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6), part 2: checkpoints and the disk. Unsafe, truncated, corrupt
+"""The bad-input catalogue, part 2: checkpoints and the disk. Unsafe, truncated, corrupt
 or mismatched weights and resume states are refused with one `error:` line and nothing loaded; a
 failed write (disk full, not writable, a real EFBIG in a subprocess) keeps the previous checkpoint.
 The contract: tests/bad_input_helpers.py. Also what a user sees from a real subprocess.

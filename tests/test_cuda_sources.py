@@ -1,8 +1,8 @@
 """Every CUDA source compiles with nvcc for sm_90, on any machine that has nvcc.
 
 CI's torch is CPU-only, so setup.py never builds csrc/cuda there; this test keeps a CUDA syntax
-or type error from reaching a GPU machine. The .cu files include no torch header (DESIGN.md),
-which is what makes this possible. Skipped, with the reason, where nvcc is absent.
+or type error from reaching a GPU machine. The .cu files include no torch header (raw pointers
+and a stream in; the torch binding is a separate .cpp), which is what makes this possible. Skipped, with the reason, where nvcc is absent.
 """
 import os
 import pathlib

@@ -1,4 +1,4 @@
-"""DDP faults (issue 6), two CPU processes on gloo under torchrun, loopback only:
+"""DDP faults, two CPU processes on gloo under torchrun, loopback only:
 - one rank raising mid-run ends every rank within a bounded time, and torchrun reports the error;
 - with `torchrun --max-restarts=1` and `--from_resume 1`, a rank killed with SIGKILL leads to a
   restart that continues from the last checkpoint and ends bit-identical to an uninterrupted run.
