@@ -2,7 +2,8 @@
 
 CI's torch is CPU-only, so setup.py never builds csrc/cuda there; this test keeps a CUDA syntax
 or type error from reaching a GPU machine. The .cu files include no torch header (raw pointers
-and a stream in; the torch binding is a separate .cpp), which is what makes this possible. Skipped, with the reason, where nvcc is absent.
+and a stream in; the torch binding is a separate .cpp), which is what makes this possible.
+Skipped, with the reason, where nvcc is absent.
 """
 import os
 import pathlib
