@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..constants import IGNORE_INDEX
+from ..nn import RMSNorm
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "qwen2_moe", "mixtral")
 _NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm",
@@ -234,8 +235,6 @@ def _with_global(func: Callable, name: str, value) -> Callable:
 
 
 def _swap_norms(model: torch.nn.Module) -> int:
-    from ..nn import RMSNorm
-
     swapped = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
