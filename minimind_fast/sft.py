@@ -26,7 +26,7 @@ PROG = "python -m minimind_fast.sft"
 # A new run's defaults where SFT differs from pretraining (the flags typed always win): a smaller
 # learning rate (MiniMind's SFT uses 1e-5 after 5e-4 pretraining), two epochs, one batch per step.
 PRESET_DEFAULTS = {
-    "demo": dict(learning_rate=1e-3, epochs=2, eval_interval=50, save_interval=100,
+    "demo": dict(learning_rate=2e-3, epochs=2, eval_interval=50, save_interval=100,
                  log_interval=10),
     "default": dict(learning_rate=1e-5, epochs=2, batch_size=16, accumulation_steps=1),
 }
@@ -42,7 +42,7 @@ HELP = {
                    "prefix {save_dir}/{from_weight}_{hidden_size}.pth ('none': random init)",
     "save_dir": "run directory of the fine-tuned model: checkpoints, metrics, weights",
     "save_weight": "name prefix of the MiniMind weights file {save_weight}_{hidden_size}[_moe].pth",
-    "learning_rate": "peak learning rate (default: 1e-3 for demo, 1e-5 otherwise)",
+    "learning_rate": "peak learning rate (default: 2e-3 for demo, 1e-5 otherwise)",
     "epochs": "passes over the training conversations (default: 2)",
     "batch_size": "rows per micro-batch per process (default: 8 for demo, 16 otherwise)",
     "accumulation_steps": "micro-batches per optimizer step (default: 1)",

@@ -142,3 +142,11 @@ def test_packed_dataset_rows_through_the_model_equal_each_conversation_alone(tmp
         assert int(ids[0]) == BOS_TOKEN_ID  # a whole conversation
         alone = network(ids[None]).logits[0]
         assert_close(packed[where], alone, atol=2e-5, rtol=2e-5, what=f"segment {segment}")
+
+
+@pytest.mark.slow  # torch.compile on CPU takes tens of seconds
+def test_compiled_model_takes_the_mask(model):
+    ids, segments, _ = packed_row([6, 9], model.config.vocab_size, seed=6)
+    compiled = torch.compile(model, fullgraph=True)
+    eager = model(ids, labels=ids, segment_ids=segments).loss
+    assert_close(compiled(ids, labels=ids, segment_ids=segments).loss, eager, 1e-5, 1e-5)

@@ -89,7 +89,7 @@ def test_fresh_defaults_are_sfts_and_typed_flags_win():
     args = parser.parse_args([])
     args.preset, args.learning_rate, args.min_lr = "demo", 3e-3, 3e-4  # what the preset filled
     sft.fresh_defaults(args, set())
-    assert (args.learning_rate, args.min_lr, args.epochs) == (1e-3, 1e-4, 2)
+    assert (args.learning_rate, args.min_lr, args.epochs) == (2e-3, 2e-4, 2)
     args.preset, args.learning_rate, args.batch_size = "minimind2", 5e-4, 32
     sft.fresh_defaults(args, {"batch_size"})
     assert (args.learning_rate, args.batch_size, args.accumulation_steps) == (1e-5, 32, 1)
