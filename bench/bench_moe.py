@@ -56,8 +56,7 @@ def minimind_gate(logits, top_k):
     T, E = logits.shape
     scores = logits.float().softmax(dim=-1)
     topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
-    if top_k > 1:
-        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+    topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)  # as call_route
     batch = T // SEQ_LEN
     counts = torch.zeros(batch, E, device=logits.device)
     ones = torch.ones(batch, SEQ_LEN * top_k, device=logits.device)
@@ -136,7 +135,7 @@ def minimind_moe_loop(module, config, x):
     flat_x = x.reshape(-1, H)
     scores = F.linear(flat_x, module.gate.weight).softmax(dim=-1)
     topk_weight, topk_idx = torch.topk(scores, k=k, dim=-1, sorted=False)
-    if k > 1 and config.norm_topk_prob:
+    if config.norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
     counts = torch.zeros(B, E, device=x.device)
     counts.scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, T * k, device=x.device))

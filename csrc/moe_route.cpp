@@ -70,7 +70,7 @@ RouteShape check_route_inputs(const at::Tensor& router_logits, int64_t top_k, bo
               shape.tokens, " tokens; pass tokens = batch * seq_len rows");
   shape.num_seqs = shape.tokens / shape.seq_len;
   shape.scoring = parse_scoring(scoring, "moe_route");
-  shape.normalize = norm_topk_prob && top_k > 1;
+  shape.normalize = norm_topk_prob;  // every k, top-1 included (MiniMind-3, Qwen3-MoE)
   return shape;
 }
 
@@ -148,7 +148,7 @@ at::Tensor moe_route_backward_cpu(const OptionalTensor& grad_topk_weight, const 
 
 TORCH_LIBRARY(minimind_fast, m) {
   // Outputs (real = float64 for float64 logits, float32 otherwise; B = T / seq_len):
-  //   topk_weight (T, k) real    selected scores, renormalised iff norm_topk_prob and top_k > 1
+  //   topk_weight (T, k) real    selected scores, renormalised iff norm_topk_prob
   //   topk_idx (T, k) int64      expert ids, best first; ties -> lower id
   //   scores (T, E) real         softmax / sigmoid of the logits
   //   prob_mean (E,) real        mean score of each expert over all T tokens

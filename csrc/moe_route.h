@@ -26,7 +26,7 @@ struct RouteShape {
   int64_t seq_len;    // L (T when the caller passed 0)
   int64_t num_seqs;   // B = T / L
   Scoring scoring;
-  bool normalize;     // norm_topk_prob && top_k > 1 (MiniMind's rule)
+  bool normalize;     // norm_topk_prob, for every top_k (MiniMind-3's rule)
 };
 
 // Validates the forward arguments (TORCH_CHECK with a message) and resolves the shape.

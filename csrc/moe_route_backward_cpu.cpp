@@ -31,7 +31,8 @@ struct BackwardIn {
 // Per token t (s = scores[t], g* = incoming gradients, S = sum_j s[idx_j] + 1e-20):
 //   dL/ds_e  = g_scores[t, e] + g_prob_mean[e] / T + g_seq_prob_mean[t / L, e] / L
 //   top-k    : dL/ds_{idx_j} += g_j                         (weights not renormalised)
-//              dL/ds_{idx_j} += (g_j - sum_l g_l w_l) / S    (w_j = s_{idx_j} / S)
+//              dL/ds_{idx_j} += (g_j - sum_l g_l w_l) / S    (w_j = s_{idx_j} / S; norm_topk_prob,
+//              any k: at k = 1 it is g (1 - w) / S, which vanishes once w rounds to 1)
 //   softmax  : dL/dx_e = s_e (dL/ds_e - sum_f s_f dL/ds_f);  sigmoid: dL/dx_e = dL/ds_e s_e (1 - s_e)
 template <typename real_t, typename scalar_t>
 MINIMIND_FAST_SIMD void route_backward_rows(const BackwardIn<real_t>& in, const RouteShape& shape, int64_t begin,

@@ -1,7 +1,7 @@
 // CPU forward of minimind_fast::moe_route. Follows MiniMind's MoEGate (model/model_minimind.py):
-// softmax or sigmoid scores, top-k, renormalisation only when top_k > 1 and norm_topk_prob, and
-// the statistics of its sequence-level and token-level auxiliary losses; adds the expert-sorted
-// permutation that a grouped expert computation needs.
+// softmax or sigmoid scores, top-k, renormalisation whenever norm_topk_prob (for every k, as
+// MiniMind-3 and Qwen3-MoE do), and the statistics of its sequence-level and token-level
+// auxiliary losses; adds the expert-sorted permutation that a grouped expert computation needs.
 //
 // Over fixed 256-token chunks (so results do not depend on the thread count):
 //   1. (parallel) blocks of W tokens, transposed in registers, fp32 maths across the tokens

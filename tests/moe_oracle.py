@@ -2,6 +2,8 @@
 
 The per-expert boolean-mask loop of MiniMind's training branch, run on the parameters of a
 minimind_fast.moe.MoEFeedForward, so the grouped layer can be compared with it on equal weights.
+The top-k weights are renormalised whenever norm_topk_prob is set, top-1 included, as MiniMind-3
+does (MOEFeedForward); MiniMind2 skipped it at top-1, which is norm_topk_prob=False in our config.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def minimind_moe_forward(layer: torch.nn.Module,
     logits = F.linear(x.reshape(-1, H), gate.weight)
     scores = logits.softmax(dim=-1) if gate.scoring_func == "softmax" else logits.sigmoid()
     topk_weight, topk_idx = torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
-    if gate.top_k > 1 and gate.norm_topk_prob:
+    if gate.norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
     if gate.training and gate.alpha > 0.0:
         idx = topk_idx.view(B, -1)

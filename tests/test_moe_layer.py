@@ -47,7 +47,10 @@ def grouped(layer, x):
 LAYER_CASES = {
     "top2_shared_seq_aux": dict(),
     "top2_token_aux": dict(seq_aux=False),
+    # MiniMind-3's MoE: the renormalised top-1 weight is exactly 1
     "top1_no_shared": dict(num_experts_per_tok=1, n_shared_experts=0),
+    # MiniMind2's top-1: the expert output weighted by its probability
+    "top1_unnormalised": dict(num_experts_per_tok=1, norm_topk_prob=False),
     "sigmoid_unnormalised": dict(scoring_func="sigmoid", norm_topk_prob=False,
                                  num_experts_per_tok=3),
     "eight_experts_top2": dict(n_routed_experts=8, n_shared_experts=2),

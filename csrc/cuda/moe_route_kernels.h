@@ -24,7 +24,7 @@ struct RouteProblem {
   int64_t seq_len;   // L, divides T
   int64_t num_seqs;  // B = T / L
   Scoring scoring;
-  bool normalize;    // norm_topk_prob && top_k > 1
+  bool normalize;    // norm_topk_prob (for every top_k)
   DType dtype;       // logits (forward) / grad_logits (backward); real outputs are fp64 iff kFloat64
 };
 

@@ -116,10 +116,14 @@ void check_against_reference(int64_t T, int64_t E, int64_t k, int64_t seq_len, c
       EXPECT(idx.data_ptr<int64_t>()[t * k + j] == order[j], "%s: topk_idx[%ld, %ld]", tag, (long)t, (long)j);
     }
     for (int64_t j = 0; j < k; ++j) {
-      const double expected = score[t * E + order[j]] / (norm && k > 1 ? selected + 1e-20 : 1.0);
+      const double expected = score[t * E + order[j]] / (norm ? selected + 1e-20 : 1.0);
       EXPECT(close(wf.data_ptr<double>()[t * k + j], expected, tol), "%s: topk_weight[%ld, %ld] %g vs %g", tag,
              (long)t, (long)j, wf.data_ptr<double>()[t * k + j], expected);
     }
+    // renormalised top-1 softmax: a score >= 1/E absorbs the 1e-20, so the weight is exactly 1
+    if (norm && k == 1 && scoring == "softmax")
+      EXPECT(wf.data_ptr<double>()[t] == 1.0, "%s: topk_weight[%ld] %.17g is not 1", tag, (long)t,
+             wf.data_ptr<double>()[t]);
   }
   for (int64_t e = 0; e < E; ++e) {
     EXPECT(close(pmf.data_ptr<double>()[e], mean[e], tol), "%s: prob_mean[%ld]", tag, (long)e);
@@ -159,8 +163,8 @@ void check_thread_count_does_not_matter() {
 
 // d/dx of sum(gw * topk_weight) + sum(gs * scores) + sum(gm * prob_mean) + sum(gsm * seq_prob_mean), by
 // central differences.
-void check_backward_fd(const std::string& scoring, bool norm) {
-  const int64_t T = 6, E = 5, k = 2, L = 3, B = 2;
+void check_backward_fd(const std::string& scoring, bool norm, int64_t k) {
+  const int64_t T = 6, E = 5, L = 3, B = 2;
   std::mt19937 rng(3);
   std::normal_distribution<double> normal(0.0, 1.0);
   at::Tensor logits = at::empty({T, E}, at::kDouble);
@@ -186,8 +190,9 @@ void check_backward_fd(const std::string& scoring, bool norm) {
     plus.data_ptr<double>()[i] += h;
     minus.data_ptr<double>()[i] -= h;
     const double numeric = (objective(plus) - objective(minus)) / (2 * h);
-    EXPECT(std::abs(numeric - grad.data_ptr<double>()[i]) < 1e-6, "backward %s norm=%d: d/dx[%ld] %g vs %g",
-           scoring.c_str(), norm, (long)i, grad.data_ptr<double>()[i], numeric);
+    EXPECT(std::abs(numeric - grad.data_ptr<double>()[i]) < 1e-6,
+           "backward %s norm=%d k=%ld: d/dx[%ld] %g vs %g", scoring.c_str(), norm, (long)k, (long)i,
+           grad.data_ptr<double>()[i], numeric);
   }
 }
 
@@ -237,12 +242,18 @@ int main() {
       check_against_reference(300, 32, 4, 300, "softmax", true, at::kBFloat16, pattern, rng);
       check_against_reference(260, 40, 20, 2, "sigmoid", true, at::kHalf, pattern, rng);
       check_against_reference(70, 7, 3, 7, "sigmoid", false, at::kDouble, pattern, rng);
+      // top-1 renormalised (MiniMind-3's MoE): compile-time (E, k) blocks, run-time blocks, fp64
+      check_against_reference(203, 4, 1, 29, "softmax", true, at::kFloat, pattern, rng);
+      check_against_reference(203, 8, 1, 29, "sigmoid", true, at::kHalf, pattern, rng);
+      check_against_reference(203, 33, 1, 0, "softmax", true, at::kBFloat16, pattern, rng);
+      check_against_reference(70, 5, 1, 7, "softmax", true, at::kDouble, pattern, rng);
     }
   }
   unsetenv("MINIMIND_FAST_CPU_ISA");
   check_thread_count_does_not_matter();
   for (const char* scoring : {"softmax", "sigmoid"})
-    for (bool norm : {true, false}) check_backward_fd(scoring, norm);
+    for (bool norm : {true, false})
+      for (int64_t k : {1, 2}) check_backward_fd(scoring, norm, k);
   check_bad_input();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

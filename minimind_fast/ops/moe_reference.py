@@ -4,8 +4,9 @@ Written for clarity, not speed.
 
 - `moe_route_reference` / `moe_route_backward_reference`: MiniMind's MoEGate
   (model/model_minimind.py): softmax (or sigmoid) scores, top-k, renormalisation
-  `w / (sum(w) + 1e-20)` only when `top_k > 1 and norm_topk_prob`, and the statistics its aux
-  losses use (it argsorts where the op counts). Expert order: by logit, descending, stable (ties
+  `w / (sum(w) + 1e-20)` whenever `norm_topk_prob`, top-1 included (MiniMind-3's and Qwen3-MoE's
+  rule; MiniMind2 skipped it at top-1, which is norm_topk_prob=False here), and the statistics
+  its aux losses use (it argsorts where the op counts). Expert order: by logit, descending, stable (ties
   -> lower expert id, NaN first, as torch.sort). Softmax and sigmoid are monotone, so this is the
   top-k of the scores; ranking the logits keeps the choice exact on every device whatever exp()
   rounds to.
@@ -50,7 +51,7 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, norm_topk_prob:
     ranked = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices
     topk_idx = ranked[:, :top_k].contiguous()
     topk_weight = scores.gather(1, topk_idx)
-    if top_k > 1 and norm_topk_prob:
+    if norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
     prob_mean = scores.mean(dim=0)
     seq_prob_mean = scores.view(B, L, E).mean(dim=1)
@@ -77,7 +78,6 @@ def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor],
     """The gradient of router_logits (T, E) from the forward's scores, written out (see the maths
     in csrc/moe_route_backward_cpu.cpp). Any incoming gradient may be None."""
     T, E = scores.shape
-    k = topk_idx.shape[1]
     L = seq_len or T
     grad = torch.zeros_like(scores) if grad_scores is None else grad_scores.clone()
     if grad_prob_mean is not None:
@@ -86,7 +86,7 @@ def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor],
         grad = grad + (grad_seq_prob_mean / L).repeat_interleave(L, dim=0)
     if grad_topk_weight is not None:
         selected = scores.gather(1, topk_idx)
-        if k > 1 and norm_topk_prob:
+        if norm_topk_prob:
             denom = selected.sum(dim=-1, keepdim=True) + NORM_EPS
             dot = (grad_topk_weight * selected).sum(dim=-1, keepdim=True) / denom
             grad_selected = (grad_topk_weight - dot) / denom

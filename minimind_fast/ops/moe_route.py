@@ -23,8 +23,9 @@ MINIMIND_FAST_REQUIRE_EXT=0).
 
 Semantics (MiniMind's MoEGate): scores = softmax(logits) or sigmoid(logits) in fp32 (fp64 for
 fp64 logits); the k best experts by logit, best first, ties -> lower expert id; weights are the
-selected scores, divided by (their sum + 1e-20) only when norm_topk_prob and top_k > 1 (so
-top-1 keeps the raw probability, as in MiniMind). seq_len splits the T rows into
+selected scores, divided by (their sum + 1e-20) whenever norm_topk_prob, for every top_k (as
+MiniMind-3 and Qwen3-MoE do: a softmax top-1 weight is then exactly 1; MiniMind2's top-1 raw
+probability is norm_topk_prob=False). seq_len splits the T rows into
 B = T / seq_len sequences for the per-sequence statistics (0: one sequence).
 """
 from __future__ import annotations

@@ -91,6 +91,30 @@ def test_forward_matches_reference(case, pattern, device):
                          moe_route_reference(x, k, norm, scoring, seq_len))
 
 
+def minimind3_weights(x, k, norm, scoring):
+    """MiniMind-3's / Qwen3-MoE's rule, written out: the selected scores, divided by
+    (their sum + 1e-20) whenever norm_topk_prob is set, top-1 included."""
+    logits = x.double() if x.dtype == torch.float64 else x.float()
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    weight = scores.gather(1, idx)
+    return weight / (weight.sum(-1, keepdim=True) + 1e-20) if norm else weight
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_weights_renormalised_whenever_norm_topk_prob(k, norm, scoring, backend, device):
+    x = make_logits(77, 6, "random", device=device)
+    x[:5] = torch.arange(6.0, device=device) - 48.0  # sigmoid scores near 1e-19: w / (w + eps)
+    got = moe_route(x, k, norm, scoring, 11, backend=backend).topk_weight
+    torch.testing.assert_close(got, minimind3_weights(x, k, norm, scoring), rtol=1e-6, atol=1e-7)
+    if norm and k == 1 and scoring == "softmax":  # a score >= 1/E absorbs the 1e-20: exactly 1
+        assert bool((got == 1.0).all())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_forward_low_and_double_precision_inputs(dtype, device):
@@ -172,7 +196,8 @@ def test_backward_accepts_expanded_and_missing_gradients():
 
 
 @pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 3),
-                                            ("sigmoid", True, 2), ("sigmoid", False, 1)])
+                                            ("sigmoid", True, 2), ("sigmoid", False, 1),
+                                            ("softmax", True, 1), ("sigmoid", True, 1)])
 def test_gradcheck_fp64(scoring, norm, k):
     x = make_logits(8, 5, "random", dtype=torch.float64).requires_grad_()
 
@@ -385,6 +410,31 @@ def test_cpu_instruction_sets_agree(E, k, dtype, monkeypatch):
                 assert_routing_equal(got, want)
             except AssertionError as error:
                 raise AssertionError(f"{isa} {scoring} {pattern}: {error}") from None
+
+
+@needs_extension
+@CPU_DTYPES
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("E", [4, 8, 33, 64])  # compile-time blocks, run-time blocks, chains
+def test_top1_renormalised_on_every_cpu_path(E, isa, dtype, monkeypatch):
+    """Top-1 with norm_topk_prob (MiniMind-3's MoE): a softmax weight is exactly 1 and its
+    gradient 0; a sigmoid weight is w / (w + 1e-20); on every instruction set."""
+    monkeypatch.setenv("MINIMIND_FAST_CPU_ISA", isa)
+    x = make_logits(203, E, "random", dtype=dtype)
+    g = torch.Generator().manual_seed(E)
+    grad_weight = torch.randn(203, 1, generator=g)
+    for scoring in ("softmax", "sigmoid"):
+        r = moe_route(x, 1, True, scoring, 29)
+        want = minimind3_weights(x, 1, True, scoring)
+        torch.testing.assert_close(r.topk_weight, want, rtol=1e-6, atol=1e-7)
+        got = BACKWARD_OP(grad_weight, None, None, None, r.scores, r.topk_idx, True, scoring, 29,
+                          torch.float32)
+        if scoring == "softmax":
+            assert bool((r.topk_weight == 1.0).all())
+            assert float(got.abs().max()) < 1e-6
+        want = moe_route_backward_reference(grad_weight, None, None, None, r.scores, r.topk_idx,
+                                            True, scoring, 29, torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
