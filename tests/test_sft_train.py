@@ -5,6 +5,7 @@ answer, exact resume, bad conversations, the default offline set, and torchrun."
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from minimind_fast import checkpoints, generate, pretrain, sft
 from minimind_fast.data.tokenizer import train_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.train import checkpoint
-from pretrain_helpers import REPO, VOCAB_SIZE, final_state, read_metrics, tiny_flags, write_corpus
+from pretrain_helpers import (REPO, VOCAB_SIZE, Child, final_state, no_orphans,  # noqa: F401
+                              read_metrics, tiny_flags, write_corpus)
 from sft_helpers import random_conversations, write_jsonl
 
 PREFIX = f"{sft.PROG}: error: "
@@ -188,6 +190,31 @@ def test_interrupted_and_resumed_sft_run_is_bit_identical(assets, tmp_path, monk
     for step, record in losses.items():
         for key in ("loss", "val_loss"):
             assert record.get(key) == again[step].get(key), (step, key)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_with_the_document_mask(assets, tmp_path, dtype):
+    try:
+        with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+            torch.nn.Linear(4, 4)(torch.ones(1, 4))
+    except RuntimeError as error:
+        pytest.skip(f"torch refuses {dtype} autocast on CPU: {error}")
+    assert run(sft_flags(assets, tmp_path / "run", max_steps=3, dtype=dtype)) == 0
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    scaler = final_state(tmp_path / "run")["scaler"]
+    assert (scaler["scale"] > 0) if dtype == "float16" else scaler == {}
+
+
+def test_sigterm_saves_and_says_how_to_continue_with_sft(assets, tmp_path, no_orphans):
+    child = Child(sft_flags(assets, tmp_path / "run", max_steps=100000, log_interval=1),
+                  module="minimind_fast.sft")
+    assert child.wait_until(lambda: child.logged_step() >= 2)
+    child.kill(signal.SIGTERM)
+    assert child.finish() == 143, child.output()[-2000:]
+    step = final_state(tmp_path / "run")["train_state"]["step"]
+    assert f"{sft.PROG}: stopped by SIGTERM at step {step}" in child.output()
+    assert f"continue with {sft.PROG} --from_resume 1" in child.output()
 
 
 # ---- the starting point and its tokenizer ---------------------------------------------------------
