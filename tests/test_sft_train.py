@@ -151,6 +151,27 @@ def test_rows_reach_the_model_with_segment_ids_when_packed(assets, tmp_path, mon
         assert all(s is None for s in seen)
 
 
+def test_minimind_recipe_reads_padded_rows_in_minimind_order(assets, tmp_path, monkeypatch):
+    from minimind_fast.data.sft import SFTPaddedDataset, build_sft_cache
+
+    real_forward = MiniMindForCausalLM.forward
+    seen = []
+
+    def spy(self, input_ids, *args, segment_ids=None, **kwargs):
+        if self.training and input_ids.shape[0] == 4:  # training batches only
+            seen.append((input_ids.clone(), segment_ids))
+        return real_forward(self, input_ids, *args, segment_ids=segment_ids, **kwargs)
+
+    monkeypatch.setattr(MiniMindForCausalLM, "forward", spy)
+    assert run(sft_flags(assets, tmp_path / "run", recipe="minimind", max_steps=1, seed=11,
+                         batch_size=4, val_fraction=None, warmup_steps=None,
+                         sample_tokens=0)) == 0
+    rows = SFTPaddedDataset(build_sft_cache(assets["data"], assets["tokenizer"]), None, 128)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(11 + 0))  # epoch 0
+    expected = torch.stack([rows[int(i)]["input_ids"] for i in order[:4]])
+    assert torch.equal(seen[-1][0], expected) and seen[-1][1] is None  # the one step
+
+
 @pytest.mark.parametrize("interrupt_at, extra", [(3, {}), (4, {"packing": 0})])
 def test_interrupted_and_resumed_sft_run_is_bit_identical(assets, tmp_path, monkeypatch, capsys,
                                                           interrupt_at, extra):

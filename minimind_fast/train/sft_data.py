@@ -134,7 +134,9 @@ def build_sft_data(args, config, context, resumed_from: Optional[Path] = None) -
     if len(ResumableSampler(len(train_set), args.seed, 0, 0, context.world_size)) == 0:
         raise DataError(f"{train_path}: {len(train_set)} training rows cannot feed "
                         f"{context.world_size} ranks; add conversations or lower --max_seq_len")
-    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size)
+    seeding = "sum" if args.recipe == "minimind" else "mixed"  # MiniMind: randperm at seed + epoch
+    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size,
+                               seeding=seeding)
     loader = make_dataloader(train_set, args.batch_size, sampler, args.num_workers,
                              pin_memory=context.device.type == "cuda")
     # Worker seeds from this generator, not the global RNG: iterators never shift the training
