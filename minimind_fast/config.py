@@ -112,6 +112,18 @@ class MiniMindConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MiniMindConfig":
+        """A config from our `to_dict()`, MiniMind2's config.json or MiniMind-3's; keys without a
+        field go to `extra`. Told apart by their keys: MiniMind-3 names its MoE fields
+        num_experts / moe_intermediate_size / router_aux_loss_coef (translated here), only this
+        package writes qk_norm and extra, and anything else is MiniMind2's. MiniMind2
+        renormalised the top-k weights only for top-k > 1, so its top-1 configs read as
+        norm_topk_prob=False: the same computation under the rule of moe_route (renormalise
+        whenever norm_topk_prob, as MiniMind-3 and Qwen3-MoE do)."""
+        values = dict(values)
+        if _MINIMIND3_KEYS & values.keys():
+            values = _from_minimind3(values)
+        elif not _OWN_KEYS & values.keys() and values.get("num_experts_per_tok") == 1:
+            values["norm_topk_prob"] = False
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
         extra = {k: v for k, v in values.items() if k not in known}
@@ -124,6 +136,30 @@ class MiniMindConfig:
         if "hidden_size" in changes:
             changes.setdefault("intermediate_size", None)
         return dataclasses.replace(self, **changes)
+
+
+# Keys only MiniMind-3's config writes (MiniMind2 and this package say n_routed_experts,
+# intermediate_size, aux_loss_alpha), and fields only this package writes.
+_MINIMIND3_KEYS = frozenset({"num_experts", "moe_intermediate_size", "router_aux_loss_coef"})
+_OWN_KEYS = frozenset({"qk_norm", "extra"})
+
+
+def _from_minimind3(values: dict[str, Any]) -> dict[str, Any]:
+    """MiniMind-3's config dict in our field names (model/model_minimind.py): q/k RMSNorm in every
+    attention; MoE experts of width moe_intermediate_size, no shared expert, the token-level
+    balance loss weighted by router_aux_loss_coef."""
+    values = dict(values)
+    values.setdefault("qk_norm", True)
+    values.setdefault("n_shared_experts", 0)
+    values.setdefault("seq_aux", False)
+    if "num_experts" in values:
+        values["n_routed_experts"] = values.pop("num_experts")
+    if "router_aux_loss_coef" in values:
+        values["aux_loss_alpha"] = values.pop("router_aux_loss_coef")
+    expert_width = values.pop("moe_intermediate_size", None)
+    if values.get("use_moe") and expert_width is not None:
+        values["intermediate_size"] = expert_width  # a MoE model has no dense FFN
+    return values
 
 
 # MiniMind-3's config defaults (model/model_minimind.py): head_dim = hidden // heads; the MoE
