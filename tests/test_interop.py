@@ -24,12 +24,17 @@ CASES = {  # name: (config overrides, transformers class)
     "qwen3": (dict(qk_norm=True, head_dim=24), "Qwen3ForCausalLM"),
     "qwen3-moe": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
                   "Qwen3MoeForCausalLM"),
+    # MiniMind-3-MoE's layout: top-1 renormalised (every weight 1)
+    "qwen3-moe-top1": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
+                       "Qwen3MoeForCausalLM"),
     "qwen2-moe": (dict(use_moe=True, n_shared_experts=2, num_experts_per_tok=2),
                   "Qwen2MoeForCausalLM"),
     "qwen2-moe-top1": (dict(use_moe=True, n_shared_experts=1, num_experts_per_tok=1),
                        "Qwen2MoeForCausalLM"),
     "mixtral": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
                 "MixtralForCausalLM"),
+    "mixtral-top1": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
+                     "MixtralForCausalLM"),
 }
 
 
@@ -143,7 +148,8 @@ def test_tied_embeddings_stored_once(tmp_path):
     (dict(rope_scaling={**YARN, "type": "linear"}), "linear"),
     (dict(use_moe=True, qk_norm=True, n_shared_experts=1), "shared expert"),
     (dict(use_moe=True, scoring_func="sigmoid"), "softmax"),
-    (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1), "Mixtral"),
+    (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1, norm_topk_prob=False),
+     "Mixtral"),
     (dict(hidden_size=66, head_dim=16), "divisible"),
 ])
 def test_refuses_what_no_stock_architecture_computes(overrides, message, tmp_path):
@@ -186,6 +192,57 @@ def test_moe_architecture_choice():
     minimind3_moe = tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0,
                                 num_experts_per_tok=1)
     assert hf_architecture(minimind3_moe) == "qwen3_moe"
+
+
+def test_norm_topk_prob_exported_as_is_for_every_top_k():
+    """Renormalised whenever norm_topk_prob, top-1 included: what Qwen2/3-MoE do with their flag."""
+    for top_k in (1, 2):
+        for norm in (True, False):
+            config = tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0,
+                                 num_experts_per_tok=top_k, norm_topk_prob=norm)
+            assert to_hf_config(config)["norm_topk_prob"] is norm
+            assert from_hf_config(to_hf_config(config)) == config
+
+
+def test_top1_renormalised_model_equals_stock_qwen3_moe(tmp_path):
+    """MiniMind-3's MoE (top-1, norm_topk_prob): transformers' own Qwen3MoeForCausalLM with
+    norm_topk_prob=True, built and saved by transformers, imports with equal logits; our export
+    of the same model loads back as that class with the flag set and equal logits."""
+    hf_config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=1, norm_topk_prob=True, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    stock = transformers.Qwen3MoeForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for param in stock.parameters():
+            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    stock.save_pretrained(tmp_path / "stock")
+    config, state = import_hf(tmp_path / "stock")
+    assert (config.num_experts_per_tok, config.norm_topk_prob, config.qk_norm) == (1, True, True)
+    model = MiniMindForCausalLM(config).eval()
+    model.load_state_dict(state, strict=True)
+    ids = torch.randint(0, VOCAB, (2, 50))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, stock(ids).logits
+    assert ours.std() > 0.5
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    hf = load_hf(export_hf(model, config, tmp_path / "export"))
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM" and hf.config.norm_topk_prob is True
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_minimind2_top1_config_json_loads_unnormalised(tmp_path):
+    """A MiniMind2 run directory (its config.json, a .pth): top-1 with MiniMind2's
+    norm_topk_prob=True reads as norm_topk_prob=False, which computes what MiniMind2 did."""
+    config = tiny_config(use_moe=True, num_experts_per_tok=1, norm_topk_prob=False)
+    torch.save(tiny_model(config).state_dict(), tmp_path / "pretrain_64_moe.pth")
+    minimind2 = {k: v for k, v in config.to_dict().items() if k not in ("qk_norm", "extra")}
+    (tmp_path / "config.json").write_text(json.dumps({**minimind2, "norm_topk_prob": True}))
+    found, state = load_weights(tmp_path)
+    assert found == config and set(state) == set(tiny_model(config).state_dict())
 
 
 def test_tokenizer_loads_with_auto_tokenizer(tmp_path):

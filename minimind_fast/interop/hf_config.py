@@ -11,16 +11,17 @@ Which architecture (`hf_architecture`), and why each mapping is exact:
 | dense, qk_norm                              | Qwen3ForCausalLM    | same names                  |
 | MoE, qk_norm, no shared expert              | Qwen3MoeForCausalLM | same names                  |
 | MoE, shared expert(s), no qk_norm           | Qwen2MoeForCausalLM | shared experts merged below |
-| MoE, no shared expert, top-k>1 renormalised | MixtralForCausalLM  | block_sparse_moe / w1 w2 w3 |
+| MoE, no shared expert, norm_topk_prob       | MixtralForCausalLM  | block_sparse_moe / w1 w2 w3 |
 
-All routers are softmax → top-k → (renormalise when MiniMind does: top-k > 1 and
-norm_topk_prob; MiniMind's +1e-20 in the denominator cannot change an fp32 sum of ≥ 1/E).
+All routers are softmax → top-k → (renormalise whenever norm_topk_prob, top-1 included, as
+MiniMind-3 and the norm_topk_prob of Qwen2/3-MoE do; Mixtral always does. MiniMind's +1e-20 in
+the denominator cannot change an fp32 sum of ≥ 1/E, so a top-1 weight is exactly 1 on both sides).
 Qwen2-MoE gates its one shared expert with sigmoid(x · g) where MiniMind adds its shared experts
 ungated: we write g = 0 (sigmoid(0) = 0.5 exactly) and the shared down_proj times 2 (exact in
 floating point), concatenate several shared experts into one wider MLP (a sum of MLPs is one MLP
 of the summed width) and write zero q/k/v biases (Qwen2-MoE checkpoints carry them). Refused:
 sigmoid scoring (no stock router scores without softmax); q/k norm together with a shared expert
-(Qwen3-MoE has no shared expert, Qwen2-MoE no q/k norm); no shared expert with top-1 or
+(Qwen3-MoE has no shared expert, Qwen2-MoE no q/k norm); no shared expert with
 norm_topk_prob=False and no q/k norm (Mixtral always renormalises top-k, Qwen2-MoE always has a
 shared expert). The training-time aux loss is not part of any of these: only the forward pass is.
 
@@ -84,13 +85,12 @@ def hf_architecture(config: MiniMindConfig) -> str:
             "head_dim")
     if config.n_shared_experts > 0:
         return "qwen2_moe"
-    if config.num_experts_per_tok > 1 and config.norm_topk_prob:
+    if config.norm_topk_prob:
         return "mixtral"
     raise ValueError(
-        f"cannot export MoE with no shared expert, no qk_norm and num_experts_per_tok="
-        f"{config.num_experts_per_tok}, norm_topk_prob={config.norm_topk_prob}: Mixtral always "
-        "renormalises the top-k weights (MiniMind does not here) and Qwen2-MoE always adds a "
-        "shared expert")
+        "cannot export MoE with no shared expert, no qk_norm and norm_topk_prob=False: Mixtral "
+        "always renormalises the top-k weights and Qwen2-MoE always adds a shared expert; train "
+        "with norm_topk_prob=True or qk_norm=True to export")
 
 
 def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
@@ -185,7 +185,7 @@ def to_hf_config(config: MiniMindConfig, dtype: Optional[torch.dtype] = None) ->
                   num_experts_per_tok=config.num_experts_per_tok,
                   moe_intermediate_size=config.intermediate_size, decoder_sparse_step=1,
                   mlp_only_layers=[],
-                  norm_topk_prob=bool(config.norm_topk_prob and config.num_experts_per_tok > 1),
+                  norm_topk_prob=bool(config.norm_topk_prob),
                   output_router_logits=False, router_aux_loss_coef=config.aux_loss_alpha)
     if arch == "qwen2_moe":
         shared_width = config.n_shared_experts * config.intermediate_size
@@ -271,9 +271,6 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
     if model_type in ("qwen3_moe", "qwen2_moe", "mixtral"):
         top_k = hf.get("num_experts_per_tok", 2)
         normalised = True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False))
-        if top_k == 1 and normalised:
-            refuse("num_experts_per_tok", "with renormalised top-k weights gives every token "
-                   "weight 1.0; MiniMind's top-1 weight is the softmax probability")
         n_shared = 0
         if model_type == "qwen2_moe":
             shared = hf.get("shared_expert_intermediate_size", 0)
@@ -283,10 +280,8 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
                        "of MiniMind shared experts")
             n_shared = shared // values["intermediate_size"]
         experts = hf.get("num_experts") or hf.get("num_local_experts")
-        # norm_topk_prob is ignored at top-1: keep MiniMind's default there
         values.update(use_moe=True, n_routed_experts=experts, num_experts_per_tok=top_k,
-                      n_shared_experts=n_shared, scoring_func="softmax",
-                      norm_topk_prob=normalised or top_k == 1,
+                      n_shared_experts=n_shared, scoring_func="softmax", norm_topk_prob=normalised,
                       aux_loss_alpha=float(hf.get("router_aux_loss_coef", 0.01)))
     config = MiniMindConfig(**values)
     if rope_scaling is not None:  # the export rules backwards: HF's YaRN must be MiniMind's
@@ -302,8 +297,8 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
 
 
 def read_config(path: PathLike) -> MiniMindConfig:
-    """A config JSON file: an HF config.json (see from_hf_config) or a MiniMind/minimind_fast
-    config dict."""
+    """A config JSON file: an HF config.json (see from_hf_config) or a MiniMind2, MiniMind-3 or
+    minimind_fast config dict (see MiniMindConfig.from_dict)."""
     path = Path(path).expanduser()
     try:
         values = json.loads(path.read_text(encoding="utf-8"))

@@ -5,7 +5,8 @@
 - a directory written by `export_hf` (config.json with model_type llama / qwen3 / qwen3_moe /
   qwen2_moe / mixtral + model.safetensors): returns the config it describes and our state dict;
 - a directory holding a MiniMind-format config.json (our `MiniMindConfig.to_dict()`, or
-  MiniMind's own) and one weights file (model.safetensors, one *.safetensors, or one *.pth);
+  MiniMind2's or MiniMind-3's own: `MiniMindConfig.from_dict` tells them apart) and one weights
+  file (model.safetensors, one *.safetensors, or one *.pth);
 - a `.safetensors` or MiniMind `.pth` file (torch.load(weights_only=True); a resume
   checkpoint's {"model": state_dict, ...} works too); a config.json next to it is read when
   present.
