@@ -33,8 +33,8 @@ PRESET_DEFAULTS = {
 DEFAULTS = dict(save_dir="out_sft", save_weight="full_sft", from_weight="out", sample_prompt=None,
                 sample_tokens=64)
 HELP = {
-    "data_path": "SFT JSONL, one {\"conversations\": [{\"role\": \"system\"|\"user\"|\"assistant\", "
-                 "\"content\": ...}, ...]} per line (\"messages\" also works); default: questions "
+    "data_path": 'SFT JSONL, one {"conversations": [{"role": "system"|"user"|"assistant", '
+                 '"content": ...}, ...]} per line ("messages" also works); default: questions '
                  "about Python's standard library answered from its docs, with a held-out file",
     "tokenizer_path": "directory with tokenizer.json (default: the one saved with --from_weight)",
     "from_weight": "the pretrained model to fine-tune: a run directory (its newest checkpoint), a "
@@ -51,6 +51,9 @@ HELP = {
     "val_fraction": "fraction of --data_path's conversations held out for the validation loss (0 "
                     "disables it; the default set has its own held-out file)",
     "add_special_tokens": "not used by SFT: the chat template places <|im_start|>/<|im_end|>",
+    "log_interval": "log every N optimizer steps (default: 10 for demo, 100 otherwise)",
+    "eval_interval": "validation loss every N optimizer steps and at the end (0: only at the end; "
+                     "default: 50 for demo, 500 otherwise)",
     "sample_prompt": "question answered at the end of training (default: the first held-out one)",
     "sample_tokens": "tokens of the final answer (0: none)",
 }

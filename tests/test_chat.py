@@ -242,8 +242,10 @@ def test_exported_model_answers_the_same_through_transformers(model, tokenizer, 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     for messages in ([{"role": "user", "content": "what does the function return ?"}],
-                     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "数据 ?"},
-                      {"role": "assistant", "content": "模型 🤖"}, {"role": "user", "content": "x"}]):
+                     [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": "数据 ?"},
+                      {"role": "assistant", "content": "模型 🤖"},
+                      {"role": "user", "content": "x"}]):
         rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                     tokenize=True)
         ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)

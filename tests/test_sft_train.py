@@ -110,7 +110,8 @@ def test_fine_tunes_a_pretraining_run_and_answers_a_held_out_question(assets, tm
     out = capsys.readouterr().out
     assert f"initial weights: {checkpoints.latest_checkpoint(assets['pre'])}" in out
     # the tokenizer is the pretraining run's, copied into the SFT run
-    assert (run_dir / "tokenizer.json").read_bytes() == (assets["pre"] / "tokenizer.json").read_bytes()
+    copied = (run_dir / "tokenizer.json").read_bytes()
+    assert copied == (assets["pre"] / "tokenizer.json").read_bytes()
     question = next(line for line in out.splitlines() if line.startswith("question: "))
     assert "\nanswer: " in out
     asked = question[len("question: "):]
@@ -238,7 +239,7 @@ def test_sigterm_saves_and_says_how_to_continue_with_sft(assets, tmp_path, no_or
     assert f"continue with {sft.PROG} --from_resume 1" in child.output()
 
 
-# ---- the starting point and its tokenizer ---------------------------------------------------------
+# ---- the starting point and its tokenizer ------------------------------------------------------
 
 
 def test_missing_starting_model_is_one_line(assets, tmp_path, capsys):
@@ -283,9 +284,10 @@ def test_tokenizer_with_another_chat_template_warns(assets, tmp_path, capsys):
 
 def test_bad_conversations_are_skipped_and_counted(assets, tmp_path, caplog):
     good = random_conversations(40, seed=9, turns=1, reply_words=(1, 4))
-    bad = [{"conversations": [{"content": "no role"}, {"role": "assistant", "content": "x"}]},
-           {"conversations": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
-           {"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+    reply = {"role": "assistant", "content": "x"}
+    bad = [{"conversations": [{"content": "no role"}, reply]},
+           {"conversations": [{"role": "user", "content": ""}, reply]},
+           {"conversations": [{"role": "user", "content": 3}, reply]},
            {"conversations": [{"role": "user", "content": "unanswered question"}]}]
     data = write_jsonl(tmp_path / "mixed.jsonl", bad + good)
     with caplog.at_level("WARNING", logger="minimind_fast.data"):
