@@ -84,6 +84,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1")
     if args.chat and args.score:
         raise ValueError("--chat and --score are separate modes; pass one of them")
+    for flag in ("system", "max_context"):
+        if getattr(args, flag) is not None and not args.chat:
+            raise ValueError(f"--{flag} is a chat setting; add --chat")
     check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     for text in (args.prompt, args.system):
         if text is not None:

@@ -213,6 +213,7 @@ def test_score_command_prints_json(ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["--chat", "--max_context", "1"], "--max_context 1 must be in [2, 64]"),
     (["--chat", "--score", "x.jsonl"], "--chat and --score are separate modes"),
+    (["--system", "be brief"], "--system is a chat setting; add --chat"),
     (["--score", "/nonexistent/val.jsonl"], "/nonexistent/val.jsonl"),
     (["--score_limit", "0", "--score", "x.jsonl"], "--score_limit 0 must be >= 1"),
 ])
