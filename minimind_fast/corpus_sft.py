@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -105,8 +106,6 @@ def _usable(answer: str | None) -> bool:
 
 
 def _c_module_subjects():
-    import importlib
-
     for module_name in C_MODULES:
         module = importlib.import_module(module_name)
         for attr in sorted(vars(module)):
