@@ -192,7 +192,7 @@ class ReplyStream:
     def __call__(self, token: torch.Tensor) -> None:
         self.ids.append(int(token[0]))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
+        if len(text) > self.shown and not text.endswith("\ufffd"):
             self.write(text[self.shown:])
             self.shown = len(text)
 

@@ -138,8 +138,8 @@ def test_reply_stream_waits_for_whole_characters(tokenizer):
     for token in tokenizer.encode(text, add_special_tokens=False).ids + [EOS_TOKEN_ID]:
         stream(torch.tensor([token]))
     assert "".join(pieces) == text
-    assert not any("\ufffd" in piece for piece in pieces)
-    assert len([p for p in pieces if p]) > 2
+    assert all(pieces) and not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) > 2
 
 
 def test_streamed_pieces_are_the_reply(model, tokenizer):
