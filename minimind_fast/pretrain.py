@@ -33,6 +33,7 @@ from .data.tokenizer import load_tokenizer
 from .dtypes import default_dtype_name, resolve_dtype
 from .fileio import copy_file_atomic, describe_write_error, write_json_atomic
 from .train import checkpoint, cli, data_setup, distributed, metrics, optim, precision, prepare
+from .train import compile as autocompile
 from .train.health import Health, TrainingUnhealthy, weights_finite
 from .train.metrics import IntervalMeter, MetricsError, Reporter
 from .train import resume
@@ -40,6 +41,8 @@ from .train.run_dir import RunDirectory
 from .train.schedule import step_learning_rate
 from .train.signals import StopRequest
 from .train.state import TrainState
+
+LAUNCHED = time.perf_counter()  # time-to-first-step counts from here
 
 
 class Task(NamedTuple):
@@ -83,6 +86,7 @@ class Run:
     last_saved: int
     first_step: int
     lr: float = 0.0
+    compiler: Optional[autocompile.Compiler] = None
 
     def log(self, message: str) -> None:
         self.reporter.print(message)
@@ -183,13 +187,15 @@ def assemble(args, task, context, run_dir, config, model, optimizer, scaler, dty
         ddp = train_model = DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    if args.use_compile:
-        train_model = torch.compile(train_model, fullgraph=not context.distributed and not config.use_moe)
+    autocast = precision.autocast_context(context.device, dtype)
+    compiler = autocompile.Compiler(args.use_compile)  # auto: decided after the first steps
+    train_model = compiler.start(model, ddp, data.loader, autocast, context, dtype,
+                                 args.grad_checkpointing)
     counts = count_parameters(model)
     reporter = Reporter(run_dir.path, context.is_main, state.total_steps, state.step, args.tracker,
                         args.wandb_project, state.run_id, args.run_name, vars(args))
     run = Run(args, task, context, run_dir, config, model, train_model, ddp, optimizer, scaler,
-              precision.autocast_context(context.device, dtype), data, state,
+              autocast, data, state,
               Health(args.max_bad_steps, context.device), IntervalMeter(context.device), reporter, StopRequest(),
               metrics.flops_per_token(config, args.max_seq_len, counts["active"], counts["embedding"]),
               metrics.peak_flops(context.device, dtype), state.step if saved is not None else -1, state.step)
@@ -198,6 +204,9 @@ def assemble(args, task, context, run_dir, config, model, optimizer, scaler, dty
             f"tokens ({'packed' if args.packing else 'padded'}); global batch {args.batch_size}x"
             f"{args.accumulation_steps}x{context.world_size}; {state.total_steps} steps, warmup "
             f"{state.warmup_steps}, lr {args.learning_rate:g}->{args.min_lr:g}")
+    run.compiler = compiler
+    if compiler.report is not None:
+        run.log(compiler.report.line())
     return run
 
 
@@ -212,10 +221,13 @@ def train(run: Run) -> None:
         for micro_batches, window, end_of_epoch in step_windows(run):
             if run.state.step >= run.state.total_steps:
                 break
+            started = time.perf_counter()
             train_step(run, micro_batches, window)
+            step_s = time.perf_counter() - started
             run.state.finish_step(end_of_epoch)
             maybe_log(run)
-            paused = time.perf_counter()  # evaluation and saving do not count against tokens/s
+            paused = time.perf_counter()  # compiling, evaluating, saving: not in tokens/s
+            run.compiler.after_step(run, step_s)
             maybe_evaluate(run)
             maybe_save(run)
             run.meter.pause(time.perf_counter() - paused)
@@ -292,8 +304,11 @@ def maybe_log(run: Run) -> None:
     values = run.meter.reduce(run.context, distributed)
     record = metrics.train_record(values, step, run.state.epoch_of_step, run.lr, run.flops_per_token,
                                   args.max_seq_len, run.peak_flops, run.context, run.state.total_steps)
-    run.reporter.record(record, metrics.format_record(record, run.state.total_steps, run.config.use_moe),
-                        advance_to=step)
+    line = metrics.format_record(record, run.state.total_steps, run.config.use_moe)
+    if step == run.first_step + 1:  # this process's first step: setup (and a forced compile) included
+        record["time_to_first_step_s"] = round(time.perf_counter() - LAUNCHED, 2)
+        line += f" | first step {record['time_to_first_step_s']:.1f} s after start"
+    run.reporter.record(record, line, advance_to=step)
     run.meter.reset()
 
 

@@ -117,6 +117,12 @@ def _switch(text: str) -> int:
     return int(text)
 
 
+def _compile_setting(text: str):
+    if text not in ("0", "1", "auto"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0, 1 or auto")
+    return text if text == "auto" else int(text)
+
+
 def _betas(text: str) -> tuple[float, float]:
     try:
         betas = tuple(float(part) for part in text.split(","))
@@ -217,7 +223,9 @@ def build_parser(prog: str = PROG, description: str = "Pretrain a MiniMind-famil
                        help="autocast dtype (default: float32 on CPU, bfloat16 on GPUs that have it, else float16)")
     group.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    switch(group, "--use_compile", 0, "torch.compile the model")
+    group.add_argument("--use_compile", type=_compile_setting, nargs="?", const=1, default="auto",
+                       help="torch.compile the model: 1, 0, or auto = when the measured eager step "
+                            "time x the steps left repays the compile time (see the log line)")
     group.add_argument("--ddp_timeout", type=positive_float, default=1800.0,
                        help="seconds a collective may wait for the other ranks before failing")
 
