@@ -305,7 +305,7 @@ def maybe_log(run: Run) -> None:
     record = metrics.train_record(values, step, run.state.epoch_of_step, run.lr, run.flops_per_token,
                                   args.max_seq_len, run.peak_flops, run.context, run.state.total_steps)
     line = metrics.format_record(record, run.state.total_steps, run.config.use_moe)
-    if step == run.first_step + 1:  # this process's first step: setup (and a forced compile) included
+    if step == run.first_step + 1:  # this process's first: setup (and a forced compile) included
         record["time_to_first_step_s"] = round(time.perf_counter() - LAUNCHED, 2)
         line += f" | first step {record['time_to_first_step_s']:.1f} s after start"
     run.reporter.record(record, line, advance_to=step)
