@@ -17,8 +17,9 @@ from . import ops
 from .config import MiniMindConfig
 from .constants import IGNORE_INDEX
 from .layers import Attention, FeedForward, KVCache, document_causal_mask
-from .nn import RMSNorm
 from .moe import MoEFeedForward
+from .nn import RMSNorm
+from .sampling import next_token
 
 
 class CausalLMOutput(NamedTuple):
@@ -154,8 +155,6 @@ class MiniMindForCausalLM(nn.Module):
         when every row has finished. streamer, when given, receives each step's tokens (B,) as
         they are chosen (for printing a reply while it is written). Returns (B, T + new).
         """
-        from .sampling import next_token  # local: sampling is an inference-only helper
-
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         tokens = input_ids
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
