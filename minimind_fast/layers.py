@@ -70,19 +70,17 @@ class Attention(nn.Module):
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
         present = (k, v) if use_cache else None
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        dropout = self.dropout if self.training else 0.0
+        # GQA inside SDPA (query head h reads KV head h // groups): no repeated K/V copies
+        gqa = dict(dropout_p=self.dropout if self.training else 0.0,
+                   enable_gqa=self.num_heads != self.num_kv_heads)
         S = k.shape[2]
         if attn_mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **gqa)
         elif S == T:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
         else:  # decoding with a cache: query i sits at absolute position S - T + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.resid_dropout(self.o_proj(out)), present
 
