@@ -32,7 +32,7 @@ from .checkpoints import CONFIG_FILE, TOKENIZER_FILES
 from .data.tokenizer import load_tokenizer
 from .dtypes import default_dtype_name, resolve_dtype
 from .fileio import copy_file_atomic, describe_write_error, write_json_atomic
-from .train import checkpoint, cli, data_setup, distributed, metrics, optim, precision, prepare
+from .train import accumulation, checkpoint, cli, data_setup, distributed, metrics, optim, precision, prepare
 from .train import compile as autocompile
 from .train.health import Health, TrainingUnhealthy, weights_finite
 from .train.metrics import IntervalMeter, MetricsError, Reporter
@@ -133,10 +133,10 @@ def setup(args, explicit: set[str], context, task: Task) -> Run:
     try:
         run_dir, candidates = prepare.open_run_dir(args, context, log)
         source, saved = prepare.load_resume(candidates, log)
-        args = prepare.resolve_flags(args, explicit, saved, source, context.device, log)
+        args, base = prepare.resolve_flags(args, explicit, saved, source, context.device, log)
         if saved is None and task.fresh_defaults is not None:
             task.fresh_defaults(args, explicit)
-        config = prepare.model_config(args, saved)
+        config = prepare.model_config(args, saved, base)
         dtype = resolve_dtype(args.dtype or default_dtype_name(context.device), context.device)
         args.dtype = str(dtype).replace("torch.", "")
         data = task.build_data(args, config, context, source)
@@ -199,7 +199,8 @@ def assemble(args, task, context, run_dir, config, model, optimizer, scaler, dty
               Health(args.max_bad_steps, context.device), IntervalMeter(context.device), reporter, StopRequest(),
               metrics.flops_per_token(config, args.max_seq_len, counts["active"], counts["embedding"]),
               metrics.peak_flops(context.device, dtype), state.step if saved is not None else -1, state.step)
-    run.log(f"model {args.preset}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+    model = f"of {args.model_from}" if getattr(args, "model_from", None) else args.preset
+    run.log(f"model {model}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
             f"{args.dtype} on {context.device} x{context.world_size}; {state.num_samples} rows of {args.max_seq_len} "
             f"tokens ({'packed' if args.packing else 'padded'}); global batch {args.batch_size}x"
             f"{args.accumulation_steps}x{context.world_size}; {state.total_steps} steps, warmup "
@@ -261,7 +262,10 @@ def train_step(run: Run, micro_batches, window: int) -> None:
     optim.set_learning_rate(run.optimizer, run.lr)
     step_loss = torch.zeros((), device=device)
     step_aux = torch.zeros((), device=device)
-    for index, batch in enumerate(micro_batches):
+    batches = list(micro_batches)  # a window's labels decide its weights before any backward
+    weights = accumulation.micro_batch_weights([accumulation.scored_targets(b) for b in batches],
+                                               args.recipe, context)
+    for index, (batch, weight) in enumerate(zip(batches, weights)):
         rows = batch["input_ids"].shape[0]
         run.meter.add_batch(rows, batch["input_ids"].numel(), count_tokens(batch))
         input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -274,8 +278,8 @@ def train_step(run: Run, micro_batches, window: int) -> None:
         with sync:
             with run.autocast:
                 out = run.train_model(input_ids, labels=labels, segment_ids=segment_ids)
-            run.scaler.scale((out.loss + out.aux_loss) / window).backward()
-        step_loss += out.loss.detach().float() / window
+            run.scaler.scale(out.loss * weight + out.aux_loss / window).backward()
+        step_loss += out.loss.detach().float() * weight  # the ranks' mean is the step's token mean
         step_aux += out.aux_loss.detach().float() / window
         run.state.start_step(rows * context.world_size)
     grad_norm, skipped = optim.clip_and_step(run.optimizer, run.scaler, args.grad_clip)

@@ -172,10 +172,12 @@ def capture_gradients(monkeypatch):
     return captured
 
 
-def test_accumulation_matches_one_big_batch(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [1, 0])  # padded rows score different numbers of tokens
+def test_accumulation_matches_one_big_batch(assets, tmp_path, monkeypatch, packing):
     grads = capture_gradients(monkeypatch)
-    assert run(tiny_flags(assets, tmp_path / "a", max_steps=1, batch_size=2, accumulation_steps=4)) == 0
-    assert run(tiny_flags(assets, tmp_path / "b", max_steps=1, batch_size=8, accumulation_steps=1)) == 0
+    flags = dict(max_steps=1, packing=packing, val_fraction=0)
+    assert run(tiny_flags(assets, tmp_path / "a", batch_size=2, accumulation_steps=4, **flags)) == 0
+    assert run(tiny_flags(assets, tmp_path / "b", batch_size=8, accumulation_steps=1, **flags)) == 0
     assert len(grads) == 2
     for small, big in zip(*grads):
         torch.testing.assert_close(small, big, rtol=0, atol=1e-6)
@@ -245,3 +247,18 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(assets,
     assert good is not None and str(good) in err
     state = resume.load_resume_state(good)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_from_weight_without_model_flags_takes_the_model_of_those_weights(assets, tmp_path, capsys):
+    """Continuing (or fine-tuning) a model needs none of its flags repeated: the config beside
+    --from_weight's weights is the model, and its preset's defaults apply when it is one."""
+    source = tmp_path / "source"
+    assert run(tiny_flags(assets, source, max_steps=2, hidden_size=64, num_hidden_layers=3)) == 0
+    argv = tiny_flags(assets, tmp_path / "next", max_steps=1, from_weight=source, preset=None, hidden_size=None,
+                      num_hidden_layers=None, vocab_size=None)
+    capsys.readouterr()
+    assert run(argv) == 0
+    assert f"model of {source}" in capsys.readouterr().out
+    config = final_state(tmp_path / "next")["config"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (64, 3, 320)
+

@@ -81,11 +81,11 @@ def build_data(args, config, context, resumed_from: Optional[Path] = None) -> Tr
     # Worker seeds come from this generator, not the global RNG, so creating an iterator never
     # shifts the training RNG stream (exact resume).
     loader.generator = torch.Generator().manual_seed(args.seed + context.rank)
-    return TrainingData(loader, sampler, _validation_loader(cache, val_ids, dataset_class, args, context),
+    return TrainingData(loader, sampler, validation_loader(cache, val_ids, dataset_class, args, context),
                         tokenizer_dir, data_path, cache.data_digest, len(train_set))
 
 
-def _validation_loader(cache, val_ids, dataset_class, args, context) -> Optional[DataLoader]:
+def validation_loader(cache, val_ids, dataset_class, args, context) -> Optional[DataLoader]:
     if not len(val_ids):
         return None
     try:

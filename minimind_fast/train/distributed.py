@@ -172,10 +172,19 @@ def broadcast_object(value: Any, context: DistContext) -> Any:
     return box[0]
 
 
-def max_over_ranks(value: int, context: DistContext) -> int:
-    """The largest of every rank's `value`, over the CPU control group (no device sync)."""
+def _reduce_int(value: int, context: DistContext, op) -> int:
     if not context.distributed:
         return value
     box = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=context.control_group)
+    dist.all_reduce(box, op=op, group=context.control_group)
     return int(box.item())
+
+
+def max_over_ranks(value: int, context: DistContext) -> int:
+    """The largest of every rank's `value`, over the CPU control group (no device sync)."""
+    return _reduce_int(value, context, dist.ReduceOp.MAX)
+
+
+def sum_over_ranks(value: int, context: DistContext) -> int:
+    """The sum of every rank's `value`, over the CPU control group (no device sync)."""
+    return _reduce_int(value, context, dist.ReduceOp.SUM)

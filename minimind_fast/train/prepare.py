@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..checkpoints import RESUME_FILE, list_checkpoints, resolve_checkpoint_path
-from ..config import MiniMindConfig, get_preset
-from ..interop import load_weights, validate_state_dict
+from ..checkpoints import CONFIG_FILE, RESUME_FILE, list_checkpoints, resolve_checkpoint_path
+from ..config import PRESETS, MiniMindConfig, get_preset
+from ..interop import load_weights, read_config, validate_state_dict
 from . import checkpoint, cli, distributed, resume
 from .run_dir import RunDirectory
 from .schedule import resolve_warmup_steps, step_learning_rate
@@ -56,24 +56,53 @@ def load_resume(candidates: list[Path], log=print) -> tuple[Optional[Path], Opti
     return resume.load_latest_resume_state(candidates, log)
 
 
+MODEL_FLAGS = ("preset", "hidden_size", "num_hidden_layers", "vocab_size", "use_moe")
+
+
+def config_of_weights(args, explicit: set[str]) -> Optional[MiniMindConfig]:
+    """The model of --from_weight (the config.json beside its weights) for a fresh run that names
+    no model flag, so fine-tuning or continuing a model needs none of its flags repeated."""
+    path = Path(args.from_weight).expanduser()
+    if args.from_weight.lower() == "none" or explicit & set(MODEL_FLAGS) or not path.exists():
+        return None
+    path = resolve_checkpoint_path(path)
+    beside = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    return read_config(beside) if beside.is_file() else None
+
+
 def resolve_flags(args, explicit: set[str], saved: Optional[dict], source: Optional[Path], device,
-                  log=print) -> argparse.Namespace:
-    """Fresh: the preset's defaults for every flag left unset. Resumed: the saved flags, then
-    the command line's (see cli.resume_flags)."""
+                  log=print) -> tuple[argparse.Namespace, Optional[MiniMindConfig]]:
+    """(flags, the model of --from_weight or None). Fresh: the preset's defaults for every flag
+    left unset. Resumed: the saved flags, then the command line's (see cli.resume_flags)."""
     if saved is not None:
-        return cli.resume_flags(args, explicit, saved["args"], str(source), log)
+        return cli.resume_flags(args, explicit, saved["args"], str(source), log), None
+    base = config_of_weights(args, explicit)
+    if base is not None:  # the preset that is this model, for its training defaults and the logs
+        same = [name for name in PRESETS if _same_model(get_preset(name), base)]
+        args.preset = same[0] if same else None
+        args.model_from = args.from_weight
     args.preset = args.preset or ("minimind2-small" if device.type == "cuda" else "demo")
     cli.apply_preset_defaults(args)
     cli.check_model_flags(args)
-    return args
+    return args, base
 
 
-def model_config(args, saved: Optional[dict]) -> MiniMindConfig:
+def _same_model(a: MiniMindConfig, b: MiniMindConfig) -> bool:
+    ignore = ("dropout", "extra")
+    return {k: v for k, v in a.to_dict().items() if k not in ignore} == \
+        {k: v for k, v in b.to_dict().items() if k not in ignore}
+
+
+def model_config(args, saved: Optional[dict], base: Optional[MiniMindConfig] = None) -> MiniMindConfig:
+    """The resumed model's config; else --from_weight's (`base`); else the preset's with the flags."""
     if saved is not None:
         return MiniMindConfig.from_dict(saved["config"])
-    config = get_preset(args.preset, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                        vocab_size=args.vocab_size, dropout=args.dropout,
-                        use_moe=None if args.use_moe is None else bool(args.use_moe))
+    if base is not None:
+        config = base if args.dropout is None else base.replace(dropout=args.dropout)
+    else:
+        config = get_preset(args.preset, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                            vocab_size=args.vocab_size, dropout=args.dropout,
+                            use_moe=None if args.use_moe is None else bool(args.use_moe))
     if args.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max_seq_len {args.max_seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}")

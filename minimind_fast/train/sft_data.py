@@ -21,7 +21,7 @@ from ..data.sft import SFTPackedDataset, SFTPaddedDataset, build_sft_cache, spli
 from ..data.tokenizer import CHAT_TEMPLATE, default_tokenizer_path, load_tokenizer, tokenizer_file
 from ..paths import default_cache_dir
 from . import distributed
-from .data_setup import TrainingData, _validation_loader, check_tokenizer
+from .data_setup import TrainingData, validation_loader, check_tokenizer
 from .prepare import resolve_from_weight
 
 CHAT_MARKERS = (SPECIAL_TOKENS[BOS_TOKEN_ID], SPECIAL_TOKENS[EOS_TOKEN_ID])
@@ -143,7 +143,7 @@ def build_sft_data(args, config, context, resumed_from: Optional[Path] = None) -
     # RNG stream (exact resume).
     loader.generator = torch.Generator().manual_seed(args.seed + context.rank)
     held_out = val_cache or cache
-    val_loader = _validation_loader(held_out, val_ids, rows, args, context)
+    val_loader = validation_loader(held_out, val_ids, rows, args, context)
     if args.sample_prompt is None:  # the final sample answers a question it was not trained on
         tokenizer = load_tokenizer(directory)
         args.sample_prompt = (first_question(held_out, val_ids, tokenizer)
