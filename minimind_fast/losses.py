@@ -16,7 +16,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .constants import IGNORE_INDEX
-from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .ops.cross_entropy import cross_entropy
+from .ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):

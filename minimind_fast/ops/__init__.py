@@ -1,6 +1,7 @@
 """Registered ops; ops/dispatch.py is the one place that picks each op's implementation."""
-from .cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .cross_entropy import cross_entropy
 from .dispatch import BACKEND_ENV, choose_backend, use_backend
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .grouped_linear import grouped_linear
 from .moe_experts import moe_experts
 from .moe_permute import gather_pairs, permute_rows

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from minimind_fast import ops
 from minimind_fast.losses import FusedLinearCrossEntropyLoss
 from minimind_fast.ops import reference
-from minimind_fast.ops.cross_entropy import _accumulate, default_chunk_size
+from minimind_fast.ops.fused_linear_cross_entropy import _accumulate, default_chunk_size
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOLERANCES = {  # dtype: (loss rtol, grad rtol, grad atol relative to max |grad|)
