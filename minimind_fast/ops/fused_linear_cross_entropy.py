@@ -4,11 +4,28 @@ fused linear cross-entropy idea, with the semantics of ops/cross_entropy.py.
 
 Op minimind_fast::fused_linear_cross_entropy runs on both backends: chunks of rows, one
 (chunk, V) block of logits at a time, its CE gradient formed in place (the Triton kernel, or
-reference.cross_entropy_loss_and_grad on "torch"), then dh = dlogits @ W, dW += dlogits.T @ h,
-db += sum dlogits. With mean/sum the op does all the work in forward (dW, db kept in the math
+reference.cross_entropy_loss_and_grad on "torch"), then dW += dlogits.T @ h, db += sum dlogits,
+dh = dlogits @ W. With mean/sum the op does all the work in forward (dW, db kept in the math
 dtype) and its backward applies the reduction scale and grad_output before casting; with
 reduction="none" the backward re-runs the chunk loop with the per-row scale
 (minimind_fast::fused_linear_cross_entropy_backward).
+
+Ignored rows are skipped: the loop runs only on the K rows whose target is not ignore_index,
+gathered a chunk at a time, and their dh is scattered into a zero (N, H) tensor, so a batch
+with 60% ignored rows (supervised fine-tuning's prompt tokens) pays the lm_head GEMMs and the
+softmax for 40%. An ignored row's hidden state is never read: NaN or inf there reaches no
+output (F.linear + F.cross_entropy would give a NaN dW). When every row is kept, nothing is
+gathered or copied. The automatic chunk is sized on the K rows, capped so that the logits plus
+the gather buffer never take more memory than with every row run. K is data-dependent, so it
+stays inside the op: no output shape depends on it (torch.compile, opcheck).
+
+On CUDA, counting K (nonzero) is a host sync. Rows are skipped there too: the one sync per call
+waits only for work already queued, leaving the GPU idle for about one launch round-trip, while
+the work skipped is 6 * H * V FLOPs and a softmax over V per ignored row. A pretraining batch
+(one ignored row per sequence, from the shifted labels) pays that sync for a small saving.
+While a CUDA graph is captured, where no sync is allowed, every row runs (same results, except
+that an ignored row's NaN reaches dW as it would unfused). Cut Cross-Entropy (Wijmans et al.,
+2024) compacts the same way.
 """
 from __future__ import annotations
 
@@ -56,29 +73,63 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.add_(torch.mm(a, b))
 
 
+def _rows_per_chunk(chunk_size: int, n_rows: int, n_run: int, vocab: int, hidden: int) -> int:
+    """chunk_size when given (> 0); else Liger's heuristic on the n_run rows that run. When rows
+    are skipped (n_run < n_rows) it is capped so the (chunk, V) logits plus the (chunk, H)
+    gather buffer take no more memory than one chunk of logits of the n_rows would."""
+    if chunk_size > 0:
+        return chunk_size
+    every_row = default_chunk_size(n_rows, vocab, hidden)
+    if n_run == n_rows:
+        return every_row
+    cap = max(1, every_row * vocab // (vocab + hidden))
+    return min(default_chunk_size(n_run, vocab, hidden), cap)
+
+
+def _kept_rows(targets: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices (K,) of the rows whose target is not ignore_index, or None to run every row:
+    when all are kept, or while a CUDA graph is captured (the count needs a host sync)."""
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    return None if kept.numel() == targets.numel() else kept
+
+
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                 ignore_index: int, label_smoothing: float, z_loss_scale: float, chunk_size: int,
                 backend: str, row_scale: Optional[Tensor], grads: tuple[bool, bool, bool],
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses (N,), dh (N, H) in hidden's dtype, dW (V, H) and db (V,) summed in the
-    math dtype (empty where not asked), holding one (chunk, V) block of logits at a time."""
+    math dtype (empty where not asked), holding one (chunk, V) block of logits at a time; only
+    the rows whose target is not ignore_index are computed (the others: loss 0, dh 0)."""
     grad_hidden, grad_weight, grad_bias = grads
     n_rows, n_hidden = hidden.shape
     vocab = weight.shape[0]
     check_targets(FLCE, targets, vocab, ignore_index)
-    chunk = chunk_size if chunk_size > 0 else default_chunk_size(n_rows, vocab, n_hidden)
+    kept = _kept_rows(targets, ignore_index)
+    if kept is not None:
+        targets = targets[kept]
+        row_scale = None if row_scale is None else row_scale[kept]
+    n_run = targets.numel()
+    chunk = _rows_per_chunk(chunk_size, n_rows, n_run, vocab, n_hidden)
     compute_grad = any(grads)
     dtype = reference.math_dtype(hidden.dtype)
-    loss_rows = hidden.new_empty(n_rows, dtype=dtype)
-    dh = hidden.new_empty((n_rows, n_hidden) if grad_hidden else (0,))
+    loss_rows = hidden.new_empty(n_run, dtype=dtype)
+    dh_shape = (n_rows, n_hidden) if grad_hidden else (0,)
+    dh = hidden.new_empty(dh_shape) if kept is None else hidden.new_zeros(dh_shape)
     dw = weight.new_zeros((vocab, n_hidden) if grad_weight else (0,), dtype=dtype)
     db = weight.new_zeros((vocab,) if grad_bias else (0,), dtype=dtype)
+    # kept rows are gathered into this buffer, which then takes their dh before the scatter
+    rows_buffer = None if kept is None else hidden.new_empty(min(chunk, n_run), n_hidden)
     if backend == "triton":
         from ..kernels.cross_entropy import cross_entropy_forward
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, n_rows, chunk):
-            end = min(start + chunk, n_rows)
-            h = hidden[start:end]
+        for start in range(0, n_run, chunk):
+            end = min(start + chunk, n_run)
+            if kept is None:
+                h = hidden[start:end]
+            else:
+                h = torch.index_select(hidden, 0, kept[start:end], out=rows_buffer[:end - start])
             logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
             scale = None if row_scale is None else row_scale[start:end]
             if backend == "triton":
@@ -90,13 +141,17 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
                 loss_rows[start:end], dlogits = reference.cross_entropy_loss_and_grad(
                     logits, targets[start:end], ignore_index, label_smoothing, z_loss_scale,
                     compute_grad, scale)
-            if grad_hidden:
-                torch.mm(dlogits, weight, out=dh[start:end])
             if grad_weight:
                 _accumulate(dw, dlogits.t(), h)
             if grad_bias:
                 db.add_(dlogits.sum(0, dtype=dtype))
+            if grad_hidden and kept is None:
+                torch.mm(dlogits, weight, out=dh[start:end])
+            elif grad_hidden:  # h is read for the last time above: its buffer takes dh
+                dh.index_copy_(0, kept[start:end], torch.mm(dlogits, weight, out=h))
             del logits, dlogits
+    if kept is not None:
+        loss_rows = loss_rows.new_zeros(n_rows).index_copy_(0, kept, loss_rows)
     return loss_rows, dh, dw, db
 
 
@@ -217,9 +272,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
     materialising (N, V).
 
     hidden may be (..., H) with targets (...); bias is optional (an lm_head with a bias).
-    chunk_size: rows of logits per chunk (None: Liger's heuristic, chunk logits ~ N * H
-    elements). Under autocast, hidden, weight and bias are cast to the autocast dtype first, as
-    F.linear would. Returns fp32 like cross_entropy (fp64 for fp64 inputs on "torch").
+    chunk_size: rows of logits per chunk (None: Liger's heuristic, chunk logits ~ K * H
+    elements for K non-ignored rows). Under autocast, hidden, weight and bias are cast to the
+    autocast dtype first, as F.linear would. Returns fp32 like cross_entropy (fp64 for fp64
+    inputs on "torch").
     """
     check_loss_args(reduction, label_smoothing, z_loss_scale)
     if chunk_size is not None and chunk_size < 1:

@@ -466,6 +466,20 @@ def test_peak_memory_cpu_quarter_of_unfused():
     assert fused * 4 <= unfused, f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
 
 
+@pytest.mark.parametrize("fraction", [8 / 4096, 0.25, 0.6, 1.0])
+def test_peak_memory_cpu_skipped_rows_hold_no_more(fraction):
+    """The forward (the chunk loop: logits, dh, dW) holds no more memory when ignored rows are
+    skipped (gathered a chunk at a time) than when every row runs, however few are ignored."""
+    hidden, weight, targets = make_case(4096, 192, 1600, ignore="none")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    ignored = targets.clone()
+    ignored[torch.randperm(4096)[:round(fraction * 4096)]] = -100
+    every_row, skipped = (peak_cpu_bytes(lambda t=t: ops.fused_linear_cross_entropy(
+        hidden, weight, t, backend="torch")) for t in (targets, ignored))
+    assert skipped <= every_row, f"{skipped / 2**20:.2f} MiB vs {every_row / 2**20:.2f} MiB"
+
+
 @pytest.mark.slow
 def test_peak_memory_cpu_n16384():
     """The full shape, N=16384, V=6400, H=768 in fp32 on CPU."""
