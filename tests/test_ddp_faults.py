@@ -46,6 +46,9 @@ def clip_and_step_with_fault(*args, **kwargs):
             and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"):
         if os.environ["FAULT"] == "raise":
             raise RuntimeError(f"injected fault on rank {os.environ['RANK']} at step {calls}")
+        if os.environ["FAULT"] == "sigterm":  # only this rank is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_clip_and_step(*args, **kwargs)
         print(f"injecting SIGKILL on rank {os.environ['RANK']} at step {calls}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_clip_and_step(*args, **kwargs)
@@ -156,3 +159,23 @@ def test_restarted_workers_get_a_store_of_their_own_attempt(monkeypatch):
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")  # not under torchrun's shared store
     assert distributed._restart_safe_store(2, datetime.timedelta(seconds=10)) is None
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(assets, tmp_path, reference, rank):
+    """The ranks agree on the step to stop at (a signal may reach one rank only), save it, and
+    a new torchrun continues it bit-identical to an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    result, seconds = torchrun(assets, tmp_path, run_dir, fault="sigterm", rank=rank, step=3)
+    assert result.returncode != 0 and seconds < 60, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "stopped by SIGTERM at step 3" in result.stderr, result.stderr[-4000:]
+    assert checkpoints.latest_checkpoint(run_dir).name == "step_00000003"
+    assert not leftover_workers(tmp_path)
+    result, _ = torchrun(assets, tmp_path, run_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    _, expected = reference
+    state = resume.load_resume_state(checkpoints.latest_checkpoint(run_dir))
+    assert {**state["train_state"], "run_id": ""} == {**expected["train_state"], "run_id": ""}
+    for key, value in expected["model"].items():
+        assert torch.equal(state["model"][key], value), key
+
