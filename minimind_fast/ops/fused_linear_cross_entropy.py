@@ -15,9 +15,9 @@ gathered a chunk at a time, and their dh is scattered into a zero (N, H) tensor,
 with 60% ignored rows (supervised fine-tuning's prompt tokens) pays the lm_head GEMMs and the
 softmax for 40%. An ignored row's hidden state is never read: NaN or inf there reaches no
 output (F.linear + F.cross_entropy would give a NaN dW). When every row is kept, nothing is
-gathered or copied. The automatic chunk is sized on the K rows, capped so that the logits plus
-the gather buffer never take more memory than with every row run. K is data-dependent, so it
-stays inside the op: no output shape depends on it (torch.compile, opcheck).
+gathered or copied. The automatic chunk is capped so that the logits plus the gather buffer
+never take more memory than with every row run. K is data-dependent, so it stays inside the
+op: no output shape depends on it (torch.compile, opcheck).
 
 On CUDA, counting K (nonzero) is a host sync. Rows are skipped there too: the one sync per call
 waits only for work already queued, leaving the GPU idle for about one launch round-trip, while
@@ -73,17 +73,15 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.add_(torch.mm(a, b))
 
 
-def _rows_per_chunk(chunk_size: int, n_rows: int, n_run: int, vocab: int, hidden: int) -> int:
-    """chunk_size when given (> 0); else Liger's heuristic on the n_run rows that run. When rows
-    are skipped (n_run < n_rows) it is capped so the (chunk, V) logits plus the (chunk, H)
-    gather buffer take no more memory than one chunk of logits of the n_rows would."""
+def _rows_per_chunk(chunk_size: int, n_rows: int, skipping: bool, vocab: int, hidden: int) -> int:
+    """chunk_size when given (> 0), else Liger's heuristic for the n_rows. When rows are skipped,
+    capped so that the (chunk, V) logits plus the (chunk, H) buffer of gathered rows take no
+    more memory than one chunk of logits with every row run. Sized on all rows, not on the kept
+    ones: fewer kept rows would mean smaller, slower GEMMs (bench_cross_entropy.py)."""
     if chunk_size > 0:
         return chunk_size
-    every_row = default_chunk_size(n_rows, vocab, hidden)
-    if n_run == n_rows:
-        return every_row
-    cap = max(1, every_row * vocab // (vocab + hidden))
-    return min(default_chunk_size(n_run, vocab, hidden), cap)
+    chunk = default_chunk_size(n_rows, vocab, hidden)
+    return max(1, chunk * vocab // (vocab + hidden)) if skipping else chunk
 
 
 def _kept_rows(targets: Tensor, ignore_index: int) -> Optional[Tensor]:
@@ -111,7 +109,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
         targets = targets[kept]
         row_scale = None if row_scale is None else row_scale[kept]
     n_run = targets.numel()
-    chunk = _rows_per_chunk(chunk_size, n_rows, n_run, vocab, n_hidden)
+    chunk = _rows_per_chunk(chunk_size, n_rows, kept is not None, vocab, n_hidden)
     compute_grad = any(grads)
     dtype = reference.math_dtype(hidden.dtype)
     loss_rows = hidden.new_empty(n_run, dtype=dtype)
