@@ -8,15 +8,22 @@ hidden @ W.T, then CE) at <= 1.1x its time; the memory cut is also checked on CP
 is the chunked PyTorch path; where the size profile runs a smaller N (CPU CI),
 test_fused_linear_cross_entropy_memory_n16384 still measures the memory at N=16k.
 5% of the targets are ignore_index.
+test_fused_linear_cross_entropy_60pct_ignored: the loss step of a supervised fine-tuning batch,
+60% of whose targets (the prompt tokens) are ignore_index, which ours skips: ours against ours on
+the same batch with every target kept (what the skipping saves), and against F.linear +
+F.cross_entropy and its torch.compile, the unfused code a user would write. On CPU the ratios
+are also timed side by side (harness.interleaved_ratio): none_ignored_ratio_interleaved (ours
+with every target kept / ours) and torch_ratio_interleaved (F.linear + F.cross_entropy / ours).
 Bytes for CE: read the logits (fwd), plus write their gradient (fwd+bwd). FLOPs for the fused
 loss step: 2 N H V forward, 4 N H V backward (dhidden and dW).
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
-from harness import (CUDA, DEVICE, DTYPE, compiled, grads_of, liger_functional, measure,
-                     ours_or_skip, peak_memory, record_bandwidth, record_flops, record_memory,
-                     size)
+from harness import (CUDA, DEVICE, DTYPE, compiled, grads_of, interleaved_ratio, liger_functional,
+                     measure, ours_or_skip, peak_memory, record_bandwidth, record_flops,
+                     record_memory, size)
 from minimind_fast import ops
 from minimind_fast.constants import IGNORE_INDEX
 from minimind_fast.ops import reference
@@ -25,6 +32,8 @@ V = 6400
 N_CE = size(2048, 16384)
 N_FLCE, H_FLCE = size(2048, 16384), 768
 N_MEMORY = 16384  # the fused linear CE memory target's N
+N_SFT, H_SFT = size(1024, 16384), size(512, 768)
+SFT_IGNORED = 0.6  # the fraction of a fine-tuning batch's targets that are prompt tokens
 
 
 def make_targets(n):
@@ -114,3 +123,37 @@ def test_fused_linear_cross_entropy_memory_n16384(benchmark):
                                 peak_mem_ours_bytes=peaks["ours"],
                                 peak_mem_unfused_bytes=peaks["unfused"],
                                 peak_mem_ratio=peaks["ours"] / peaks["unfused"])
+
+
+def torch_linear_cross_entropy(hidden, weight, targets):
+    """The unfused loss as a user writes it: fp32 logits, then F.cross_entropy."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("impl", ["ours", "ours_none_ignored", "torch", "torch_compiled"])
+def test_fused_linear_cross_entropy_60pct_ignored(benchmark, impl):
+    benchmark.group = (f"fused_linear_cross_entropy {SFT_IGNORED:.0%} ignored N{N_SFT} H{H_SFT} "
+                       f"V{V} fwdbwd")
+    if impl.startswith("ours"):
+        ours_or_skip()
+    hidden = torch.randn(N_SFT, H_SFT, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (0.02 * torch.randn(V, H_SFT, device=DEVICE)).to(DTYPE).requires_grad_()
+    every_target = torch.randint(0, V, (N_SFT,), device=DEVICE)
+    targets = every_target.clone()
+    targets[torch.randperm(N_SFT, device=DEVICE)[:round(SFT_IGNORED * N_SFT)]] = IGNORE_INDEX
+
+    def step_of(fn, t):
+        return lambda: grads_of(fn(hidden, weight, t), (hidden, weight), None)
+    ours, unfused = ops.fused_linear_cross_entropy, torch_linear_cross_entropy
+    fn = {"torch": unfused, "torch_compiled": compiled(unfused)}.get(impl, ours)
+    step = step_of(fn, every_target if impl == "ours_none_ignored" else targets)
+    measure(benchmark, step, warmup=2 if CUDA else 1, min_rounds=3)
+    benchmark.extra_info.update(n=N_SFT, hidden=H_SFT, vocab=V, dtype=str(DTYPE),
+                                ignored_fraction=0.0 if impl == "ours_none_ignored"
+                                else SFT_IGNORED)
+    record_memory(benchmark, step)
+    if impl == "ours" and not CUDA and benchmark.stats is not None:  # side by side
+        for key, slow in (("none_ignored_ratio_interleaved", step_of(ours, every_target)),
+                          ("torch_ratio_interleaved", step_of(unfused, targets))):
+            slow()
+            benchmark.extra_info[key] = interleaved_ratio(slow, step)
