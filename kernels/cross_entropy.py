@@ -6,7 +6,8 @@ minimind_fast.ops.reference.cross_entropy: fp32 maths whatever the logits dtype,
 smoothing as in torch.nn.CrossEntropyLoss, optional z-loss (scale * lse^2), ignored rows give
 loss 0 and gradient 0 whatever their logits. Reductions (mean over non-ignored rows, sum) are
 applied by the ops layer on the (N,) per-row losses; the kernels only see an optional per-row
-gradient scale. No autograd here: see minimind_fast/ops/cross_entropy.py.
+gradient scale. No autograd here: see minimind_fast/ops/cross_entropy.py and
+ops/fused_linear_cross_entropy.py.
 
 Shapes: logits: (N, V) with unit stride along V (any row stride); targets: (N,) integer;
 loss: (N,) fp32; dlogits: (N, V) in the logits dtype (may be the logits buffer itself).
