@@ -56,8 +56,16 @@ sft: $(STAMP)
 test: $(TEST_STAMP)
 	MINIMIND_FAST_REQUIRE_EXT=1 $(BIN)/python -m pytest tests/ -q $(ARGS)
 
+# The suite's JSON goes to $(BENCH_JSON); the run ends with bench/summarize.py's summary (where,
+# targets, ours vs eager vs compiled), also when a case failed. One torch thread unless
+# MINIMIND_BENCH_THREADS says otherwise: the CPU targets are stated for one.
+BENCH_JSON ?= build/bench.json
 bench: $(TEST_STAMP)
-	$(BIN)/python -m pytest bench/ --benchmark-only -q $(ARGS)
+	@mkdir -p $(dir $(BENCH_JSON))
+	status=0; MINIMIND_BENCH_THREADS=$${MINIMIND_BENCH_THREADS:-1} $(BIN)/python -m pytest bench/ \
+		--benchmark-only -q --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=$(BENCH_JSON) $(ARGS) || status=$$?; \
+	$(BIN)/python bench/summarize.py $(BENCH_JSON) --brief; exit $$status
 
 clean:  # the next make rebuilds the extension (the stamps go with it)
 	rm -rf build *.egg-info minimind_fast/_C*.so $(STAMP) $(TEST_STAMP)

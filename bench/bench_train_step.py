@@ -1,34 +1,49 @@
-"""End-to-end training step: useful tokens/s, FLOP rate and (GPU) MFU, for dense and MoE presets,
-fused vs reference model, packed vs padded data, eager vs torch.compile.
+"""The training step: useful tokens/s, FLOP rate against a plain matmul, (GPU) MFU, and useful
+tokens/s against a stand-in for MiniMind's trainer.
 
 A step is what pretrain runs per optimizer step without accumulation: forward with labels (the
-fused lm_head + CE loss), loss + aux loss, backward, AdamW step, zero_grad; bf16 autocast on
-CUDA, fp32 on CPU. "fused" is the default backend (Triton on CUDA); "reference" is the same
-model under use_backend("torch"). On CPU both resolve to the PyTorch ops.
+fused lm_head + cross-entropy), loss + aux loss, backward, gradient clipping and the fused AdamW
+step (train.optim.build_optimizer / clip_and_step); bf16 autocast on CUDA, fp32 on CPU.
+"fused" is the default backend (Triton on CUDA); "reference" is the same model under
+use_backend("torch"); on CPU both resolve to the PyTorch ops. "compiled" is the model as the
+trainer compiles it (train.compile.compile_model: fullgraph, static shapes); its first call's
+time minus a compiled step's is recorded as compile_s (cold or warm inductor cache, as found).
 
 Batches are synthesised: "packed" rows are all real tokens; "padded" rows hold one document of
-30-100% of the row (evenly spread: 35% padding on average, MiniMind's padded format) with pad ids
-and labels -100 after it. Useful tokens are the non -100 shifted labels.
+30-100% of the row (evenly spread: 35% padding on average) with pad ids and labels -100 after it.
+Useful tokens are the non -100 shifted labels. The lm_head and the loss run on every position,
+ignored ones included, so the FLOP rate counts all tokens (`tflops`) and the useful rate counts
+the useful ones (`useful_tflops`): padded rows do not look faster for the loss they skip.
 
 FLOPs per step = all tokens x (6 N + 6 L Hq D T): N are the matmul parameters (active ones for
 MoE: top-k + shared experts; the tied embedding counted once, as the lm_head), and the causal
 attention scores and values cost 2 x 2 L Hq D T/2 per token forward, x3 with the backward.
-The useful FLOP rate counts only useful tokens. Each case also times a plain matmul right after
-itself (fp32 on CPU, bf16 on CUDA: fraction_of_matmul), besides bench_baseline's matmul at the
-start of the run. Targets: CPU FLOP rate >= 80% of the fp32 matmul measured in the same run
-(issue 3, demo and minimind2-small); MoE step <= 1.25x (CPU) /
-1.2x (GPU) the dense model with the same active parameters (issue 8; the `_dense` twins: the
-MoE preset with one dense SwiGLU of (k + shared) x intermediate).
+fraction_of_matmul is the step's FLOP rate over a plain matmul's (fp32 1024^3 on CPU, bf16
+8192^3 on CUDA), the two timed in alternating blocks (harness.fraction_of_matmul).
+
+`test_minimind_trainer` compares this trainer with a stand-in for MiniMind's
+trainer/train_pretrain.py on its model for --hidden_size 512 --num_hidden_layers 8 (MiniMind-3's
+layout), rows of 512 tokens, batch 8, fp32, the bundled corpus with the bundled tokenizer:
+- stand-in: this project's reference model, eager; MiniMind's rows (one document per row, BOS +
+  text + EOS, padded); MiniMind's loop: the learning rate set every micro-step, full logits and
+  cross-entropy, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW(model.parameters(), lr) as
+  MiniMind builds it (not fused), a host sync (loss.item()) every log interval;
+- ours: packed rows, the fused model and AdamW, compiled or not as `--use_compile auto` decides
+  for that run (its eager step and the compile record decide; recorded as auto_compiles).
+Useful tokens/s ours / stand-in is the target; tokens/s of all positions (the engine alone,
+without packing's gain) and the padded rows' useful fraction are recorded beside it.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from harness import CUDA, DEVICE, FULL, matmul_tflops, measure, ours_or_skip, record_flops, record_memory
+from harness import (CUDA, DEVICE, FULL, fraction_of_matmul, interleaved_ratio, measure,
+                     ours_or_skip, record_flops, record_memory)
 from minimind_fast import ops
 from minimind_fast.constants import IGNORE_INDEX
 
@@ -50,12 +65,12 @@ class Case:
 
 
 CASES = [
-    Case("demo"), Case("demo", data="padded"), Case("demo", backend="reference"),
-    Case("demo", mode="compiled", gpu=False),
+    Case("demo"), Case("demo", mode="compiled"), Case("demo", data="padded"),
+    Case("demo", backend="reference"),
     Case("demo_moe"), Case("demo_moe_dense"),
-    Case("minimind2-small"), Case("minimind2-small", data="padded"),
+    Case("minimind2-small"), Case("minimind2-small", mode="compiled"),
+    Case("minimind2-small", data="padded"),
     Case("minimind2-small", backend="reference", cpu=False),
-    Case("minimind2-small", mode="compiled", cpu=False),
     Case("minimind2-small", backend="reference", mode="compiled", cpu=False),
     Case("minimind2", cpu=False),
     Case("minimind2-moe", cpu=False), Case("minimind2-moe_dense", cpu=False),
@@ -78,9 +93,10 @@ def build_config(preset: str):
 
 
 def batch_shape(preset: str) -> tuple[int, int]:
+    """(rows, tokens per row): the demo's training batch; 512 tokens of minimind2 on CPU."""
     if FULL:
         return 32, 512  # 16k tokens per step
-    return (2, 256) if preset.startswith("minimind2") else (4, 256)
+    return (2, 256) if preset.startswith("minimind2") else (8, 256)
 
 
 def make_batch(batch: int, seq_len: int, vocab: int, data: str, pad_id: int):
@@ -88,7 +104,7 @@ def make_batch(batch: int, seq_len: int, vocab: int, data: str, pad_id: int):
     input_ids = torch.randint(3, vocab, (batch, seq_len), generator=generator)
     labels = input_ids.clone()
     if data == "padded":
-        lengths = torch.linspace(0.3 * seq_len, seq_len, batch).round().long()  # exactly ~35% pads
+        lengths = torch.linspace(0.3 * seq_len, seq_len, batch).round().long()  # ~35% pads
         pad = torch.arange(seq_len)[None, :] >= lengths[:, None]
         input_ids[pad] = pad_id
         labels[pad] = IGNORE_INDEX
@@ -101,16 +117,62 @@ def step_flops_per_token(model, config, seq_len: int) -> tuple[float, dict]:
 
     counts = count_parameters(model)
     matmul_params = counts["active"] - (0 if config.tie_word_embeddings else counts["embedding"])
-    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    heads = config.num_attention_heads
+    attention = 6 * config.num_hidden_layers * heads * config.head_dim * seq_len
     return 6 * matmul_params + attention, counts
+
+
+def autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+
+
+def trainer_step(runner, optimizer, input_ids, labels, backend: str = "fused"):
+    """pretrain.train_step for one micro-batch: forward, backward, clip_and_step."""
+    from minimind_fast.train import optim
+
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=False)
+
+    def step():
+        with ops.use_backend("torch") if backend == "reference" else contextlib.nullcontext():
+            with autocast():
+                out = runner(input_ids, labels=labels)
+            (out.loss + out.aux_loss).backward()
+        return optim.clip_and_step(optimizer, scaler, 1.0)[0]
+
+    return step
+
+
+def build_runner(model, mode: str):
+    """The model as the trainer runs it: eager, or compiled as train.compile compiles it."""
+    if mode == "eager":
+        return model
+    from minimind_fast.train.compile import compile_model
+
+    return compile_model(model, None)
+
+
+def timed_warmup(step, calls: int) -> list[float]:
+    import time
+
+    times = []
+    for _ in range(calls):
+        if CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_train_step(benchmark, case):
     from minimind_fast.model import MiniMindForCausalLM
+    from minimind_fast.train import optim
 
     if FULL and not case.gpu:
-        pytest.skip("CPU-profile case (the minimind2-small compiled rows cover it at full size)")
+        pytest.skip("CPU-profile case (the full-size rows cover it)")
     if not FULL and not case.cpu:
         pytest.skip("full-size case: runs on GPU (or with MINIMIND_BENCH_SIZE=full)")
     if case.backend == "fused":
@@ -119,46 +181,138 @@ def test_train_step(benchmark, case):
     config = build_config(case.preset)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(config).to(DEVICE).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                                  **({"fused": True} if CUDA else {}))
-    runner = torch.compile(model, dynamic=False) if case.mode == "compiled" else model
+    optimizer = optim.build_optimizer(model, 1e-4, 0.1)
     batch, seq_len = batch_shape(case.preset)
-    input_ids, labels, useful = make_batch(batch, seq_len, config.vocab_size, case.data, config.pad_token_id)
-
-    def context():
-        stack = contextlib.ExitStack()
-        if case.backend == "reference":
-            stack.enter_context(ops.use_backend("torch"))
-        if CUDA:
-            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-        return stack
-
-    def step():
-        with context():
-            out = runner(input_ids, labels=labels)
-            loss = out.loss + out.aux_loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    median = measure(benchmark, step, warmup=2 if (CUDA or case.mode == "compiled") else 1,
-                     min_rounds=3 if not CUDA else 5)
+    input_ids, labels, useful = make_batch(batch, seq_len, config.vocab_size, case.data,
+                                           config.pad_token_id)
+    step = trainer_step(build_runner(model, case.mode), optimizer, input_ids, labels, case.backend)
+    if case.mode == "compiled":  # first call compiles: time it, then one more to settle
+        first, second = timed_warmup(step, 2)
+        benchmark.extra_info.update(compile_s=round(max(first - second, 0.0), 2))
+    median = measure(benchmark, step, warmup=2 if CUDA else 1, min_rounds=3 if not CUDA else 5)
     per_token, counts = step_flops_per_token(model, config, seq_len)
     tokens = batch * seq_len
     record_flops(benchmark, per_token * tokens, median)
-    matmul = matmul_tflops()
-    benchmark.extra_info.update(matmul_tflops_adjacent=round(matmul, 5),
-                                fraction_of_matmul=round(per_token * tokens / median / 1e12 / matmul, 4))
+    fraction = fraction_of_matmul(step, per_token * tokens, budget_s=2.0 if CUDA else 3.0)
     benchmark.extra_info.update(
-        preset=case.preset, backend=case.backend, data=case.data, mode=case.mode, batch=batch, seq_len=seq_len,
-        tokens=tokens, useful_tokens=useful, useful_tokens_per_s=round(useful / median, 1),
-        tokens_per_s=round(tokens / median, 1), useful_tflops=round(per_token * useful / median / 1e12, 5),
+        fraction_of_matmul=round(fraction, 4), preset=case.preset, backend=case.backend,
+        data=case.data, mode=case.mode, batch=batch, seq_len=seq_len, tokens=tokens,
+        useful_tokens=useful, useful_tokens_per_s=round(useful / median, 1),
+        tokens_per_s=round(tokens / median, 1),
+        useful_tflops=round(per_token * useful / median / 1e12, 5),
         params_total=counts["total"], params_active=counts["active"], flops_per_token=per_token,
         dtype="bf16-autocast" if CUDA else "float32")
     if CUDA:
         name = torch.cuda.get_device_name(0)
         peak = next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
         if peak:
-            benchmark.extra_info.update(mfu=round(per_token * tokens / median / peak, 4), peak_flops=peak)
+            benchmark.extra_info.update(mfu=round(per_token * tokens / median / peak, 4),
+                                        peak_flops=peak)
         record_memory(benchmark, step)
+
+
+# ---- our trainer vs a stand-in for MiniMind's -------------------------------------------------
+
+MINIMIND_SIZE = dict(hidden_size=512, num_hidden_layers=8)  # MiniMind's flags: MiniMind-3 layout
+MINIMIND_SEQ_LEN, MINIMIND_BATCH, MINIMIND_LOG_INTERVAL = 512, 8, 100
+
+
+def bundled_rows(seq_len: int, rows: int):
+    """(packed rows, padded rows as MiniMind builds them, padded rows' useful fraction, packed
+    rows in an epoch) from the bundled corpus and tokenizer (built on first use)."""
+    import numpy as np
+
+    from minimind_fast.corpus import build_default_corpus
+    from minimind_fast.data import PackedDataset, PaddedDataset, build_token_cache
+    from minimind_fast.data.tokenizer import default_tokenizer_path
+
+    corpus, tokenizer = build_default_corpus(), default_tokenizer_path(6400)
+    packed_cache = build_token_cache(corpus, tokenizer, progress=False)
+    padded_cache = build_token_cache(corpus, tokenizer, progress=False, add_special_tokens="always",
+                                     literal_special_tokens="keep")
+    docs = np.arange(len(padded_cache.doc_offsets) - 1)
+    packed = PackedDataset(packed_cache, np.arange(len(packed_cache.doc_offsets) - 1), seq_len)
+    padded = PaddedDataset(padded_cache, docs, seq_len)
+    lengths = np.minimum(np.diff(padded_cache.doc_offsets), seq_len)
+    useful_fraction = float((lengths - 1).sum() / (len(lengths) * (seq_len - 1)))
+    order = np.random.default_rng(0).permutation(len(padded))[:rows]  # any rows: same compute
+
+    def stack(dataset, indices):
+        items = [dataset[int(i)] for i in indices]
+        return (torch.stack([it["input_ids"] for it in items]).to(DEVICE),
+                torch.stack([it["labels"] for it in items]).to(DEVICE))
+
+    return stack(packed, range(rows)), stack(padded, order), useful_fraction, len(packed)
+
+
+def minimind_standin_step(model, input_ids, labels, total_steps: int, learning_rate=5e-4):
+    """MiniMind's train_epoch for one micro-step with accumulation 1, on our reference model."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)  # as MiniMind builds it
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        lr = learning_rate / 10 + 0.5 * learning_rate * (
+            1 + math.cos(math.pi * counter["step"] / total_steps))  # MiniMind's get_lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with ops.use_backend("torch"), autocast():
+            out = model(input_ids, labels=labels, return_logits=True)  # full logits, as MiniMind
+            loss = out.loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if counter["step"] % MINIMIND_LOG_INTERVAL == 1:
+            loss.item()  # MiniMind's log line: a host sync per log interval
+
+    return step
+
+
+def test_minimind_trainer(benchmark):
+    from minimind_fast.config import get_preset
+    from minimind_fast.model import MiniMindForCausalLM
+    from minimind_fast.train import compile as autocompile
+    from minimind_fast.train import optim
+
+    ours_or_skip()
+    benchmark.group = "trainer h512 L8 S512 B8"
+    config = get_preset("minimind3", **MINIMIND_SIZE)
+    seq_len, rows = MINIMIND_SEQ_LEN, MINIMIND_BATCH
+    (ids, labels), (pad_ids, pad_labels), useful_fraction, epoch_rows = bundled_rows(seq_len, rows)
+    torch.manual_seed(0)
+    theirs = MiniMindForCausalLM(config).to(DEVICE).train()
+    ours = MiniMindForCausalLM(config).to(DEVICE).train()
+    ours.load_state_dict(theirs.state_dict())
+    standin = minimind_standin_step(theirs, pad_ids, pad_labels, total_steps=10**4)
+    eager = trainer_step(ours, optim.build_optimizer(ours, 5e-4, 0.1), ids, labels)
+    standin_s, eager_s = timed_warmup(standin, 1)[0], timed_warmup(eager, 2)[1]
+    # what --use_compile auto decides for this run: one epoch of the bundled corpus
+    key = autocompile.signature(config, {"input_ids": ids, "labels": labels},
+                                torch.bfloat16 if CUDA else torch.float32, DEVICE, 1, False)
+    estimate = autocompile.estimate_for(autocompile.load_records(autocompile.records_path()), key)
+    decision = autocompile.decide("auto", epoch_rows // rows, eager_s, estimate)
+    mode = "compiled" if decision.compile else "eager"
+    step = eager
+    if decision.compile:
+        step = trainer_step(build_runner(ours, "compiled"), optim.build_optimizer(ours, 5e-4, 0.1),
+                            ids, labels)
+        first, second = timed_warmup(step, 2)
+        benchmark.extra_info.update(compile_s=round(max(first - second, 0.0), 2))
+    median = measure(benchmark, step, warmup=0, min_rounds=2 if not CUDA else 5,
+                     budget_s=None if CUDA else 0.0)
+    standin_over_ours = interleaved_ratio(standin, step, budget_s=2.0 if CUDA else 0.0,
+                                          block_s=0.2, min_blocks=4, min_calls=1, settle=False)
+    tokens = rows * seq_len
+    useful_ours, useful_theirs = rows * (seq_len - 1), rows * (seq_len - 1) * useful_fraction
+    per_token, _ = step_flops_per_token(ours, config, seq_len)
+    record_flops(benchmark, per_token * tokens, median)
+    benchmark.extra_info.update(
+        mode=mode, auto_compiles=decision.compile, auto_reason=decision.reason,
+        standin_eager_first_s=round(standin_s, 3), tokens=tokens, seq_len=seq_len, batch=rows,
+        padded_useful_fraction=round(useful_fraction, 4),
+        tokens_per_s_ratio=round(standin_over_ours, 4),
+        useful_tokens_per_s_ratio=round(standin_over_ours * useful_ours / useful_theirs, 4),
+        useful_tokens_per_s=round(useful_ours / median, 1),
+        standin_useful_tokens_per_s=round(useful_theirs / (median * standin_over_ours), 1),
+        dtype="bf16-autocast" if CUDA else "float32")

@@ -6,8 +6,8 @@ timed for a fixed budget of seconds. On CUDA the timer synchronises the device a
 end of each round, and a round holds enough iterations (>= 1 ms) that the synchronisation and
 Python's launch overhead are amortised; pytest-benchmark reports time per iteration.
 
-Size profiles (MINIMIND_BENCH_SIZE): "full" (the sizes of the targets in the kernel and MoE
-issues; default on CUDA) and "small" (CI sizes: the CPU run finishes in under 3 minutes).
+Size profiles (MINIMIND_BENCH_SIZE): "full" (the sizes the kernel and MoE targets are stated
+at; default on CUDA) and "small" (CI sizes for CPUs: bench/RESULTS.md says how long a run takes).
 Rates put in `extra_info` are derived from the median wall time; on CUDA the GPU's own busy time
 per call (torch.profiler's kernel/memcpy durations, no launch overhead) is added as gpu_kernel_s
 with the rates on that basis (gbps_kernel, tflops_kernel). Peak memory is the extra memory a
@@ -80,13 +80,15 @@ def measure(benchmark, fn: Callable[[], object], *, budget_s: Optional[float] = 
     return median
 
 
-def interleaved_ratio(fn_slow: Callable[[], object], fn_fast: Callable[[], object], budget_s: float = 1.0,
-                      block_s: float = 0.02, min_blocks: int = 6) -> float:
+def interleaved_ratio(fn_slow: Callable[[], object], fn_fast: Callable[[], object],
+                      budget_s: float = 1.0, block_s: float = 0.02, min_blocks: int = 6,
+                      min_calls: int = 3, settle: bool = True) -> float:
     """median time of fn_slow / median time of fn_fast, timed in alternating blocks of calls (about
-    block_s each) for about budget_s: on a shared machine a load spike then slows both sides of
-    the ratio, where two cases timed seconds apart can see different machines. The first call of
-    every block is not counted: it runs in the caches the other function left (up to +25% for
-    moe_route at T=8192), and the ratio compares the two in their steady state."""
+    block_s each, at least min_calls) for about budget_s: on a shared machine a load spike then
+    slows both sides of the ratio, where two cases timed seconds apart can see different
+    machines. With `settle`, the first call of every block is not counted: it runs in the caches
+    the other function left (up to +25% for moe_route at T=8192), and the ratio compares the two
+    in their steady state; calls that take seconds (a training step) need no settling."""
     def once(fn) -> float:
         sync()
         t0 = time.perf_counter()
@@ -95,17 +97,38 @@ def interleaved_ratio(fn_slow: Callable[[], object], fn_fast: Callable[[], objec
         return time.perf_counter() - t0
 
     fns = (fn_slow, fn_fast)
-    per_block = [max(3, math.ceil(block_s / max(once(fn), 1e-7))) for fn in fns]
+    per_block = [max(min_calls, math.ceil(block_s / max(once(fn), 1e-7))) for fn in fns]
     times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     blocks = 0
     while blocks < min_blocks or time.perf_counter() - start < budget_s:
         index = blocks % 2
-        once(fns[index])  # settles the caches after the other function
+        if settle:
+            once(fns[index])
         times[index].extend(once(fns[index]) for _ in range(per_block[index]))
         blocks += 1
     slow, fast = (sorted(t)[len(t) // 2] for t in times)
     return slow / fast
+
+
+def matmul_baseline() -> tuple[Callable[[], object], float]:
+    """(fn, flops): the plain square matmul the training step is compared against (fp32 1024^3
+    on CPU, bf16 8192^3 on CUDA), as in bench_baseline.test_matmul."""
+    n, dtype = (8192, torch.bfloat16) if CUDA else (1024, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    out = torch.empty(n, n, device=DEVICE, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
+
+
+def fraction_of_matmul(step: Callable[[], object], step_flops: float, budget_s: float) -> float:
+    """The step's FLOP rate over the plain matmul's, both timed in alternating blocks
+    (interleaved_ratio), so that a load change on a shared machine moves both alike."""
+    matmul, matmul_flops = matmul_baseline()
+    matmul()
+    step_over_matmul = interleaved_ratio(step, matmul, budget_s=budget_s, block_s=0.2,
+                                         min_blocks=6, min_calls=1, settle=False)
+    return step_flops / matmul_flops / step_over_matmul
 
 
 def gpu_kernel_seconds(fn: Callable[[], object], calls: int = 5) -> Optional[float]:
@@ -201,24 +224,6 @@ def compiled(fn: Callable) -> Callable:
 def grads_of(outputs, inputs, grad_outputs):
     """fwd+bwd without accumulating into .grad (no extra read-modify-write in the numbers)."""
     return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-
-
-def matmul_tflops(reps: int = 5) -> float:
-    """A quick plain-matmul rate (fp32 1024^3 on CPU, bf16 8192^3 on CUDA; median of `reps`),
-    taken right next to a training step so that the step/matmul ratio sees the same machine
-    state (on a shared CPU the load drifts between the start and the end of a run)."""
-    n, dtype = (8192, torch.bfloat16) if CUDA else (1024, torch.float32)
-    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
-    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 def environment() -> dict:

@@ -290,3 +290,21 @@ def test_a_short_run_decides_eager_logs_why_and_keeps_the_choice(assets, tmp_pat
     first = read_metrics(run_dir)[0]
     assert first["step"] == 1 and first["time_to_first_step_s"] > 0
     assert final_state(run_dir)["args"]["use_compile"] == 0  # resolved: a resume keeps it
+
+
+@pytest.mark.slow
+def test_ddp_compiles_on_every_rank_and_matches_eager(assets, tmp_path):
+    """torchrun, 2 gloo ranks: --use_compile 1 warms up under no_sync and trains to the eager
+    run's losses (inductor compiles the tiny model on each rank: about a minute on 2 cores)."""
+    from test_ddp import torchrun
+
+    losses = {}
+    for setting in (0, 1):
+        run_dir = tmp_path / f"compile{setting}"
+        result = torchrun(tiny_flags(assets, run_dir, max_steps=3, batch_size=2,
+                                     use_compile=setting), timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"compile: {'on' if setting else 'off'} (--use_compile {setting})" in result.stdout
+        losses[setting] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(losses[1]) == 3
+    assert max(abs(a - b) for a, b in zip(losses[0], losses[1])) < 1e-4, losses
