@@ -52,7 +52,7 @@ def minimind_layout(hidden: int, layers: int, use_moe: bool, vocab: int = 6400) 
 def resolved_config(argv: list[str], device: str = "cpu"):
     """The flags and model config a fresh run resolves from `argv` (no data, no run directory)."""
     args, explicit = cli.parse_args(argv)
-    args = prepare.resolve_flags(args, explicit, None, None, torch.device(device))
+    args, _ = prepare.resolve_flags(args, explicit, None, None, torch.device(device))
     return args, prepare.model_config(args, None)
 
 

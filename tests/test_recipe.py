@@ -29,7 +29,7 @@ LR = 5e-4
 def resolve(argv):
     """The flags of a fresh run on CPU after preset and recipe defaults."""
     args, explicit = cli.parse_args([str(a) for a in argv])
-    return prepare.resolve_flags(args, explicit, None, None, torch.device("cpu"))
+    return prepare.resolve_flags(args, explicit, None, None, torch.device("cpu"))[0]
 
 
 def tiny_model():
