@@ -7,6 +7,7 @@ Sources by convention:
   csrc/cuda/*.cpp    the torch binding for those kernels (built with them)
 Install with `pip install --no-build-isolation -e .` after torch is installed.
 """
+
 import glob
 import os
 
@@ -22,7 +23,12 @@ def _extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     if not cpu_sources:
         return [], {}
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: torch >= 2.13 headers; -g0: no debug info (a faster build)
+    cxx_flags = [
+        "-O3",
+        "-g0",
+        "-std=c++20",
+        "-fopenmp",
+    ]  # C++20: torch >= 2.13 headers; -g0: no debug info (a faster build)
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -33,7 +39,10 @@ def _extensions():
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]  # exact expf: routing is memory-bound
         if not arch:
-            nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+            nvcc_flags += [
+                "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90",
+            ]
         ext = CUDAExtension(
             "minimind_fast._C",
             cpu_sources + cuda_sources,
@@ -56,7 +65,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["minimind_fast", "minimind_fast.*"]) + ["minimind_fast.kernels"],
+    packages=find_packages(include=["minimind_fast", "minimind_fast.*"])
+    + ["minimind_fast.kernels"],
     package_dir={"minimind_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

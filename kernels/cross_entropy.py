@@ -12,6 +12,7 @@ ops/fused_linear_cross_entropy.py.
 Shapes: logits: (N, V) with unit stride along V (any row stride); targets: (N,) integer;
 loss: (N,) fp32; dlogits: (N, V) in the logits dtype (may be the logits buffer itself).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,11 +44,25 @@ MAX_V = 262144
 # ops layer raises a ValueError for it on CPU, and on CUDA when MINIMIND_FAST_DEBUG=1.
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    logits_ptr, grad_ptr, targets_ptr, row_scale_ptr, loss_ptr,
-    n_cols, stride_logits, stride_grad, stride_targets, stride_row_scale,
-    ignore_index, label_smoothing, z_loss_scale,
-    COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    grad_ptr,
+    targets_ptr,
+    row_scale_ptr,
+    loss_ptr,
+    n_cols,
+    stride_logits,
+    stride_grad,
+    stride_targets,
+    stride_row_scale,
+    ignore_index,
+    label_smoothing,
+    z_loss_scale,
+    COMPUTE_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
@@ -128,7 +143,13 @@ def _cross_entropy_fwd_kernel(
 #   scalar grad_output of a mean/sum reduction, or an expanded (N,) one), product in fp32.
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    dlogits_ptr, scale_ptr, out_ptr, n_cols, stride_dlogits, stride_scale, stride_out,
+    dlogits_ptr,
+    scale_ptr,
+    out_ptr,
+    n_cols,
+    stride_dlogits,
+    stride_scale,
+    stride_out,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -153,9 +174,16 @@ def _blocks(n_cols: int, block_v: Optional[int]) -> tuple[int, bool]:
 
 
 def cross_entropy_forward(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-    z_loss_scale: float, compute_grad: bool, *, grad_out: Optional[torch.Tensor] = None,
-    loss_out: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_scale: float,
+    compute_grad: bool,
+    *,
+    grad_out: Optional[torch.Tensor] = None,
+    loss_out: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
     block_v: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-row losses (N,) fp32 and, if compute_grad, dlogits (N, V) in the logits' dtype.
@@ -167,8 +195,10 @@ def cross_entropy_forward(
     """
     n_rows, n_cols = logits.shape
     if not 0 < n_cols <= MAX_V:
-        raise ValueError(f"cross_entropy: V={n_cols} classes is outside the kernel's [1, {MAX_V}]; "
-                         "use backend='torch' for wider rows")
+        raise ValueError(
+            f"cross_entropy: V={n_cols} classes is outside the kernel's [1, {MAX_V}]; "
+            "use backend='torch' for wider rows"
+        )
     logits = _unit_col_stride(logits)
     if loss_out is None:
         loss_out = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
@@ -182,19 +212,33 @@ def cross_entropy_forward(
     block, single = _blocks(n_cols, block_v)
     scale = row_scale if row_scale is not None else loss_out  # dummy pointer when unused
     _cross_entropy_fwd_kernel[(n_rows,)](
-        logits, grad if grad is not None else logits, targets, scale, loss_out,
-        n_cols, logits.stride(0), grad.stride(0) if grad is not None else 0, targets.stride(0),
+        logits,
+        grad if grad is not None else logits,
+        targets,
+        scale,
+        loss_out,
+        n_cols,
+        logits.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        targets.stride(0),
         scale.stride(0) if scale.dim() else 0,
-        int(ignore_index), float(label_smoothing), float(z_loss_scale),
-        COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss_scale > 0.0,
-        SINGLE_BLOCK=single, BLOCK_V=block, num_warps=num_warps_for(block, hi=32),
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss_scale),
+        COMPUTE_GRAD=compute_grad,
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss_scale > 0.0,
+        SINGLE_BLOCK=single,
+        BLOCK_V=block,
+        num_warps=num_warps_for(block, hi=32),
     )
     return loss_out, grad
 
 
-def cross_entropy_backward(dlogits: torch.Tensor, scale: torch.Tensor,
-                           block_v: Optional[int] = None) -> torch.Tensor:
+def cross_entropy_backward(
+    dlogits: torch.Tensor, scale: torch.Tensor, block_v: Optional[int] = None
+) -> torch.Tensor:
     """dlogits (N, V) * scale (0-dim, or (N,) with any stride), in dlogits' dtype."""
     n_rows, n_cols = dlogits.shape
     dlogits = _unit_col_stride(dlogits)
@@ -203,7 +247,14 @@ def cross_entropy_backward(dlogits: torch.Tensor, scale: torch.Tensor,
         return out
     block = block_v or min(next_power_of_2(n_cols), LOOP_BLOCK_V)
     _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        dlogits, scale, out, n_cols, dlogits.stride(0), scale.stride(0) if scale.dim() else 0,
-        out.stride(0), BLOCK_V=block, num_warps=num_warps_for(block, elements_per_thread=8, hi=16),
+        dlogits,
+        scale,
+        out,
+        n_cols,
+        dlogits.stride(0),
+        scale.stride(0) if scale.dim() else 0,
+        out.stride(0),
+        BLOCK_V=block,
+        num_warps=num_warps_for(block, elements_per_thread=8, hi=16),
     )
     return out

@@ -5,6 +5,7 @@ Heuristics follow the usual Triton practice (Liger-Kernel, the Triton tutorials)
 two block per row, several short rows per program so small hidden sizes still move enough bytes
 per program, warps scaled with the tile so each thread holds a handful of elements.
 """
+
 from __future__ import annotations
 
 import functools

@@ -10,6 +10,7 @@ minimind_fast/ops/rmsnorm.py.
 
 Shapes: x, residual: (..., H); weight: (H,); rstd: x.shape[:-1] in fp32.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,9 +26,22 @@ MAX_HIDDEN = 16384  # one row must fit in one program's registers
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, residual_ptr, weight_ptr, y_ptr, updated_ptr, rstd_ptr,
-    n_rows, hidden, stride_x, stride_residual, stride_y, stride_updated, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    y_ptr,
+    updated_ptr,
+    rstd_ptr,
+    n_rows,
+    hidden,
+    stride_x,
+    stride_residual,
+    stride_y,
+    stride_updated,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_H)
@@ -37,8 +51,9 @@ def _rms_norm_fwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows64 * stride_residual + cols[None, :], mask=mask,
-                           other=0.0)
+        residual = tl.load(
+            residual_ptr + rows64 * stride_residual + cols[None, :], mask=mask, other=0.0
+        )
         updated = (x + residual.to(tl.float32)).to(updated_ptr.dtype.element_ty)
         tl.store(updated_ptr + rows64 * stride_updated + cols[None, :], updated, mask=mask)
         x = updated.to(tl.float32)
@@ -61,9 +76,23 @@ def _rms_norm_fwd_kernel(
 # registers; it writes one partial row and the launcher sums the P rows (fixed order).
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, weight_ptr, rstd_ptr, dresidual_ptr, dx_ptr, dw_partial_ptr,
-    n_rows, hidden, stride_dy, stride_x, stride_dresidual, stride_dx, tiles_per_program,
-    HAS_DRESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    weight_ptr,
+    rstd_ptr,
+    dresidual_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    hidden,
+    stride_dy,
+    stride_x,
+    stride_dresidual,
+    stride_dx,
+    tiles_per_program,
+    HAS_DRESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -85,23 +114,29 @@ def _rms_norm_bwd_kernel(
         dn = dy * weight[None, :]
         dx = rstd * (dn - n * (tl.sum(dn * n, axis=1) / hidden)[:, None])
         if HAS_DRESIDUAL:
-            dres = tl.load(dresidual_ptr + rows64 * stride_dresidual + cols[None, :], mask=mask,
-                           other=0.0)
+            dres = tl.load(
+                dresidual_ptr + rows64 * stride_dresidual + cols[None, :], mask=mask, other=0.0
+            )
             dx += dres.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, tl.sum(dw_acc, axis=0),
-             mask=col_mask)
+        tl.store(
+            dx_ptr + rows64 * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask
+        )
+    tl.store(
+        dw_partial_ptr + pid.to(tl.int64) * hidden + cols, tl.sum(dw_acc, axis=0), mask=col_mask
+    )
 
 
 def _check_hidden(hidden: int) -> None:
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: hidden size {hidden} exceeds the Triton kernel's limit "
-                         f"{MAX_HIDDEN}; use backend='torch' for wider rows")
+        raise ValueError(
+            f"rms_norm: hidden size {hidden} exceeds the Triton kernel's limit "
+            f"{MAX_HIDDEN}; use backend='torch' for wider rows"
+        )
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                     residual: Optional[torch.Tensor] = None):
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+):
     """Returns (y, updated, rstd): y, updated x.shape (updated None without residual), rstd fp32."""
     hidden = x.shape[-1]
     _check_hidden(hidden)
@@ -118,18 +153,35 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block_rows, block_h = row_tile(hidden)
         weight = weight.contiguous()
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-            x2d, x2d if r2d is None else r2d, weight, y, y if updated is None else updated, rstd,
-            n_rows, hidden, x2d.stride(0), x2d.stride(0) if r2d is None else r2d.stride(0),
-            y.stride(0), y.stride(0) if updated is None else updated.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+            x2d,
+            x2d if r2d is None else r2d,
+            weight,
+            y,
+            y if updated is None else updated,
+            rstd,
+            n_rows,
+            hidden,
+            x2d.stride(0),
+            x2d.stride(0) if r2d is None else r2d.stride(0),
+            y.stride(0),
+            y.stride(0) if updated is None else updated.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h,
             num_warps=num_warps_for(block_rows * block_h),
         )
     shape = x.shape
     return y.view(shape), None if updated is None else updated.view(shape), rstd.view(shape[:-1])
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      dresidual: Optional[torch.Tensor] = None):
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dresidual: Optional[torch.Tensor] = None,
+):
     """Returns (dx in x.dtype, dw in weight.dtype). `x` is the tensor that was normalised;
     `dresidual` (the gradient of the fused op's updated residual) is added into dx."""
     hidden = x.shape[-1]
@@ -146,11 +198,23 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     dw_partial = torch.empty((programs, hidden), dtype=torch.float32, device=x.device)
     dres2d = None if dresidual is None else as_rows(dresidual, hidden)
     _rms_norm_bwd_kernel[(programs,)](
-        dy2d, x2d, weight.contiguous(), rstd.reshape(-1).contiguous(),
-        dy2d if dres2d is None else dres2d, dx, dw_partial,
-        n_rows, hidden, dy2d.stride(0), x2d.stride(0), 0 if dres2d is None else dres2d.stride(0),
-        dx.stride(0), triton.cdiv(n_tiles, programs),
-        HAS_DRESIDUAL=dres2d is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+        dy2d,
+        x2d,
+        weight.contiguous(),
+        rstd.reshape(-1).contiguous(),
+        dy2d if dres2d is None else dres2d,
+        dx,
+        dw_partial,
+        n_rows,
+        hidden,
+        dy2d.stride(0),
+        x2d.stride(0),
+        0 if dres2d is None else dres2d.stride(0),
+        dx.stride(0),
+        triton.cdiv(n_tiles, programs),
+        HAS_DRESIDUAL=dres2d is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_H=block_h,
         num_warps=num_warps_for(block_rows * block_h),
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)

@@ -11,6 +11,7 @@ minimind_fast/ops/rope.py.
 
 Shapes: q: (B, T, Hq, D), k: (B, T, Hkv, D), cos/sin: (T, D), D even, 2 <= D <= 512.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,26 @@ MAX_HEAD_DIM = 512
 
 
 @triton.jit
-def _rotate_heads(in_ptr, out_ptr, b, t, row, stride_b, stride_t, stride_h, stride_d, n_heads, half,
-                  cos_lo, cos_hi, sin_lo, sin_hi,
-                  BACKWARD: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    in_ptr,
+    out_ptr,
+    b,
+    t,
+    row,
+    stride_b,
+    stride_t,
+    stride_h,
+    stride_d,
+    n_heads,
+    half,
+    cos_lo,
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    BACKWARD: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < n_heads) & (cols < half)
@@ -44,11 +62,34 @@ def _rotate_heads(in_ptr, out_ptr, b, t, row, stride_b, stride_t, stride_h, stri
 
 
 @triton.jit
-def _rope_rows(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq_len, half,
-               n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
-               stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-               BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
-               BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rope_rows(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    n_rows,
+    seq_len,
+    half,
+    n_q_heads,
+    n_kv_heads,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cos,
+    stride_sin,
+    BACKWARD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     for r in tl.static_range(ROWS):
         # the last program's spare rows redo row n_rows - 1 (same values, no mask needed)
@@ -60,24 +101,104 @@ def _rope_rows(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq
         cos_hi = tl.load(cos_ptr + t * stride_cos + cols + half, mask=table_mask, other=0.0)
         sin_lo = tl.load(sin_ptr + t * stride_sin + cols, mask=table_mask, other=0.0)
         sin_hi = tl.load(sin_ptr + t * stride_sin + cols + half, mask=table_mask, other=0.0)
-        _rotate_heads(q_ptr, q_out_ptr, b, t, row, stride_qb, stride_qt, stride_qh, stride_qd,
-                      n_q_heads, half, cos_lo, cos_hi, sin_lo, sin_hi,
-                      BACKWARD, BLOCK_Q_HEADS, BLOCK_HALF)
-        _rotate_heads(k_ptr, k_out_ptr, b, t, row, stride_kb, stride_kt, stride_kh, stride_kd,
-                      n_kv_heads, half, cos_lo, cos_hi, sin_lo, sin_hi,
-                      BACKWARD, BLOCK_KV_HEADS, BLOCK_HALF)
+        _rotate_heads(
+            q_ptr,
+            q_out_ptr,
+            b,
+            t,
+            row,
+            stride_qb,
+            stride_qt,
+            stride_qh,
+            stride_qd,
+            n_q_heads,
+            half,
+            cos_lo,
+            cos_hi,
+            sin_lo,
+            sin_hi,
+            BACKWARD,
+            BLOCK_Q_HEADS,
+            BLOCK_HALF,
+        )
+        _rotate_heads(
+            k_ptr,
+            k_out_ptr,
+            b,
+            t,
+            row,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_kd,
+            n_kv_heads,
+            half,
+            cos_lo,
+            cos_hi,
+            sin_lo,
+            sin_hi,
+            BACKWARD,
+            BLOCK_KV_HEADS,
+            BLOCK_HALF,
+        )
 
 
 @triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq_len, half,
-                     n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
-                     stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-                     ROWS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr):
-    _rope_rows(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq_len, half,
-               n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
-               stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-               False, ROWS, BLOCK_Q_HEADS, BLOCK_KV_HEADS, BLOCK_HALF)
+def _rope_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    n_rows,
+    seq_len,
+    half,
+    n_q_heads,
+    n_kv_heads,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cos,
+    stride_sin,
+    ROWS: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    _rope_rows(
+        q_ptr,
+        k_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_out_ptr,
+        k_out_ptr,
+        n_rows,
+        seq_len,
+        half,
+        n_q_heads,
+        n_kv_heads,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        stride_cos,
+        stride_sin,
+        False,
+        ROWS,
+        BLOCK_Q_HEADS,
+        BLOCK_KV_HEADS,
+        BLOCK_HALF,
+    )
 
 
 # Backward. Per (row, head) the forward is linear in x = [x_lo, x_hi]:
@@ -89,15 +210,61 @@ def _rope_fwd_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_row
 # With MiniMind's tables (cos_lo = cos_hi, sin_lo = sin_hi) this is the rotation by -theta:
 # the forward with sin negated. The tables themselves get no gradient (they are buffers).
 @triton.jit
-def _rope_bwd_kernel(dq_out_ptr, dk_out_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, n_rows, seq_len,
-                     half, n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
-                     stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-                     ROWS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr):
-    _rope_rows(dq_out_ptr, dk_out_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, n_rows, seq_len, half,
-               n_q_heads, n_kv_heads, stride_qb, stride_qt, stride_qh, stride_qd,
-               stride_kb, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-               True, ROWS, BLOCK_Q_HEADS, BLOCK_KV_HEADS, BLOCK_HALF)
+def _rope_bwd_kernel(
+    dq_out_ptr,
+    dk_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    dq_ptr,
+    dk_ptr,
+    n_rows,
+    seq_len,
+    half,
+    n_q_heads,
+    n_kv_heads,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cos,
+    stride_sin,
+    ROWS: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    _rope_rows(
+        dq_out_ptr,
+        dk_out_ptr,
+        cos_ptr,
+        sin_ptr,
+        dq_ptr,
+        dk_ptr,
+        n_rows,
+        seq_len,
+        half,
+        n_q_heads,
+        n_kv_heads,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        stride_cos,
+        stride_sin,
+        True,
+        ROWS,
+        BLOCK_Q_HEADS,
+        BLOCK_KV_HEADS,
+        BLOCK_HALF,
+    )
 
 
 def _table(table: torch.Tensor) -> torch.Tensor:
@@ -122,9 +289,25 @@ def _launch(kernel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     lanes = (block_q + block_kv) * 2 * block_half
     rows = min(max(1, TILE_ELEMENTS // lanes), 8)  # pack rows up to about one tile of q + k lanes
     kernel[(triton.cdiv(n_rows, rows),)](
-        q, k, cos, sin, q_out, k_out, n_rows, seq_len, half, n_q_heads, n_kv_heads,
-        *q.stride(), *k.stride(), cos.stride(0), sin.stride(0),
-        ROWS=rows, BLOCK_Q_HEADS=block_q, BLOCK_KV_HEADS=block_kv, BLOCK_HALF=block_half,
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        n_rows,
+        seq_len,
+        half,
+        n_q_heads,
+        n_kv_heads,
+        *q.stride(),
+        *k.stride(),
+        cos.stride(0),
+        sin.stride(0),
+        ROWS=rows,
+        BLOCK_Q_HEADS=block_q,
+        BLOCK_KV_HEADS=block_kv,
+        BLOCK_HALF=block_half,
         num_warps=num_warps_for(lanes, elements_per_thread=8, lo=1, hi=16),
     )
     return q_out, k_out

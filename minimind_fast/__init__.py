@@ -8,6 +8,7 @@ Each runs its Triton kernel on CUDA and its PyTorch reference elsewhere (see ops
 The names below are imported on first use (PEP 562), so `import minimind_fast.ops` or
 `import minimind_fast.data` loads only what it needs.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,11 +16,23 @@ import importlib
 __version__ = "0.1.0"
 
 _HOMES = {
-    "IGNORE_INDEX": "constants", "MiniMindConfig": "config", "PRESETS": "config", "get_preset": "config",
-    "MiniMindForCausalLM": "model", "count_parameters": "model", "RMSNorm": "nn",
-    "CrossEntropyLoss": "losses", "FusedLinearCrossEntropyLoss": "losses", "patch_hf_model": "interop",
-    "rms_norm": "ops", "add_rms_norm": "ops", "apply_rotary": "ops", "cross_entropy": "ops",
-    "fused_linear_cross_entropy": "ops", "moe_route": "ops", "use_backend": "ops",
+    "IGNORE_INDEX": "constants",
+    "MiniMindConfig": "config",
+    "PRESETS": "config",
+    "get_preset": "config",
+    "MiniMindForCausalLM": "model",
+    "count_parameters": "model",
+    "RMSNorm": "nn",
+    "CrossEntropyLoss": "losses",
+    "FusedLinearCrossEntropyLoss": "losses",
+    "patch_hf_model": "interop",
+    "rms_norm": "ops",
+    "add_rms_norm": "ops",
+    "apply_rotary": "ops",
+    "cross_entropy": "ops",
+    "fused_linear_cross_entropy": "ops",
+    "moe_route": "ops",
+    "use_backend": "ops",
 }
 __all__ = list(_HOMES)
 

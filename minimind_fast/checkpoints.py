@@ -11,6 +11,7 @@ records the step, a completion `sequence` (the order checkpoints were finished i
 and whether the run was healthy when it was saved; an unhealthy checkpoint is kept for inspection
 but is never what "the newest checkpoint" means.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def read_marker(checkpoint_dir) -> Optional[dict]:
     return marker if isinstance(marker, dict) else None
 
 
-def list_checkpoints(run_dir, healthy_only: bool = True, run_id: Optional[str] = None) -> list[Path]:
+def list_checkpoints(
+    run_dir, healthy_only: bool = True, run_id: Optional[str] = None
+) -> list[Path]:
     """Complete checkpoints of `run_dir`, oldest first (by completion sequence); only those saved
     while the run was healthy unless healthy_only=False; only run `run_id`'s when given."""
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -75,7 +78,9 @@ def resolve_checkpoint_path(path) -> Path:
     if is_run_dir(path):
         latest = latest_checkpoint(path)
         if latest is None:
-            raise ValueError(f"{path} holds no complete checkpoint; pass a .safetensors/.pth file, a checkpoint "
-                             "directory or a run directory (--save_dir) that has saved one")
+            raise ValueError(
+                f"{path} holds no complete checkpoint; pass a .safetensors/.pth file, a checkpoint "
+                "directory or a run directory (--save_dir) that has saved one"
+            )
         return latest
     return path

@@ -4,6 +4,7 @@ Private names can change in any torch release. Each one is wrapped here with a f
 keeps the package working (maybe slower), and tests/test_compat.py checks each against the
 installed torch, so an upgrade that breaks one fails in one test with the name of the API.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -30,7 +31,9 @@ def ddp_ignore(module: nn.Module, names: list[str]) -> bool:
     """Tell DistributedDataParallel (before wrapping `module`) to neither broadcast nor sync
     these parameters/buffers. False when this torch has no such hook (DDP then broadcasts
     them once at construction, which is correct, only redundant for derived buffers)."""
-    hook = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    hook = getattr(
+        nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None
+    )
     if hook is None:
         return False
     hook(module, names)

@@ -6,6 +6,7 @@ defaults for any hidden size (its FFN width rule, eps, KV heads, q/k norm, MoE s
 `validate()` turns every impossible combination into a one-line ValueError that names the value
 and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,8 @@ class MiniMindConfig:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; pick a head count that divides it (or set head_dim)")
+                    f"{self.num_attention_heads}; pick a head count that divides it (or set head_dim)"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None and self.hidden_size > 0:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
@@ -72,13 +74,22 @@ class MiniMindConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             positive(name)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads}; pick KV heads that divide the query heads")
+                f"num_key_value_heads={self.num_key_value_heads}; pick KV heads that divide the query heads"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
@@ -99,11 +110,14 @@ class MiniMindConfig:
             if self.num_experts_per_tok > self.n_routed_experts:
                 raise ValueError(
                     f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts="
-                    f"{self.n_routed_experts}; route each token to at most that many experts")
+                    f"{self.n_routed_experts}; route each token to at most that many experts"
+                )
             if self.n_shared_experts < 0:
                 raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
             if self.scoring_func not in ("softmax", "sigmoid"):
-                raise ValueError(f"scoring_func={self.scoring_func!r} must be 'softmax' or 'sigmoid'")
+                raise ValueError(
+                    f"scoring_func={self.scoring_func!r} must be 'softmax' or 'sigmoid'"
+                )
             if self.aux_loss_alpha < 0:
                 raise ValueError(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
 
@@ -164,27 +178,57 @@ def _from_minimind3(values: dict[str, Any]) -> dict[str, Any]:
 
 # MiniMind-3's config defaults (model/model_minimind.py): head_dim = hidden // heads; the MoE
 # fields apply when use_moe is set (4 experts, top-1, no shared expert, token-level aux loss).
-_MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, qk_norm=True,
-                  n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0,
-                  aux_loss_alpha=5e-4, seq_aux=False, norm_topk_prob=True)
+_MINIMIND3 = dict(
+    hidden_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    qk_norm=True,
+    n_routed_experts=4,
+    num_experts_per_tok=1,
+    n_shared_experts=0,
+    aux_loss_alpha=5e-4,
+    seq_aux=False,
+    norm_topk_prob=True,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A few M parameters: trains visibly in minutes on 2 CPU cores.
-    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=2048),
+    "demo": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
     # MiniMind2 (its config defaults, with 512/8, 768/16 and the 640/8 MoE of its release)
-    "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
-    "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
-    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                          use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    "minimind2-small": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
+    ),
+    "minimind2": dict(
+        hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2
+    ),
+    "minimind2-moe": dict(
+        hidden_size=640,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        use_moe=True,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+    ),
     # MiniMind-3: also what MiniMind's own size flags build without --preset (train/cli.py)
     "minimind3": dict(_MINIMIND3),
     "minimind3-moe": dict(_MINIMIND3, use_moe=True),
 }
 # Presets whose FFN width is MiniMind-3's pi rule of their (possibly overridden) hidden size.
-_FFN_WIDTH_RULES = {"minimind3": minimind3_intermediate_size,
-                    "minimind3-moe": minimind3_intermediate_size}
+_FFN_WIDTH_RULES = {
+    "minimind3": minimind3_intermediate_size,
+    "minimind3-moe": minimind3_intermediate_size,
+}
 
 
 def get_preset(name: str, **overrides: Any) -> MiniMindConfig:

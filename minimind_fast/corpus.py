@@ -24,6 +24,7 @@ keyed by the Python version, and reused afterwards.
 The child runs this file as a plain script, so it imports only the standard library (and,
 when imported as part of the package, minimind_fast.paths).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,15 +56,43 @@ MIN_CORPUS_BYTES = 1_000_000
 """A built corpus smaller than this means collection went wrong; the build fails loudly."""
 
 # Never imported: they open browsers/windows, print, write files, or are test suites.
-SKIP_MODULES = frozenset({
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip",
-    "test", "readline", "pydoc_data", "site", "msilib", "winreg", "winsound", "msvcrt", "nt",
-})
+SKIP_MODULES = frozenset(
+    {
+        "antigravity",
+        "this",
+        "idlelib",
+        "tkinter",
+        "turtle",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "test",
+        "readline",
+        "pydoc_data",
+        "site",
+        "msilib",
+        "winreg",
+        "winsound",
+        "msvcrt",
+        "nt",
+    }
+)
 SKIP_PARTS = frozenset({"test", "tests", "idle_test", "__main__"})
-SKIP_SOURCE_DIRS = frozenset({
-    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib",
-    "tkinter", "turtledemo", "lib2to3", "ensurepip",
-})
+SKIP_SOURCE_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+    }
+)
 IMPORT_TIMEOUT_S = 10
 BUILD_TIMEOUT_S = 600
 
@@ -90,21 +119,37 @@ def build_default_corpus(out_path: Path | None = None) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
     try:
-        command = [sys.executable, "-I", "-S", "-B", str(Path(__file__).resolve()),
-                   "--collect", tmp_name]
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            "-B",
+            str(Path(__file__).resolve()),
+            "--collect",
+            tmp_name,
+        ]
         try:
-            result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, timeout=BUILD_TIMEOUT_S, check=False)
+            result = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=BUILD_TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"building the default corpus took over {BUILD_TIMEOUT_S} s and was "
-                               "stopped. Pass your own data with --data_path instead.") from None
+            raise RuntimeError(
+                f"building the default corpus took over {BUILD_TIMEOUT_S} s and was "
+                "stopped. Pass your own data with --data_path instead."
+            ) from None
         size = os.path.getsize(tmp_name)
         if result.returncode != 0 or size < MIN_CORPUS_BYTES:
             tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-5:]
             raise RuntimeError(
                 f"building the default corpus failed (exit {result.returncode}, {size} bytes "
                 f"written): {' | '.join(tail) or 'no error output'}. "
-                "Pass your own data with --data_path instead.")
+                "Pass your own data with --data_path instead."
+            )
         os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; the corpus is shareable
         os.replace(tmp_name, out_path)  # atomic: readers see no file or the whole file
     finally:
@@ -119,12 +164,16 @@ def build_default_corpus(out_path: Path | None = None) -> Path:
 
 def _skip_name(dotted: str) -> bool:
     parts = dotted.split(".")
-    return (parts[0] in SKIP_MODULES or parts[0].startswith("_")
-            or any(p in SKIP_PARTS or p.startswith("_") for p in parts[1:]))
+    return (
+        parts[0] in SKIP_MODULES
+        or parts[0].startswith("_")
+        or any(p in SKIP_PARTS or p.startswith("_") for p in parts[1:])
+    )
 
 
 def _import(name: str):
     """Import `name` under an alarm; None if it fails, hangs or is not pure stdlib."""
+
     def on_alarm(signum, frame):
         raise TimeoutError(name)
 
@@ -153,8 +202,9 @@ def _module_names() -> list[str]:
         names.add(top)
         if hasattr(module, "__path__"):
             try:
-                infos = list(pkgutil.walk_packages(module.__path__, top + ".",
-                                                   onerror=lambda n: None))
+                infos = list(
+                    pkgutil.walk_packages(module.__path__, top + ".", onerror=lambda n: None)
+                )
             except BaseException:  # noqa: BLE001
                 continue
             names.update(info.name for info in infos if not _skip_name(info.name))
@@ -165,8 +215,12 @@ def _public_members(value) -> list:
     """The public routines and properties defined on class `value`, by name."""
     members = vars(value)
     kinds = (property, classmethod, staticmethod)
-    return [members[m] for m in sorted(members) if not m.startswith("_")
-            and (inspect.isroutine(members[m]) or isinstance(members[m], kinds))]
+    return [
+        members[m]
+        for m in sorted(members)
+        if not m.startswith("_")
+        and (inspect.isroutine(members[m]) or isinstance(members[m], kinds))
+    ]
 
 
 def _docstrings(module) -> list[str]:

@@ -21,6 +21,7 @@ hash, form val.jsonl, the rest train.jsonl; no question or answer of one file is
 The set is written once, as MiniMind's SFT JSONL, into a directory under the cache directory
 keyed by the Python version and SFT_SET_FORMAT_VERSION (temp directory renamed into place).
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,18 +49,35 @@ SYSTEM_PERCENT = 20
 MIN_ANSWER_CHARS = 24
 MAX_ANSWER_CHARS = 400
 SYSTEM_PROMPT = "You are a concise assistant who explains the Python standard library."
-C_MODULES = ("builtins", "math", "cmath", "itertools", "operator", "binascii", "zlib",
-             "unicodedata", "time", "sys", "gc")
+C_MODULES = (
+    "builtins",
+    "math",
+    "cmath",
+    "itertools",
+    "operator",
+    "binascii",
+    "zlib",
+    "unicodedata",
+    "time",
+    "sys",
+    "gc",
+)
 """Built-in modules read by import: they have no Python source, and importing them is inert."""
 
 QUESTIONS = {
-    "function": ("What does `{}` do?", "Explain what `{}` does.", "What is `{}` used for?",
-                 "In Python, what does `{}` do?"),
-    "method": ("What does the method `{}` do?", "Explain the method `{}`.",
-               "What is `{}` for?"),
+    "function": (
+        "What does `{}` do?",
+        "Explain what `{}` does.",
+        "What is `{}` used for?",
+        "In Python, what does `{}` do?",
+    ),
+    "method": ("What does the method `{}` do?", "Explain the method `{}`.", "What is `{}` for?"),
     "class": ("What is the class `{}`?", "What is `{}` in Python?", "Describe the class `{}`."),
-    "module": ("What is the `{}` module for?", "What does the Python module `{}` provide?",
-               "Describe the module `{}`."),
+    "module": (
+        "What is the `{}` module for?",
+        "What does the Python module `{}` provide?",
+        "Describe the module `{}`.",
+    ),
     "topic": ("What does the pydoc topic `{}` cover?", "Summarize the Python help topic `{}`."),
 }
 _SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*-+>.*)?$")
@@ -101,8 +119,12 @@ def first_paragraph(doc: str) -> str | None:
 
 
 def _usable(answer: str | None) -> bool:
-    return (answer is not None and MIN_ANSWER_CHARS <= len(answer) <= MAX_ANSWER_CHARS
-            and ">>>" not in answer and sum(map(str.isalpha, answer)) * 2 >= len(answer))
+    return (
+        answer is not None
+        and MIN_ANSWER_CHARS <= len(answer) <= MAX_ANSWER_CHARS
+        and ">>>" not in answer
+        and sum(map(str.isalpha, answer)) * 2 >= len(answer)
+    )
 
 
 def _c_module_subjects():
@@ -124,8 +146,11 @@ def _topic_subjects():
         title, _, body = topics[topic].partition("\n")
         body = body.lstrip("*=\n")  # the title's underline
         for paragraph in body.split("\n\n"):
-            if paragraph.strip() and not paragraph.startswith(" ") \
-                    and not re.match(r"(New|Added|Changed|Deprecated) in version", paragraph):
+            if (
+                paragraph.strip()
+                and not paragraph.startswith(" ")
+                and not re.match(r"(New|Added|Changed|Deprecated) in version", paragraph)
+            ):
                 yield "topic", topic, f"{title.strip()}. {paragraph}"
                 break
 
@@ -140,9 +165,13 @@ def _module_name(root: Path, path: Path) -> str | None:
 
 
 def _is_property(node) -> bool:
-    return any(isinstance(d, ast.Name) and d.id == "property"
-               or isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter")
-               for d in node.decorator_list)
+    return any(
+        isinstance(d, ast.Name)
+        and d.id == "property"
+        or isinstance(d, ast.Attribute)
+        and d.attr in ("setter", "getter", "deleter")
+        for d in node.decorator_list
+    )
 
 
 def _source_subjects():
@@ -167,8 +196,11 @@ def _source_subjects():
                 name = f"{module}.{node.name}"
                 yield ("class" if is_class else "function"), name, ast.get_docstring(node) or ""
                 for member in node.body if is_class else ():
-                    if isinstance(member, definitions[:2]) and not member.name.startswith("_") \
-                            and not _is_property(member):
+                    if (
+                        isinstance(member, definitions[:2])
+                        and not member.name.startswith("_")
+                        and not _is_property(member)
+                    ):
                         yield "method", f"{name}.{member.name}", ast.get_docstring(member) or ""
 
 
@@ -211,8 +243,10 @@ def default_sft_set_name() -> str:
 
 def _write_set(directory: Path) -> dict:
     counts = {"train": 0, "val": 0}
-    with open(directory / "train.jsonl", "w", encoding="utf-8") as train, \
-            open(directory / "val.jsonl", "w", encoding="utf-8") as val:
+    with (
+        open(directory / "train.jsonl", "w", encoding="utf-8") as train,
+        open(directory / "val.jsonl", "w", encoding="utf-8") as val,
+    ):
         for kind, name, answer in collect_pairs():
             split = "val" if is_validation(answer) else "train"
             line = json.dumps(conversation(kind, name, answer), ensure_ascii=False) + "\n"
@@ -240,9 +274,11 @@ def build_default_sft_set(out_dir=None) -> SFTSet:
         with writing(final.parent, what):
             meta = _write_set(tmp)
         if min(meta["train"], meta["val"]) == 0:
-            raise RuntimeError(f"the default SFT set came out empty ({meta['train']} training, "
-                               f"{meta['val']} held-out conversations) on Python "
-                               f"{platform.python_version()}; pass your own data with --data_path")
+            raise RuntimeError(
+                f"the default SFT set came out empty ({meta['train']} training, "
+                f"{meta['val']} held-out conversations) on Python "
+                f"{platform.python_version()}; pass your own data with --data_path"
+            )
         with writing(final.parent, what):
             os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the set is shareable
             try:
@@ -253,6 +289,7 @@ def build_default_sft_set(out_dir=None) -> SFTSet:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SFTSet(final)
+
 
 if __name__ == "__main__":
     built = build_default_sft_set()

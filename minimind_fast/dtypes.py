@@ -8,6 +8,7 @@
   samples in the precision it was trained in.
 - `resolve_device(name)`: a `--device` value checked against this torch build and machine.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,10 +39,14 @@ def resolve_dtype(name: str, device: torch.device, flag: str = "--dtype") -> tor
     if name not in DTYPES:
         raise ValueError(f"{flag} {name!r} is not supported; use one of {', '.join(DTYPES)}")
     if name == "bfloat16" and not bf16_supported(device):
-        what = (f"{torch.cuda.get_device_name(device)} (needs compute capability >= 8.0)"
-                if device.type == "cuda" else f"device {device}")
-        raise ValueError(f"{flag} bfloat16 is not supported by {what}; use {flag} float16 (or "
-                         "float32)")
+        what = (
+            f"{torch.cuda.get_device_name(device)} (needs compute capability >= 8.0)"
+            if device.type == "cuda"
+            else f"device {device}"
+        )
+        raise ValueError(
+            f"{flag} bfloat16 is not supported by {what}; use {flag} float16 (or float32)"
+        )
     return DTYPES[name]
 
 
@@ -57,23 +62,31 @@ def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"{flag} {name} is not a device torch knows; use {flag} cpu or "
-                         "cuda[:N]") from None
+        raise ValueError(
+            f"{flag} {name} is not a device torch knows; use {flag} cpu or cuda[:N]"
+        ) from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise ValueError(f"{flag} {name}: this torch build has no CUDA support (a CPU-only "
-                             f"wheel); use {flag} cpu, or install a CUDA build of torch")
+            raise ValueError(
+                f"{flag} {name}: this torch build has no CUDA support (a CPU-only "
+                f"wheel); use {flag} cpu, or install a CUDA build of torch"
+            )
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"{flag} {name}: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES "
-                             f"and the driver); use {flag} cpu")
+            raise ValueError(
+                f"{flag} {name}: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES "
+                f"and the driver); use {flag} cpu"
+            )
         if device.index is not None and device.index >= count:
-            raise ValueError(f"{flag} {name}: only {count} CUDA device(s) are visible "
-                             f"(cuda:0..cuda:{count - 1}); pick one of them")
+            raise ValueError(
+                f"{flag} {name}: only {count} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{count - 1}); pick one of them"
+            )
         return device
     if device.type == "mps" and torch.backends.mps.is_available():
         return device
-    raise ValueError(f"{flag} {name}: minimind_fast runs on cpu and cuda devices; use {flag} cpu "
-                     "or cuda")
+    raise ValueError(
+        f"{flag} {name}: minimind_fast runs on cpu and cuda devices; use {flag} cpu or cuda"
+    )

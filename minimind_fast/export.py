@@ -19,6 +19,7 @@ Qwen2-MoE, Mixtral); a config with no exact stock counterpart is refused with th
 --verify (needs `pip install transformers`) reloads DIR with AutoModelForCausalLM and compares
 its logits with ours on random tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,20 @@ import torch
 
 from .config import PRESETS, MiniMindConfig, get_preset
 from .dtypes import DTYPES
-from .interop import (check_export_target, export_hf, import_hf, load_weights, read_config,
-                      to_hf_config)
+from .interop import (
+    check_export_target,
+    export_hf,
+    import_hf,
+    load_weights,
+    read_config,
+    to_hf_config,
+)
 from .model import MiniMindForCausalLM
 
-FIX = ("pass --config JSON (the model config the weights were trained with) or the matching "
-       "--preset NAME")
+FIX = (
+    "pass --config JSON (the model config the weights were trained with) or the matching "
+    "--preset NAME"
+)
 
 
 def resolve_config(config_path: Optional[Path], preset: Optional[str]) -> Optional[MiniMindConfig]:
@@ -54,8 +63,9 @@ def verify(out: Path, tokens: int = 32) -> float:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise ValueError("--verify needs transformers: pip install transformers (or pip install "
-                         "-e .[hf])") from None
+        raise ValueError(
+            "--verify needs transformers: pip install transformers (or pip install -e .[hf])"
+        ) from None
 
     config, state_dict = import_hf(out)
     ours = MiniMindForCausalLM(config).eval()
@@ -67,24 +77,52 @@ def verify(out: Path, tokens: int = 32) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minimind_fast.export",
-                                     description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--ckpt", type=Path, required=True,
-                        help="weights: .safetensors / MiniMind .pth file, or a directory holding "
-                             "one")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output directory: new, empty, or a previous export (replaced whole)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="model config JSON (default: config.json beside the weights)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="use a named preset as the config (for bare MiniMind .pth files)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="directory with tokenizer.json (+ tokenizer_config.json); default: "
-                             "beside the weights")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights dtype in the export (auto: as stored in the checkpoint)")
-    parser.add_argument("--verify", action="store_true",
-                        help="reload with transformers and compare logits (needs transformers)")
+    parser = argparse.ArgumentParser(
+        prog="python -m minimind_fast.export",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--ckpt",
+        type=Path,
+        required=True,
+        help="weights: .safetensors / MiniMind .pth file, or a directory holding one",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory: new, empty, or a previous export (replaced whole)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="model config JSON (default: config.json beside the weights)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="use a named preset as the config (for bare MiniMind .pth files)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="directory with tokenizer.json (+ tokenizer_config.json); default: beside the weights",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights dtype in the export (auto: as stored in the checkpoint)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload with transformers and compare logits (needs transformers)",
+    )
     return parser
 
 
@@ -100,14 +138,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         found, state_dict = load_weights(args.ckpt, config, fix=FIX)
         config = config if config is not None else found
         if config is None:
-            raise ValueError(f"no config for {args.ckpt}: pass --config JSON or --preset NAME, or "
-                             "put the training run's config.json beside the weights")
+            raise ValueError(
+                f"no config for {args.ckpt}: pass --config JSON or --preset NAME, or "
+                "put the training run's config.json beside the weights"
+            )
         tokenizer = args.tokenizer
         if tokenizer is None:
             beside = (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / "tokenizer.json"
             tokenizer = beside.parent if beside.is_file() else None
-        export_hf(state_dict, config, out, tokenizer, None if args.dtype == "auto" else args.dtype,
-                  weights_path=args.ckpt)
+        export_hf(
+            state_dict,
+            config,
+            out,
+            tokenizer,
+            None if args.dtype == "auto" else args.dtype,
+            weights_path=args.ckpt,
+        )
         difference = verify(out) if args.verify else None
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

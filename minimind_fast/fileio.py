@@ -6,6 +6,7 @@ whole new one. `describe_write_error` turns an OSError into what a user can act 
 full", "permission denied", a file deleted under us), which torch's and safetensors' writers do
 not say themselves.
 """
+
 from __future__ import annotations
 
 import errno

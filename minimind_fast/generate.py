@@ -19,6 +19,7 @@ question of an SFT JSONL file (`default`: the held-out part of the default SFT s
 the mean token F1 and ROUGE-L of its replies against the reference answers.
 Loading, sampling and chat live in minimind_fast.inference; this module is the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,51 +30,93 @@ from typing import Optional
 from .config import PRESETS
 from .corpus_sft import build_default_sft_set
 from .dtypes import resolve_device
-from .inference import (ChatSession, check_prompt, load_for_inference, print_note, sample_text,
-                        score_answers)
+from .inference import (
+    ChatSession,
+    check_prompt,
+    load_for_inference,
+    print_note,
+    sample_text,
+    score_answers,
+)
 from .sampling import check_sampling
 
 DEFAULT_PROMPT = "The"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minimind_fast.generate",
-                                     description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--ckpt", required=True,
-                        help="run directory, checkpoint directory, or .safetensors/.pth file")
-    parser.add_argument("--prompt", default=None,
-                        help=f"text to continue (default: {DEFAULT_PROMPT!r}); with --chat, the "
-                             "one user message (default: read messages from standard input)")
-    parser.add_argument("--max_new_tokens", type=int, default=64,
-                        help="tokens to generate (capped to what the context window holds)")
+    parser = argparse.ArgumentParser(
+        prog="python -m minimind_fast.generate",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="run directory, checkpoint directory, or .safetensors/.pth file",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help=f"text to continue (default: {DEFAULT_PROMPT!r}); with --chat, the "
+        "one user message (default: read messages from standard input)",
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=64,
+        help="tokens to generate (capped to what the context window holds)",
+    )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=40,
-                        help="keep the k most likely tokens (0: all)")
-    parser.add_argument("--top_p", type=float, default=None,
-                        help="nucleus sampling threshold in (0, 1]")
-    parser.add_argument("--repetition_penalty", type=float, default=1.1,
-                        help="> 1 discourages repeats")
+    parser.add_argument(
+        "--top_k", type=int, default=40, help="keep the k most likely tokens (0: all)"
+    )
+    parser.add_argument(
+        "--top_p", type=float, default=None, help="nucleus sampling threshold in (0, 1]"
+    )
+    parser.add_argument(
+        "--repetition_penalty", type=float, default=1.1, help="> 1 discourages repeats"
+    )
     parser.add_argument("--num_samples", type=int, default=1, help="samples to draw")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="model config for bare MiniMind .pth files")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="tokenizer directory (default: the one saved with the run)")
-    parser.add_argument("--device", default=None,
-                        help="cpu or cuda[:N] (default: cuda if available)")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="model config for bare MiniMind .pth files",
+    )
+    parser.add_argument(
+        "--tokenizer_path",
+        default=None,
+        help="tokenizer directory (default: the one saved with the run)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda[:N] (default: cuda if available)"
+    )
     group = parser.add_argument_group("chat (models fine-tuned with minimind_fast.sft)")
-    group.add_argument("--chat", action="store_true",
-                       help="chat: the ChatML template, streamed replies, a kept conversation")
+    group.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat: the ChatML template, streamed replies, a kept conversation",
+    )
     group.add_argument("--system", default=None, help="system prompt of the chat")
-    group.add_argument("--max_context", type=int, default=None,
-                       help="context window of the chat in tokens (default: the model's "
-                            "max_position_embeddings); older exchanges are dropped to fit")
-    group.add_argument("--score", default=None, metavar="FILE",
-                       help="score replies to the questions of an SFT JSONL file against its "
-                            "answers (token F1, ROUGE-L); 'default': the default set's held-out "
-                            "part")
-    group.add_argument("--score_limit", type=int, default=None,
-                       help="score at most this many questions")
+    group.add_argument(
+        "--max_context",
+        type=int,
+        default=None,
+        help="context window of the chat in tokens (default: the model's "
+        "max_position_embeddings); older exchanges are dropped to fit",
+    )
+    group.add_argument(
+        "--score",
+        default=None,
+        metavar="FILE",
+        help="score replies to the questions of an SFT JSONL file against its "
+        "answers (token F1, ROUGE-L); 'default': the default set's held-out "
+        "part",
+    )
+    group.add_argument(
+        "--score_limit", type=int, default=None, help="score at most this many questions"
+    )
     return parser
 
 
@@ -98,8 +141,12 @@ def _quiet(note: str) -> None:
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty)
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
 
 
 def write(text: str) -> None:
@@ -121,8 +168,15 @@ def read_messages(interactive: bool):
 def chat(model, tokenizer, args: argparse.Namespace, prog: str) -> int:
     """Answer each user message (--prompt, else stdin lines), streaming the reply. A message that
     cannot be answered is a one-line error and is left out; the exit code is then 2."""
-    session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, args.max_context,
-                          args.seed, **sampling(args))
+    session = ChatSession(
+        model,
+        tokenizer,
+        args.system,
+        args.max_new_tokens,
+        args.max_context,
+        args.seed,
+        **sampling(args),
+    )
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive:
         print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
@@ -134,8 +188,7 @@ def chat(model, tokenizer, args: argparse.Namespace, prog: str) -> int:
             try:
                 session.reply(user, write)
             except ValueError as error:
-                print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr,
-                      flush=True)
+                print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
                 failed = True
                 continue
             write("\n")
@@ -156,16 +209,31 @@ def main(argv: Optional[list[str]] = None) -> int:
             return chat(model, tokenizer, args, parser.prog)
         if args.score:
             path = build_default_sft_set().val if args.score == "default" else args.score
-            scores = score_answers(model, tokenizer, path, args.max_new_tokens, args.score_limit,
-                                   args.seed, **sampling(args))
+            scores = score_answers(
+                model,
+                tokenizer,
+                path,
+                args.max_new_tokens,
+                args.score_limit,
+                args.seed,
+                **sampling(args),
+            )
             print(json.dumps({"file": str(path), **scores}), flush=True)
             return 0
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         for index in range(args.num_samples):
-            text = sample_text(model, tokenizer, prompt, args.max_new_tokens,
-                               args.temperature, args.top_k or None, args.top_p,
-                               args.repetition_penalty, args.seed + index,
-                               note=print_note if index == 0 else _quiet)
+            text = sample_text(
+                model,
+                tokenizer,
+                prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k or None,
+                args.top_p,
+                args.repetition_penalty,
+                args.seed + index,
+                note=print_note if index == 0 else _quiet,
+            )
             print(text if args.num_samples == 1 else f"--- sample {index + 1}\n{text}", flush=True)
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)

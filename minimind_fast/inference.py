@@ -11,6 +11,7 @@ oldest exchanges when it outgrows the context window, and streams each reply; `s
 rates a model's replies to held-out SFT questions (token F1, ROUGE-L). Follows MiniMind's
 eval_llm.py.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,7 @@ from .checkpoints import resolve_checkpoint_path
 from .config import PRESETS, MiniMindConfig, get_preset
 from .constants import BOS_TOKEN_ID, EOS_TOKEN_ID
 from .data.reader import SkipStats
-from .data.sft_format import (Message, check_sft_data_path, conversation_problem,
-                              iter_conversations)
+from .data.sft_format import Message, check_sft_data_path, conversation_problem, iter_conversations
 from .data.sft_metrics import answer_scores
 from .data.sft_template import ChatTemplateEncoder
 from .data.tokenizer import default_tokenizer_path, load_tokenizer
@@ -33,8 +33,10 @@ from .interop import load_weights
 from .model import MiniMindForCausalLM
 from .weights import validate_state_dict
 
-PRESET_FIX = (f"pass the --preset the weights were trained with (one of {', '.join(PRESETS)}) or "
-              "put the training run's config.json beside them")
+PRESET_FIX = (
+    f"pass the --preset the weights were trained with (one of {', '.join(PRESETS)}) or "
+    "put the training run's config.json beside them"
+)
 
 
 def _with_preset_hint(message: str, path: Path, state: Optional[dict] = None) -> str:
@@ -71,8 +73,9 @@ def _load_model_weights(path: Path, preset: Optional[str]) -> tuple[MiniMindConf
     return config, state
 
 
-def load_for_inference(ckpt, device: torch.device, preset: Optional[str] = None,
-                       tokenizer_path=None):
+def load_for_inference(
+    ckpt, device: torch.device, preset: Optional[str] = None, tokenizer_path=None
+):
     """(model in eval mode on `device`, tokenizers.Tokenizer) for a run dir, checkpoint dir,
     exported HF dir or weights file. ValueError (one line) for anything that cannot be loaded."""
     path = resolve_checkpoint_path(ckpt)
@@ -86,8 +89,9 @@ def load_for_inference(ckpt, device: torch.device, preset: Optional[str] = None,
     return model, load_tokenizer(tokenizer_path)
 
 
-def fit_to_context(ids: list[int], max_new_tokens: int,
-                   window: int) -> tuple[list[int], int, list[str]]:
+def fit_to_context(
+    ids: list[int], max_new_tokens: int, window: int
+) -> tuple[list[int], int, list[str]]:
     """(prompt ids, new tokens, notes) that fit a `window`-token context.
 
     The prompt keeps all of itself when it fits beside `max_new_tokens`; else its most recent
@@ -98,13 +102,17 @@ def fit_to_context(ids: list[int], max_new_tokens: int,
     keep = min(len(ids), max(window - max_new_tokens, window // 2, 1))
     new = min(max_new_tokens, window - keep)
     if keep < len(ids):
-        notes.append(f"the prompt is {len(ids)} tokens (with BOS) and the {window}-token context "
-                     f"window holds {keep} of them beside {new} new tokens: keeping its most "
-                     f"recent {keep - 1} after BOS")
-        ids = ids[:1] + ids[len(ids) - keep + 1:]
+        notes.append(
+            f"the prompt is {len(ids)} tokens (with BOS) and the {window}-token context "
+            f"window holds {keep} of them beside {new} new tokens: keeping its most "
+            f"recent {keep - 1} after BOS"
+        )
+        ids = ids[:1] + ids[len(ids) - keep + 1 :]
     if new < max_new_tokens:
-        notes.append(f"--max_new_tokens {max_new_tokens} does not fit the {window}-token context "
-                     f"window after the prompt's {keep} tokens: generating at most {new}")
+        notes.append(
+            f"--max_new_tokens {max_new_tokens} does not fit the {window}-token context "
+            f"window after the prompt's {keep} tokens: generating at most {new}"
+        )
     return ids, new, notes
 
 
@@ -114,8 +122,10 @@ def check_prompt(prompt: str) -> None:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"the prompt (--prompt) is not valid UTF-8 (undecodable byte(s) at "
-                         f"character {error.start}); pass UTF-8 text") from None
+        raise ValueError(
+            f"the prompt (--prompt) is not valid UTF-8 (undecodable byte(s) at "
+            f"character {error.start}); pass UTF-8 text"
+        ) from None
 
 
 def print_note(note: str) -> None:
@@ -124,9 +134,14 @@ def print_note(note: str) -> None:
 
 
 @torch.no_grad()
-def generate_tokens(model, ids: list[int], max_new_tokens: int, generator: torch.Generator,
-                    streamer: Optional[Callable[[torch.Tensor], None]] = None,
-                    **sampling) -> list[int]:
+def generate_tokens(
+    model,
+    ids: list[int],
+    max_new_tokens: int,
+    generator: torch.Generator,
+    streamer: Optional[Callable[[torch.Tensor], None]] = None,
+    **sampling,
+) -> list[int]:
     """The tokens sampled after `ids` (the closing EOS included when one comes), in eval mode and
     the device's inference dtype. sampling: temperature, top_k, top_p, repetition_penalty."""
     device = next(model.parameters()).device
@@ -135,22 +150,35 @@ def generate_tokens(model, ids: list[int], max_new_tokens: int, generator: torch
     try:
         dtype = inference_dtype(device)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            tokens = model.generate(torch.tensor([ids], device=device),
-                                    max_new_tokens=max_new_tokens, eos_token_id=EOS_TOKEN_ID,
-                                    generator=generator, streamer=streamer, **sampling)
+            tokens = model.generate(
+                torch.tensor([ids], device=device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=EOS_TOKEN_ID,
+                generator=generator,
+                streamer=streamer,
+                **sampling,
+            )
     finally:
         model.train(was_training)
-    return tokens[0, len(ids):].tolist()
+    return tokens[0, len(ids) :].tolist()
 
 
 def _generator(model, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                top_k: Optional[int] = 40, top_p: Optional[float] = None,
-                repetition_penalty: float = 1.1, seed: int = 0,
-                note: Callable[[str], None] = print_note) -> str:
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.1,
+    seed: int = 0,
+    note: Callable[[str], None] = print_note,
+) -> str:
     """The prompt (its most recent context window) followed by a sampled continuation, decoded
     (special tokens dropped). Whatever did not fit the context window is reported via `note`."""
     check_prompt(prompt)
@@ -159,24 +187,46 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempera
     ids, max_new_tokens, notes = fit_to_context(ids, max_new_tokens, window)
     for line in notes:
         note(line)
-    new = generate_tokens(model, ids, max_new_tokens, _generator(model, seed),
-                          temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty)
+    new = generate_tokens(
+        model,
+        ids,
+        max_new_tokens,
+        _generator(model, seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
     return tokenizer.decode(ids + new, skip_special_tokens=True)
 
 
-def sample_reply(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 64,
-                 temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = None,
-                 repetition_penalty: float = 1.1, seed: int = 0,
-                 note: Callable[[str], None] = print_note) -> str:
+def sample_reply(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.1,
+    seed: int = 0,
+    note: Callable[[str], None] = print_note,
+) -> str:
     """The decoded reply (special tokens dropped) sampled after a chat prompt's ids."""
     window = model.config.max_position_embeddings
     prompt_ids, max_new_tokens, notes = fit_to_context(prompt_ids, max_new_tokens, window)
     for line in notes:
         note(line)
-    new = generate_tokens(model, prompt_ids, max_new_tokens, _generator(model, seed),
-                          temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty)
+    new = generate_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        _generator(model, seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
@@ -193,7 +243,7 @@ class ReplyStream:
         self.ids.append(int(token[0]))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if len(text) > self.shown and not text.endswith("\ufffd"):
-            self.write(text[self.shown:])
+            self.write(text[self.shown :])
             self.shown = len(text)
 
 
@@ -204,14 +254,24 @@ class ChatSession:
     the oldest exchanges are dropped (the system prompt stays), with one `note`. One sampling
     generator, seeded once, serves the whole conversation."""
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, max_new_tokens: int = 256,
-                 window: Optional[int] = None, seed: int = 0,
-                 note: Callable[[str], None] = print_note, **sampling):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: Optional[str] = None,
+        max_new_tokens: int = 256,
+        window: Optional[int] = None,
+        seed: int = 0,
+        note: Callable[[str], None] = print_note,
+        **sampling,
+    ):
         limit = model.config.max_position_embeddings
         self.window = limit if window is None else window
         if not 2 <= self.window <= limit:
-            raise ValueError(f"--max_context {window} must be in [2, {limit}] (the model's "
-                             "max_position_embeddings)")
+            raise ValueError(
+                f"--max_context {window} must be in [2, {limit}] (the model's "
+                "max_position_embeddings)"
+            )
         self.model, self.tokenizer, self.note = model, tokenizer, note
         self.encoder = ChatTemplateEncoder(tokenizer)
         self.system = [] if system is None else [("system", self._checked(system, "system"))]
@@ -239,13 +299,17 @@ class ChatSession:
             del self.history[:2]
             dropped += 1
         if dropped:
-            self.note(f"the conversation outgrew the {self.window}-token context window: dropped "
-                      f"its {dropped} oldest exchange(s)")
+            self.note(
+                f"the conversation outgrew the {self.window}-token context window: dropped "
+                f"its {dropped} oldest exchange(s)"
+            )
         if len(ids) + reserve > self.window:
-            raise ValueError(f"the message takes {len(ids)} tokens with the chat markers"
-                             f"{' and the system prompt' if self.system else ''}, but the "
-                             f"{self.window}-token context window keeps {reserve} for the reply; "
-                             "shorten it (or lower --max_new_tokens)")
+            raise ValueError(
+                f"the message takes {len(ids)} tokens with the chat markers"
+                f"{' and the system prompt' if self.system else ''}, but the "
+                f"{self.window}-token context window keeps {reserve} for the reply; "
+                "shorten it (or lower --max_new_tokens)"
+            )
         return ids, min(self.max_new_tokens, self.window - len(ids))
 
     def reply(self, user: str, write: Optional[Callable[[str], None]] = None) -> str:
@@ -260,8 +324,15 @@ class ChatSession:
         return text
 
 
-def score_answers(model, tokenizer, path, max_new_tokens: int = 128, limit: Optional[int] = None,
-                  seed: int = 0, **sampling) -> dict:
+def score_answers(
+    model,
+    tokenizer,
+    path,
+    max_new_tokens: int = 128,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    **sampling,
+) -> dict:
     """Mean token F1 and ROUGE-L of the model's replies against the reference answers of an SFT
     JSONL file: each conversation's first assistant message, asked with the messages before it
     (conversations that open with the assistant are passed over). {"token_f1", "rouge_l",
@@ -278,13 +349,16 @@ def score_answers(model, tokenizer, path, max_new_tokens: int = 128, limit: Opti
         ids = encoder.encode_prompt(messages[:first])
         if len(ids) >= window:
             continue
-        new = generate_tokens(model, ids, min(max_new_tokens, window - len(ids)),
-                              _generator(model, seed), **sampling)
+        new = generate_tokens(
+            model, ids, min(max_new_tokens, window - len(ids)), _generator(model, seed), **sampling
+        )
         predictions.append(tokenizer.decode(new, skip_special_tokens=True))
         references.append(messages[first][1])
         if limit is not None and len(references) >= limit:
             break
     if not references:
-        raise ValueError(f"{path} has no usable question (a user message followed by an "
-                         "assistant reply): pass an SFT JSONL file")
+        raise ValueError(
+            f"{path} has no usable question (a user message followed by an "
+            "assistant reply): pass an SFT JSONL file"
+        )
     return answer_scores(predictions, references)

@@ -16,6 +16,7 @@ The computation is grouped instead of MiniMind's per-expert boolean-mask loop, i
 Every expert's parameters take part in every step, so DDP needs no find_unused_parameters when
 an expert receives no token: it gets a zero gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ class MoEGate(nn.Module):
         self.seq_aux = config.seq_aux
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[MoERouting, torch.Tensor]:
         """x: (B, T, H) -> (routing of the B*T tokens, aux_loss ())."""
@@ -70,8 +71,9 @@ class MoEFeedForward(nn.Module):
         self.config = config
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
         self.gate = MoEGate(config)
-        self.shared_experts = nn.ModuleList(FeedForward(config)
-                                            for _ in range(config.n_shared_experts))
+        self.shared_experts = nn.ModuleList(
+            FeedForward(config) for _ in range(config.n_shared_experts)
+        )
 
     def forward(self, x: torch.Tensor):
         B, T, H = x.shape
@@ -79,8 +81,9 @@ class MoEFeedForward(nn.Module):
         routing, aux_loss = self.gate(x)
         expert_in = gather_pairs(x.reshape(-1, H), routing.sorted_pairs, routing.pair_positions, k)
         gate, up, down = (self._expert_weights(p) for p in ("gate_proj", "up_proj", "down_proj"))
-        expert_out = moe_experts(expert_in, routing.expert_counts, routing.expert_offsets,
-                                 gate, up, down)
+        expert_out = moe_experts(
+            expert_in, routing.expert_counts, routing.expert_offsets, gate, up, down
+        )
         expert_out = F.dropout(expert_out, self.config.dropout, self.training).to(x.dtype)
         per_pair = permute_rows(expert_out, routing.pair_positions, routing.sorted_pairs)
         weights = routing.topk_weight.unsqueeze(-1).to(per_pair.dtype)

@@ -14,6 +14,7 @@ The backend (Triton on CUDA, the PyTorch reference elsewhere) is chosen by ops.d
 nothing to follow it, or use ops.use_backend(...) / MINIMIND_FAST_BACKEND to force one.
 Precision as ops.rms_norm: fp32 maths for fp32/bf16/fp16 inputs, float64 kept on the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor,
-                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (self(residual + x), residual + x) in one fused pass."""
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 

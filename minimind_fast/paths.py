@@ -1,5 +1,6 @@
 """Where minimind_fast keeps what it builds once and reuses: the default corpus, the default
 tokenizer and the token caches all live under one cache directory."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 Follows the usual Hugging Face semantics (RepetitionPenaltyLogitsProcessor, TopK/TopP warpers).
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ from typing import Optional
 import torch
 
 
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
-                   repetition_penalty: float) -> None:
+def check_sampling(
+    temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float
+) -> None:
     """One-line ValueError for a setting that would sample garbage or crash (NaN included)."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"--temperature {temperature} must be a finite number >= 0 (0 is greedy)")
@@ -20,21 +22,30 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
     if top_p is not None and not 0.0 < top_p <= 1.0:  # False for NaN too
         raise ValueError(f"--top_p {top_p} must be in (0, 1] (1 keeps every token)")
     if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"--repetition_penalty {repetition_penalty} must be a finite number > 0 "
-                         "(1 is no penalty, > 1 discourages repeats)")
+        raise ValueError(
+            f"--repetition_penalty {repetition_penalty} must be a finite number > 0 "
+            "(1 is no penalty, > 1 discourages repeats)"
+        )
 
 
-def next_token(logits: torch.Tensor, history: torch.Tensor, temperature: float = 1.0,
-               top_k: Optional[int] = None, top_p: Optional[float] = None,
-               repetition_penalty: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """logits: (B, V) fp32, history: (B, T) tokens so far -> next tokens (B,).
 
     top_k None or 0 and top_p None or 1 keep every token."""
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if bool(torch.isnan(logits).any()):  # multinomial would fail with an opaque message
-        raise ValueError("the model produced NaN logits: its weights or activations overflowed; "
-                         "sample on another device or from another checkpoint")
+        raise ValueError(
+            "the model produced NaN logits: its weights or activations overflowed; "
+            "sample on another device or from another checkpoint"
+        )
     logits = logits.clone()
     if repetition_penalty != 1.0:
         seen = logits.gather(1, history)

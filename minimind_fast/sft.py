@@ -11,6 +11,7 @@ by answering a held-out question. Follows MiniMind's trainer/train_full_sft.py; 
 is minimind_fast/train/sft_data.py. With no --data_path it trains on the default offline set
 (questions about Python's standard library, answered from its documentation).
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,20 +27,26 @@ PROG = "python -m minimind_fast.sft"
 # A new run's defaults where SFT differs from pretraining (the flags typed always win): a smaller
 # learning rate (MiniMind's SFT uses 1e-5 after 5e-4 pretraining), two epochs, one batch per step.
 PRESET_DEFAULTS = {
-    "demo": dict(learning_rate=2e-3, epochs=2, eval_interval=50, save_interval=100,
-                 log_interval=10),
+    "demo": dict(
+        learning_rate=2e-3, epochs=2, eval_interval=50, save_interval=100, log_interval=10
+    ),
     "default": dict(learning_rate=1e-5, epochs=2, batch_size=16, accumulation_steps=1),
 }
-DEFAULTS = dict(save_dir="out_sft", save_weight="full_sft", from_weight="out", sample_prompt=None,
-                sample_tokens=64)
+DEFAULTS = dict(
+    save_dir="out_sft",
+    save_weight="full_sft",
+    from_weight="out",
+    sample_prompt=None,
+    sample_tokens=64,
+)
 HELP = {
     "data_path": 'SFT JSONL, one {"conversations": [{"role": "system"|"user"|"assistant", '
-                 '"content": ...}, ...]} per line ("messages" also works); default: questions '
-                 "about Python's standard library answered from its docs, with a held-out file",
+    '"content": ...}, ...]} per line ("messages" also works); default: questions '
+    "about Python's standard library answered from its docs, with a held-out file",
     "tokenizer_path": "directory with tokenizer.json (default: the one saved with --from_weight)",
     "from_weight": "the pretrained model to fine-tune: a run directory (its newest checkpoint), a "
-                   "checkpoint or exported directory, a .safetensors/.pth file, or a MiniMind "
-                   "prefix {save_dir}/{from_weight}_{hidden_size}.pth ('none': random init)",
+    "checkpoint or exported directory, a .safetensors/.pth file, or a MiniMind "
+    "prefix {save_dir}/{from_weight}_{hidden_size}.pth ('none': random init)",
     "save_dir": "run directory of the fine-tuned model: checkpoints, metrics, weights",
     "save_weight": "name prefix of the MiniMind weights file {save_weight}_{hidden_size}[_moe].pth",
     "learning_rate": "peak learning rate (default: 2e-3 for demo, 1e-5 otherwise)",
@@ -47,21 +54,24 @@ HELP = {
     "batch_size": "rows per micro-batch per process (default: 8 for demo, 16 otherwise)",
     "accumulation_steps": "micro-batches per optimizer step (default: 1)",
     "packing": "pack whole conversations into full rows, each attending only within itself (0: "
-               "one conversation per row, padded, as MiniMind)",
+    "one conversation per row, padded, as MiniMind)",
     "val_fraction": "fraction of --data_path's conversations held out for the validation loss (0 "
-                    "disables it; the default set has its own held-out file)",
+    "disables it; the default set has its own held-out file)",
     "add_special_tokens": "not used by SFT: the chat template places <|im_start|>/<|im_end|>",
     "log_interval": "log every N optimizer steps (default: 10 for demo, 100 otherwise)",
     "eval_interval": "validation loss every N optimizer steps and at the end (0: only at the end; "
-                     "default: 50 for demo, 500 otherwise)",
+    "default: 50 for demo, 500 otherwise)",
     "sample_prompt": "question answered at the end of training (default: the first held-out one)",
     "sample_tokens": "tokens of the final answer (0: none)",
 }
 
 
 def build_parser() -> cli.ArgumentParser:
-    parser = cli.build_parser(PROG, "Supervised fine-tuning of a MiniMind-family model on "
-                                    "conversations (single process or torchrun DDP).")
+    parser = cli.build_parser(
+        PROG,
+        "Supervised fine-tuning of a MiniMind-family model on "
+        "conversations (single process or torchrun DDP).",
+    )
     for action in parser._actions:  # not set_defaults: parse_args must still see what was typed
         action.default = DEFAULTS.get(action.dest, action.default)
         action.help = HELP.get(action.dest, action.help)
@@ -76,8 +86,10 @@ def fresh_defaults(args, explicit: set[str]) -> None:
     if "min_lr" not in explicit:
         args.min_lr = args.learning_rate / 10
     elif args.min_lr > args.learning_rate:
-        raise ValueError(f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; "
-                         "use a smaller --min_lr")
+        raise ValueError(
+            f"--min_lr {args.min_lr} exceeds --learning_rate {args.learning_rate}; "
+            "use a smaller --min_lr"
+        )
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:

@@ -6,6 +6,7 @@ The library lives in `minimind_fast.data.tokenizer` (its names are re-exported h
 lines of the data files are skipped and reported per file with their line numbers; a user error
 is one `error:` line and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,29 @@ __all__ = ["default_tokenizer_path", "load_tokenizer", "main", "tokenizer_file",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minimind_fast.tokenizer",
-                                     description=__doc__.splitlines()[0].rstrip(":") + ".")
-    parser.add_argument("--data", nargs="+", required=True, type=Path,
-                        help='.jsonl files ({"text": ...} per line) or .txt files '
-                             "(blank-line separated)")
-    parser.add_argument("--vocab_size", type=int, default=6400,
-                        help="vocabulary size incl. special tokens (MiniMind: 6400)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output directory for tokenizer.json + tokenizer_config.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m minimind_fast.tokenizer",
+        description=__doc__.splitlines()[0].rstrip(":") + ".",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        help='.jsonl files ({"text": ...} per line) or .txt files (blank-line separated)',
+    )
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=6400,
+        help="vocabulary size incl. special tokens (MiniMind: 6400)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory for tokenizer.json + tokenizer_config.json",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")  # the reader's skipped-lines summary, one per file
     try:

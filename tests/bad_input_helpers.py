@@ -4,6 +4,7 @@ The contract every CLI case asserts: a non-zero exit (2 for user errors, 1 for a
 exactly one stderr line `python -m minimind_fast.pretrain: error: ...` naming the value and the
 fix, no Python traceback, and no partial file left in the save directory or the token cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_helpers import tiny_flags
 
 from minimind_fast import pretrain
-from pretrain_helpers import tiny_flags
 
 PREFIX = "python -m minimind_fast.pretrain: error: "
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,11 @@ def debris(*roots: Path) -> list[Path]:
     found = []
     for root in roots:
         if Path(root).exists():
-            found += [p for p in Path(root).rglob("*") if p.name.startswith(TEMP_NAMES) or p.name.endswith(".tmp")]
+            found += [
+                p
+                for p in Path(root).rglob("*")
+                if p.name.startswith(TEMP_NAMES) or p.name.endswith(".tmp")
+            ]
     return found
 
 
@@ -87,5 +92,11 @@ def trained_run(assets, run_dir: Path, steps: int = 2, **overrides) -> Path:
 
 def subprocess_pretrain(argv, preexec_fn=None, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "minimind_fast.pretrain", *map(str, argv)], env=env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "minimind_fast.pretrain", *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )

@@ -4,6 +4,7 @@ and keep the data cache in a per-session temporary directory.
 TRITON_INTERPRET must be set before triton is first imported, so this runs before any test
 module imports minimind_fast.
 """
+
 import os
 import shutil
 import tempfile
@@ -17,7 +18,9 @@ if not torch.cuda.is_available():
 # as CI does.
 _SESSION_CACHE = None
 if "MINIMIND_FAST_CACHE" not in os.environ:
-    _SESSION_CACHE = os.environ["MINIMIND_FAST_CACHE"] = tempfile.mkdtemp(prefix="minimind_fast_test_cache_")
+    _SESSION_CACHE = os.environ["MINIMIND_FAST_CACHE"] = tempfile.mkdtemp(
+        prefix="minimind_fast_test_cache_"
+    )
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -1,6 +1,7 @@
 """Shared pieces of the weights / export / generate tests: a tiny model, a tiny word-level
 tokenizer with MiniMind's special-token ids, and a checkpoint directory as the trainer writes
 one."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ WORDS = "the quick brown fox jumps over lazy dog".split()
 
 
 def tiny_config(**overrides) -> MiniMindConfig:
-    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=128,
+    )
     values.update(overrides)
     return MiniMindConfig(**values)
 

@@ -6,6 +6,7 @@ to max_length tokens, right-pads with the pad id, and labels it by scanning the 
 occurrence of the ids of "<|im_start|>assistant\\n", each token up to and including the next
 occurrence of the ids of "<|im_end|>\\n" keeps its id as label; everything else is -100.
 """
+
 from __future__ import annotations
 
 IGNORE = -100
@@ -14,7 +15,7 @@ IGNORE = -100
 def _find(ids, pattern, start):
     """First index >= start where `pattern` occurs in ids, or len(ids)."""
     for i in range(start, len(ids) - len(pattern) + 1):
-        if ids[i:i + len(pattern)] == pattern:
+        if ids[i : i + len(pattern)] == pattern:
             return i
     return len(ids)
 
@@ -27,7 +28,7 @@ def minimind_labels(ids, reply_start, reply_end, max_length=None):
     labels = [IGNORE] * len(ids)
     i = 0
     while i < len(ids):
-        if ids[i:i + len(reply_start)] != reply_start:
+        if ids[i : i + len(reply_start)] != reply_start:
             i += 1
             continue
         begin = i + len(reply_start)
@@ -43,6 +44,7 @@ def minimind_row(hf_tokenizer, messages, max_length):
     text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     ids = hf_tokenizer(text)["input_ids"][:max_length]
     ids = ids + [hf_tokenizer.pad_token_id] * (max_length - len(ids))
+
     def ids_of(text):
         return hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -5,6 +5,7 @@ minimind_fast.moe.MoEFeedForward, so the grouped layer can be compared with it o
 The top-k weights are renormalised whenever norm_topk_prob is set, top-1 included, as MiniMind-3
 does (MOEFeedForward); MiniMind2 skipped it at top-1, which is norm_topk_prob=False in our config.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 NORM_EPS = 1e-20  # MiniMind's epsilon in the top-k renormalisation
 
 
-def minimind_moe_forward(layer: torch.nn.Module,
-                         x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def minimind_moe_forward(
+    layer: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, T, H) -> (y (B, T, H), aux_loss ()) with `layer`'s parameters and mode."""
     gate = layer.gate
     B, T, H = x.shape

@@ -1,6 +1,7 @@
 """Shared fixtures of the training-loop tests: a tiny synthetic corpus, a tiny tokenizer, the flags
 of a tiny model (hidden 32, 2 layers, seq 32) so a pretrain run takes seconds on 2 cores, a
 trainer subprocess whose output is read line by line, and checks of a run directory."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,15 @@ import pytest
 import torch
 
 from minimind_fast import checkpoints, pretrain
-from minimind_fast.interop import load_weights
 from minimind_fast.data.tokenizer import load_tokenizer
+from minimind_fast.interop import load_weights
 from minimind_fast.train import resume
 
-WORDS = ("the model reads a token and writes the next one while the loss falls slowly over many steps "
-         "because gradients point downhill so small networks learn short patterns from plain english text "
-         "every document starts with a marker and ends with another marker").split()
+WORDS = (
+    "the model reads a token and writes the next one while the loss falls slowly over many steps "
+    "because gradients point downhill so small networks learn short patterns from plain english text "
+    "every document starts with a marker and ends with another marker"
+).split()
 VOCAB_SIZE = 320
 REPO = Path(__file__).resolve().parents[1]
 TEMP_NAMES = (".tmp-", ".trash-", ".write-test")
@@ -37,7 +40,9 @@ def write_corpus(path: Path, num_docs: int = 40, seed: int = 0) -> Path:
             sentences = []
             for _ in range(rng.randint(2, 6)):
                 start = rng.randrange(len(WORDS) - 8)
-                sentences.append(" ".join(WORDS[start:start + rng.randint(4, 8)]).capitalize() + ".")
+                sentences.append(
+                    " ".join(WORDS[start : start + rng.randint(4, 8)]).capitalize() + "."
+                )
             handle.write(json.dumps({"text": " ".join(sentences)}) + "\n")
     return path
 
@@ -54,10 +59,26 @@ def make_assets(root: Path) -> dict[str, Path]:
 
 def tiny_flags(assets: dict[str, Path], save_dir: Path, **overrides) -> list[str]:
     """argv for minimind_fast.pretrain: a tiny model on the tiny corpus; overrides win."""
-    flags = dict(preset="demo", hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB_SIZE, max_seq_len=32,
-                 batch_size=4, accumulation_steps=1, learning_rate=1e-2, warmup_steps=2,
-                 data_path=assets["data"], tokenizer_path=assets["tokenizer"], save_dir=save_dir,
-                 log_interval=1, save_interval=0, eval_interval=0, sample_tokens=0, device="cpu", seed=3)
+    flags = dict(
+        preset="demo",
+        hidden_size=32,
+        num_hidden_layers=2,
+        vocab_size=VOCAB_SIZE,
+        max_seq_len=32,
+        batch_size=4,
+        accumulation_steps=1,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        data_path=assets["data"],
+        tokenizer_path=assets["tokenizer"],
+        save_dir=save_dir,
+        log_interval=1,
+        save_interval=0,
+        eval_interval=0,
+        sample_tokens=0,
+        device="cpu",
+        seed=3,
+    )
     flags.update(overrides)
     argv = []
     for name, value in flags.items():
@@ -106,10 +127,18 @@ class Child:
     def __init__(self, argv, module: str = "minimind_fast.pretrain", preexec_fn=None):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env, preexec_fn=preexec_fn,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *map(str, argv)],
+            env=env,
+            preexec_fn=preexec_fn,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader = threading.Thread(
+            target=lambda: self.lines.extend(self.proc.stdout), daemon=True
+        )
         self.reader.start()
         Child.live.append(self)
 
@@ -155,7 +184,9 @@ class Child:
 
 
 def debris(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.rglob("*") if p.name.startswith(TEMP_NAMES) or p.name.endswith(".tmp")]
+    return [
+        p for p in run_dir.rglob("*") if p.name.startswith(TEMP_NAMES) or p.name.endswith(".tmp")
+    ]
 
 
 def check_every_complete_checkpoint_loads(run_dir: Path) -> list[int]:
@@ -163,8 +194,11 @@ def check_every_complete_checkpoint_loads(run_dir: Path) -> list[int]:
     root = run_dir / checkpoints.CHECKPOINTS_DIR
     steps, config = [], None
     if root.is_dir():  # a step_* directory only ever appears by renaming a complete temp directory
-        unmarked = [p.name for p in root.iterdir()
-                    if p.name.startswith("step_") and not (p / checkpoints.MARKER).is_file()]
+        unmarked = [
+            p.name
+            for p in root.iterdir()
+            if p.name.startswith("step_") and not (p / checkpoints.MARKER).is_file()
+        ]
         assert not unmarked, unmarked
     for ckpt in checkpoints.list_checkpoints(run_dir, healthy_only=False):
         state = resume.load_resume_state(ckpt)
@@ -178,7 +212,9 @@ def check_every_complete_checkpoint_loads(run_dir: Path) -> list[int]:
         assert set(state["optimizer"]["state"]) and len(state["rng"]) == 1
         load_tokenizer(ckpt)
         steps.append(step)
-    if (run_dir / "pretrain_32.pth").exists():  # the run directory's MiniMind mirror is always whole
+    if (
+        run_dir / "pretrain_32.pth"
+    ).exists():  # the run directory's MiniMind mirror is always whole
         load_weights(run_dir / "pretrain_32.pth", config)
     if (run_dir / "tokenizer.json").exists():
         load_tokenizer(run_dir)

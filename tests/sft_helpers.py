@@ -1,4 +1,5 @@
 """Shared by the SFT tests: a small tokenizer, random conversations, JSONL writers."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,10 @@ import random
 
 from minimind_fast.data.tokenizer import train_tokenizer
 
-WORDS = ("what does the function return when the list is empty ? it returns none and raises "
-         "an error otherwise . 数据 模型 🤖 x = y + 1 def").split()
+WORDS = (
+    "what does the function return when the list is empty ? it returns none and raises "
+    "an error otherwise . 数据 模型 🤖 x = y + 1 def"
+).split()
 # Indented lines teach the tokenizer merges such as "\n " and "\n\n", so a reply that starts
 # with whitespace can share a token with its header's "\n".
 INDENTED = "system user assistant\n  indented line\n\n  more\n    deeper\n\t\ttabbed "
@@ -15,8 +18,9 @@ TOKENIZER_TEXTS = [INDENTED + " ".join(WORDS[i:] + WORDS[:i]) for i in range(len
 
 
 def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
     return path
 
 

@@ -1,15 +1,16 @@
 """The bad-input catalogue, part 3: the ops. Each case asserts a one-line ValueError naming the
 offending value (shape, dtype, device, index) and the fix.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from bad_input_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from helpers import HAS_CUDA
 
 from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM
-from bad_input_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from helpers import HAS_CUDA
 
 
 def _rope(**changes):
@@ -49,64 +50,118 @@ def _model_loss(labels):
 LONG, META = torch.int64, "meta"
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # where backend="triton" runs
 OPS_CASES = {
-    "rms-norm-wrong-dtype": (lambda: _rms(torch.ones(3, 8, dtype=LONG), torch.ones(8)),
-                             ["rms_norm: x must be a floating-point tensor, got torch.int64", "x.float()"]),
-    "rms-norm-wrong-device": (lambda: _rms(torch.ones(3, 8), torch.ones(8, device=META)),
-                              ["rms_norm: weight is on meta but x is on cpu", "weight.to(x.device)"]),
-    "rms-norm-wrong-shape": (lambda: _rms(torch.ones(3, 8), torch.ones(7)),
-                             ["rms_norm: weight shape (7,) must be (H,)", "(3, 8)"]),
-    "add-rms-norm-wrong-shape": (lambda: _rms(torch.ones(3, 8), torch.ones(8), residual=torch.ones(2, 8)),
-                                 ["add_rms_norm: residual shape (2, 8) must equal x shape (3, 8)"]),
-    "apply-rotary-wrong-dtype": (lambda: _rope(q=torch.ones(2, 16, 4, 8, dtype=LONG)),
-                                 ["apply_rotary: q must be a floating-point tensor, got torch.int64"]),
-    "apply-rotary-wrong-device": (lambda: _rope(k=torch.ones(2, 16, 2, 8, device=META)),
-                                  ["apply_rotary: k is on meta but q is on cpu"]),
-    "apply-rotary-wrong-shape": (lambda: _rope(q=torch.randn(16, 4, 8)),
-                                 ["apply_rotary: q (16, 4, 8)", "must be (B, T, Hq, D)"]),
-    "apply-rotary-tables-too-short": (lambda: _rope(cos=torch.ones(8, 8), sin=torch.ones(8, 8)),
-                                      ["cos (8, 8) and sin (8, 8) must be (T, D) = (16, 8)", "position_offset"]),
-    "cross-entropy-label-out-of-range": (lambda: _ce(torch.randn(4, 10), torch.tensor([1, 2, 10, -100])),
-                                         ["target 10 is outside [0, 10)", "ignore_index=-100", "fix the labels"]),
-    "cross-entropy-negative-label": (lambda: _ce(torch.randn(4, 10), torch.tensor([1, -5, 2, 3])),
-                                     ["target -5 is outside [0, 10)"]),
-    "cross-entropy-wrong-target-dtype": (lambda: _ce(torch.randn(4, 10), torch.ones(4)),
-                                         ["targets must be class indices (an integer dtype), got torch.float32"]),
-    "cross-entropy-wrong-logits-dtype": (lambda: _ce(torch.ones(4, 10, dtype=LONG), torch.ones(4, dtype=LONG)),
-                                         ["cross_entropy: input must be a floating-point tensor, got torch.int64"]),
-    "cross-entropy-wrong-device": (lambda: _ce(torch.randn(4, 10), torch.ones(4, dtype=LONG, device=META)),
-                                   ["cross_entropy: targets is on meta but input is on cpu"]),
-    "cross-entropy-wrong-shape": (lambda: _ce(torch.randn(4, 10), torch.tensor([1, 2, 3])),
-                                  ["input (4, 10) must be (..., D) with targets of shape (...), got targets (3,)"]),
+    "rms-norm-wrong-dtype": (
+        lambda: _rms(torch.ones(3, 8, dtype=LONG), torch.ones(8)),
+        ["rms_norm: x must be a floating-point tensor, got torch.int64", "x.float()"],
+    ),
+    "rms-norm-wrong-device": (
+        lambda: _rms(torch.ones(3, 8), torch.ones(8, device=META)),
+        ["rms_norm: weight is on meta but x is on cpu", "weight.to(x.device)"],
+    ),
+    "rms-norm-wrong-shape": (
+        lambda: _rms(torch.ones(3, 8), torch.ones(7)),
+        ["rms_norm: weight shape (7,) must be (H,)", "(3, 8)"],
+    ),
+    "add-rms-norm-wrong-shape": (
+        lambda: _rms(torch.ones(3, 8), torch.ones(8), residual=torch.ones(2, 8)),
+        ["add_rms_norm: residual shape (2, 8) must equal x shape (3, 8)"],
+    ),
+    "apply-rotary-wrong-dtype": (
+        lambda: _rope(q=torch.ones(2, 16, 4, 8, dtype=LONG)),
+        ["apply_rotary: q must be a floating-point tensor, got torch.int64"],
+    ),
+    "apply-rotary-wrong-device": (
+        lambda: _rope(k=torch.ones(2, 16, 2, 8, device=META)),
+        ["apply_rotary: k is on meta but q is on cpu"],
+    ),
+    "apply-rotary-wrong-shape": (
+        lambda: _rope(q=torch.randn(16, 4, 8)),
+        ["apply_rotary: q (16, 4, 8)", "must be (B, T, Hq, D)"],
+    ),
+    "apply-rotary-tables-too-short": (
+        lambda: _rope(cos=torch.ones(8, 8), sin=torch.ones(8, 8)),
+        ["cos (8, 8) and sin (8, 8) must be (T, D) = (16, 8)", "position_offset"],
+    ),
+    "cross-entropy-label-out-of-range": (
+        lambda: _ce(torch.randn(4, 10), torch.tensor([1, 2, 10, -100])),
+        ["target 10 is outside [0, 10)", "ignore_index=-100", "fix the labels"],
+    ),
+    "cross-entropy-negative-label": (
+        lambda: _ce(torch.randn(4, 10), torch.tensor([1, -5, 2, 3])),
+        ["target -5 is outside [0, 10)"],
+    ),
+    "cross-entropy-wrong-target-dtype": (
+        lambda: _ce(torch.randn(4, 10), torch.ones(4)),
+        ["targets must be class indices (an integer dtype), got torch.float32"],
+    ),
+    "cross-entropy-wrong-logits-dtype": (
+        lambda: _ce(torch.ones(4, 10, dtype=LONG), torch.ones(4, dtype=LONG)),
+        ["cross_entropy: input must be a floating-point tensor, got torch.int64"],
+    ),
+    "cross-entropy-wrong-device": (
+        lambda: _ce(torch.randn(4, 10), torch.ones(4, dtype=LONG, device=META)),
+        ["cross_entropy: targets is on meta but input is on cpu"],
+    ),
+    "cross-entropy-wrong-shape": (
+        lambda: _ce(torch.randn(4, 10), torch.tensor([1, 2, 3])),
+        ["input (4, 10) must be (..., D) with targets of shape (...), got targets (3,)"],
+    ),
     "fused-linear-cross-entropy-dtype-mismatch": (
         lambda: _flce(torch.randn(4, 8), torch.randn(10, 8).half(), torch.ones(4, dtype=LONG)),
-        ["hidden is torch.float32 but weight is torch.float16", "torch.autocast"]),
+        ["hidden is torch.float32 but weight is torch.float16", "torch.autocast"],
+    ),
     "fused-linear-cross-entropy-label-out-of-range": (
         lambda: _flce(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 30, 4])),
-        ["fused_linear_cross_entropy: target 30 is outside [0, 10)"]),
+        ["fused_linear_cross_entropy: target 30 is outside [0, 10)"],
+    ),
     "fused-linear-cross-entropy-bias-shape": (
-        lambda: _flce(torch.randn(4, 8), torch.randn(10, 8), torch.ones(4, dtype=LONG),
-                      bias=torch.zeros(10, 1)),
-        ["fused_linear_cross_entropy: bias (10, 1) must be (V,) = (10,)"]),
+        lambda: _flce(
+            torch.randn(4, 8),
+            torch.randn(10, 8),
+            torch.ones(4, dtype=LONG),
+            bias=torch.zeros(10, 1),
+        ),
+        ["fused_linear_cross_entropy: bias (10, 1) must be (V,) = (10,)"],
+    ),
     "fused-linear-cross-entropy-zero-classes": (
         lambda: _flce(torch.randn(4, 8), torch.randn(0, 8), torch.ones(4, dtype=LONG)),
-        ["fused_linear_cross_entropy: weight (0, 8) has V=0 rows"]),
+        ["fused_linear_cross_entropy: weight (0, 8) has V=0 rows"],
+    ),
     "fused-linear-cross-entropy-float64-triton": (
-        lambda: _flce(torch.randn(4, 8, device=TRITON_DEVICE).double(),
-                      torch.randn(10, 8, device=TRITON_DEVICE).double(),
-                      torch.ones(4, dtype=LONG, device=TRITON_DEVICE), backend="triton"),
-        ["the Triton kernel takes float32/bfloat16/float16, but hidden is torch.float64",
-         "backend='torch'"]),
-    "cross-entropy-zero-classes": (lambda: _ce(torch.randn(4, 0), torch.ones(4, dtype=LONG)),
-                                   ["cross_entropy: logits (4, 0) have V=0 classes"]),
-    "apply-rotary-negative-offset": (lambda: _rope(position_offset=-1),
-                                     ["apply_rotary: position_offset -1 must be >= 0"]),
+        lambda: _flce(
+            torch.randn(4, 8, device=TRITON_DEVICE).double(),
+            torch.randn(10, 8, device=TRITON_DEVICE).double(),
+            torch.ones(4, dtype=LONG, device=TRITON_DEVICE),
+            backend="triton",
+        ),
+        [
+            "the Triton kernel takes float32/bfloat16/float16, but hidden is torch.float64",
+            "backend='torch'",
+        ],
+    ),
+    "cross-entropy-zero-classes": (
+        lambda: _ce(torch.randn(4, 0), torch.ones(4, dtype=LONG)),
+        ["cross_entropy: logits (4, 0) have V=0 classes"],
+    ),
+    "apply-rotary-negative-offset": (
+        lambda: _rope(position_offset=-1),
+        ["apply_rotary: position_offset -1 must be >= 0"],
+    ),
     "rms-norm-float64-triton": (
-        lambda: _rms(torch.ones(3, 8, device=TRITON_DEVICE).double(),
-                     torch.ones(8, device=TRITON_DEVICE).double(), backend="triton"),
-        ["rms_norm: the Triton kernel takes float32/bfloat16/float16, but x is torch.float64",
-         "backend='torch'"]),
-    "model-labels-out-of-range": (lambda: _model_loss(torch.tensor([[1, 2, 999]])),
-                                  ["target 999 is outside [0, 300)"]),
+        lambda: _rms(
+            torch.ones(3, 8, device=TRITON_DEVICE).double(),
+            torch.ones(8, device=TRITON_DEVICE).double(),
+            backend="triton",
+        ),
+        [
+            "rms_norm: the Triton kernel takes float32/bfloat16/float16, but x is torch.float64",
+            "backend='torch'",
+        ],
+    ),
+    "model-labels-out-of-range": (
+        lambda: _model_loss(torch.tensor([[1, 2, 999]])),
+        ["target 999 is outside [0, 300)"],
+    ),
 }
 
 

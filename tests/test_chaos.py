@@ -17,6 +17,7 @@ being deleted) with dropout on and 3 micro-batches per step, so RNG, optimizer, 
 data-order state (across epoch boundaries) must all resume exactly.
 Runs in about 50 s on 2 busy cores (14 process starts of an 80-step run of a 40k-parameter model).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,18 @@ import random
 import time
 
 import torch
+from pretrain_helpers import (
+    Child,
+    assets,
+    check_every_complete_checkpoint_loads,
+    debris,
+    final_state,  # noqa: F401
+    no_orphans,
+    read_metrics,
+    tiny_flags,
+)
 
 from minimind_fast import checkpoints
-from pretrain_helpers import (Child, assets, check_every_complete_checkpoint_loads, debris, final_state,  # noqa: F401
-                              no_orphans, read_metrics, tiny_flags)
 
 SEED = 20240606
 KILLS = 12
@@ -37,8 +46,17 @@ STEPS = 80
 
 def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     rng = random.Random(SEED)
-    flags = dict(max_steps=STEPS, save_interval=1, keep_checkpoints=2, dropout=0.1, log_interval=1, from_resume="auto",
-                 sample_tokens=0, batch_size=4, accumulation_steps=3)  # 7 steps an epoch, the last a partial window
+    flags = dict(
+        max_steps=STEPS,
+        save_interval=1,
+        keep_checkpoints=2,
+        dropout=0.1,
+        log_interval=1,
+        from_resume="auto",
+        sample_tokens=0,
+        batch_size=4,
+        accumulation_steps=3,
+    )  # 7 steps an epoch, the last a partial window
 
     reference_dir = tmp_path / "reference"
     reference = Child(tiny_flags(assets, reference_dir, **flags))
@@ -61,7 +79,9 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
             ready = child.wait_until(lambda: time.monotonic() >= deadline or child.training())
         elif mode == "step":
             target = rng.randint(0, 4)
-            ready = child.wait_until(lambda: child.training() and child.logged_step() >= child.resumed_step() + target)
+            ready = child.wait_until(
+                lambda: child.training() and child.logged_step() >= child.resumed_step() + target
+            )
             time.sleep(rng.uniform(0, 0.02))
         else:  # inside the 1st to 4th checkpoint write of this process
             nth, seen = rng.randint(1, 4), set()
@@ -69,8 +89,9 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
             def in_nth_save():  # (or, should polling miss the short-lived temp dirs, 6 steps in)
                 if child.training() and ckpt_root.is_dir():
                     seen.update(n for n in os.listdir(ckpt_root) if n.startswith(".tmp-step"))
-                return ((len(seen) >= nth and any(n in seen for n in os.listdir(ckpt_root)))
-                        or child.logged_step() >= child.resumed_step() + 6)
+                return (
+                    len(seen) >= nth and any(n in seen for n in os.listdir(ckpt_root))
+                ) or child.logged_step() >= child.resumed_step() + 6
 
             ready = child.wait_until(in_nth_save)
             time.sleep(rng.uniform(0, 0.002))
@@ -81,10 +102,21 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
             continue
         cut_short = bool(set(debris(run_dir)) - before)
         steps = check_every_complete_checkpoint_loads(run_dir)
-        log.append((mode, child.resumed_step() if child.training() else None, max(steps, default=0), cut_short))
-    print("\n".join(f"kill {i + 1:2d}: {m:7s} {'before training' if r is None else f'resumed at {r:2d}':15s} -> "
-                    f"latest complete checkpoint {s:2d}{', a write cut short' if c else ''}"
-                    for i, (m, r, s, c) in enumerate(log)))
+        log.append(
+            (
+                mode,
+                child.resumed_step() if child.training() else None,
+                max(steps, default=0),
+                cut_short,
+            )
+        )
+    print(
+        "\n".join(
+            f"kill {i + 1:2d}: {m:7s} {'before training' if r is None else f'resumed at {r:2d}':15s} -> "
+            f"latest complete checkpoint {s:2d}{', a write cut short' if c else ''}"
+            for i, (m, r, s, c) in enumerate(log)
+        )
+    )
     assert len(log) >= 10, log
     assert sum(cut for *_, cut in log) >= 1, log  # some kills landed inside a checkpoint write
     assert len({mode for mode, *_ in log}) == 3, log
@@ -101,7 +133,10 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
         assert torch.equal(result["model"][key], value), key
     for index, values in expected["optimizer"]["state"].items():
         for name in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(result["optimizer"]["state"][index][name], values[name]), (index, name)
+            assert torch.equal(result["optimizer"]["state"][index][name], values[name]), (
+                index,
+                name,
+            )
     losses = {r["step"]: r["loss"] for r in read_metrics(reference_dir) if "loss" in r}
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses.values())
     assert {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r} == losses

@@ -1,5 +1,6 @@
 """Checkpoints: round trips into a fresh model, layout, crash safety, safe loading, resume-state
 validation, RNG state."""
+
 import json
 import os
 import pickle
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from minimind_fast import checkpoints
 from minimind_fast.config import get_preset
 from minimind_fast.interop import load_weights
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast import checkpoints
 from minimind_fast.train import checkpoint, resume
 from minimind_fast.train.run_dir import RunDirectory
 
@@ -32,8 +33,16 @@ def load_into(model, path, config=None):
 
 def save(run_dir, step, model, healthy=True, run_id="run"):
     """A checkpoint as the trainer writes it: the step's directory, then the mirror beside it."""
-    path = checkpoint.save_checkpoint(run_dir, step, model, {"train_state": {"step": step}}, model.config,
-                                      "pretrain_32.pth", run_id=run_id, healthy=healthy)
+    path = checkpoint.save_checkpoint(
+        run_dir,
+        step,
+        model,
+        {"train_state": {"step": step}},
+        model.config,
+        "pretrain_32.pth",
+        run_id=run_id,
+        healthy=healthy,
+    )
     directory = RunDirectory(run_dir)
     directory.run_id, directory.mirror_name = run_id, "pretrain_32.pth"
     directory.after_save(path, healthy, keep=100)
@@ -56,7 +65,9 @@ def test_checkpoint_loads_back_into_a_fresh_model(tmp_path, tied):
             assert torch.equal(value.half(), reference[key]), (source, key)
         if tied:
             assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
-    exact = tiny_model(seed=2, tie_word_embeddings=tied)  # the fp32 copy in the resume state is exact
+    exact = tiny_model(
+        seed=2, tie_word_embeddings=tied
+    )  # the fp32 copy in the resume state is exact
     load_into(exact, path / "resume.pt")
     for key, value in exact.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
@@ -74,7 +85,9 @@ def test_saved_files_have_clean_keys_and_minimind_layout(tmp_path):
     assert all(v.dtype == torch.float16 for v in pth.values())
     assert pth["lm_head.weight"].data_ptr() == pth["model.embed_tokens.weight"].data_ptr()
     resume = torch.load(path / "resume.pt", weights_only=True)
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in list(pth) + list(resume["model"]))
+    assert not any(
+        k.startswith(("module.", "_orig_mod.")) for k in list(pth) + list(resume["model"])
+    )
     assert resume["config"]["hidden_size"] == 32 and resume["run_id"] == "run"
     assert json.loads((path / "config.json").read_text())["hidden_size"] == 32
     assert "freqs_cos" not in " ".join(resume["model"])  # RoPE tables are not persistent
@@ -98,7 +111,9 @@ def test_latest_is_by_completion_order_and_skips_unhealthy(tmp_path):
     save(tmp_path, 40, model, healthy=False)
     assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000005"
     assert checkpoints.latest_checkpoint(tmp_path, healthy_only=False).name == "step_00000040"
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path, healthy_only=False, run_id="other")] == []
+    assert [
+        p.name for p in checkpoints.list_checkpoints(tmp_path, healthy_only=False, run_id="other")
+    ] == []
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -117,10 +132,14 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
     monkeypatch.setattr(checkpoint, "_save_torch", full_disk)
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
-    with pytest.raises(checkpoint.CheckpointError, match="disk full.*earlier checkpoints are intact"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="disk full.*earlier checkpoints are intact"
+    ):
         save(tmp_path, 20, model)
     assert checkpoints.latest_checkpoint(tmp_path) == good
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010"]  # no debris
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_00000010"
+    ]  # no debris
     assert (tmp_path / "pretrain_32.pth").read_bytes() == mirror_before
     fresh = tiny_model(seed=1)
     load_into(fresh, tmp_path)
@@ -183,11 +202,16 @@ def test_truncated_and_corrupt_files_give_clear_errors(tmp_path):
 def test_weights_of_another_size_are_rejected(tmp_path):
     path = save(tmp_path, 1, tiny_model())
     other = tiny_model(hidden_size=64)
-    with pytest.raises(ValueError, match=r"has shape \(300, 32\) but the config expects \(300, 64\).*hidden_size"):
+    with pytest.raises(
+        ValueError, match=r"has shape \(300, 32\) but the config expects \(300, 64\).*hidden_size"
+    ):
         load_into(other, path)
     deeper = tiny_model(num_hidden_layers=3)
-    with pytest.raises(ValueError, match=r"missing key 'model\.layers\.2\..*' \(and 8 more\).*"
-                                         "num_hidden_layers=3: the checkpoint has 2 layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing key 'model\.layers\.2\..*' \(and 8 more\).*"
+        "num_hidden_layers=3: the checkpoint has 2 layers",
+    ):
         load_into(deeper, path)
 
 
@@ -203,4 +227,6 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     torch.manual_seed(9)
     resume.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (random.random(), np.random.rand(), torch.rand(3))
-    assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+    assert (
+        expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+    )

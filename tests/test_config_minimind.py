@@ -7,17 +7,18 @@ a table written here from MiniMind-3's config rules (model/model_minimind.py):
     embeddings, vocab 6400; MoE: `mlp.gate` Linear(hidden, 4), 4 experts of the same width,
     top-1, no shared expert, router_aux_loss_coef 5e-4 on the token-level balance loss.
 """
+
 import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from pretrain_helpers import assets, run, tiny_flags  # noqa: F401 (assets is a fixture)
 
 from minimind_fast.config import PRESETS, get_preset
 from minimind_fast.model import MiniMindForCausalLM, count_parameters
 from minimind_fast.train import cli, prepare
-from pretrain_helpers import assets, run, tiny_flags  # noqa: F401 (assets is a fixture)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,20 +27,30 @@ def minimind_layout(hidden: int, layers: int, use_moe: bool, vocab: int = 6400) 
     """key -> shape of the state dict of MiniMind-3's MiniMindForCausalLM of that size."""
     heads, kv_heads, experts = 8, 4, 4
     head_dim, width = hidden // heads, 64 * math.ceil(hidden * math.pi / 64)
-    table = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-             "lm_head.weight": (vocab, hidden)}
-    ffn = {"gate_proj.weight": (width, hidden), "up_proj.weight": (width, hidden),
-           "down_proj.weight": (hidden, width)}
+    table = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    ffn = {
+        "gate_proj.weight": (width, hidden),
+        "up_proj.weight": (width, hidden),
+        "down_proj.weight": (hidden, width),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        table.update({p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
-                      p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-                      p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-                      p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-                      p + "self_attn.q_norm.weight": (head_dim,),
-                      p + "self_attn.k_norm.weight": (head_dim,),
-                      p + "input_layernorm.weight": (hidden,),
-                      p + "post_attention_layernorm.weight": (hidden,)})
+        table.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                p + "self_attn.q_norm.weight": (head_dim,),
+                p + "self_attn.k_norm.weight": (head_dim,),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
         if use_moe:
             table[p + "mlp.gate.weight"] = (experts, hidden)
             for e in range(experts):
@@ -75,12 +86,15 @@ def check_minimind3_fields(config) -> None:
         assert (config.aux_loss_alpha, config.seq_aux, config.norm_topk_prob) == (5e-4, False, True)
 
 
-@pytest.mark.parametrize("argv, hidden, layers, use_moe", [
-    (["--hidden_size", "512", "--num_hidden_layers", "8"], 512, 8, False),
-    (["--hidden_size", "768", "--num_hidden_layers", "16"], 768, 16, False),
-    (["--use_moe", "1"], 768, 8, True),  # MiniMind's trainer defaults: hidden 768, 8 layers
-    (["--hidden_size", "512", "--use_moe", "1"], 512, 8, True),
-])
+@pytest.mark.parametrize(
+    "argv, hidden, layers, use_moe",
+    [
+        (["--hidden_size", "512", "--num_hidden_layers", "8"], 512, 8, False),
+        (["--hidden_size", "768", "--num_hidden_layers", "16"], 768, 16, False),
+        (["--use_moe", "1"], 768, 8, True),  # MiniMind's trainer defaults: hidden 768, 8 layers
+        (["--hidden_size", "512", "--use_moe", "1"], 512, 8, True),
+    ],
+)
 def test_size_flags_without_a_preset_build_minimind3s_model(argv, hidden, layers, use_moe):
     args, config = resolved_config(argv)
     assert args.preset == ("minimind3-moe" if use_moe else "minimind3")
@@ -109,9 +123,19 @@ def test_an_explicit_preset_wins_over_minimind_defaults():
 
 def trained_pth(assets, run_dir, hidden, layers, **flags):
     """The MiniMind weights file a 1-step run with MiniMind's size flags writes, loaded."""
-    argv = tiny_flags(assets, run_dir, preset=None, hidden_size=hidden, num_hidden_layers=layers,
-                      vocab_size=None, max_steps=1, batch_size=1, max_seq_len=16,
-                      warmup_steps=None, **flags)
+    argv = tiny_flags(
+        assets,
+        run_dir,
+        preset=None,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        vocab_size=None,
+        max_steps=1,
+        batch_size=1,
+        max_seq_len=16,
+        warmup_steps=None,
+        **flags,
+    )
     assert run(argv) == 0
     suffix = "_moe" if flags.get("use_moe") else ""
     return torch.load(run_dir / f"pretrain_{hidden}{suffix}.pth", weights_only=True)
@@ -163,9 +187,14 @@ def test_minimind3_moe_aux_loss_is_minimind3s_token_level_loss():
 
 
 # The parameter counts in the README's Presets table are the ones the code computes.
-PARAMETERS = {"demo": (1_606_784, None), "minimind2-small": (25_829_888, None),
-              "minimind2": (104_030_976, None), "minimind2-moe": (145_029_760, 91_945_600),
-              "minimind3": (63_912_192, None), "minimind3-moe": (198_416_640, 63_936_768)}
+PARAMETERS = {
+    "demo": (1_606_784, None),
+    "minimind2-small": (25_829_888, None),
+    "minimind2": (104_030_976, None),
+    "minimind2-moe": (145_029_760, 91_945_600),
+    "minimind3": (63_912_192, None),
+    "minimind3-moe": (198_416_640, 63_936_768),
+}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

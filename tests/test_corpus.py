@@ -1,4 +1,5 @@
 """Embedded default corpus and default tokenizer: built once per module into a temp cache."""
+
 import json
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def test_several_megabytes_of_valid_unique_prose(corpus_path, documents):
     assert letters > 0.6, f"only {letters:.0%} letters: not prose"
     joined = "\n".join(texts)
     assert 'The "assert" statement' in joined  # pydoc topics
-    assert "Return a new list containing all items from the iterable in ascending order." in joined  # C (sorted)
+    assert (
+        "Return a new list containing all items from the iterable in ascending order." in joined
+    )  # C (sorted)
     assert "Serialize ``obj`` to a JSON formatted ``str``" in joined  # pure-Python docstring
     assert texts[0].startswith('The "assert" statement')  # topics first, sorted
 
@@ -78,7 +81,9 @@ def test_failure_is_reported(tmp_path, monkeypatch):
     broken.write_text("import sys\nsys.stderr.write('boom: cannot collect\\n')\nsys.exit(3)\n")
     monkeypatch.setattr(corpus, "__file__", str(broken))  # the child runs this instead
     out = tmp_path / "out" / "c.jsonl"
-    with pytest.raises(RuntimeError, match=r"default corpus failed \(exit 3.*boom: cannot collect.*--data_path"):
+    with pytest.raises(
+        RuntimeError, match=r"default corpus failed \(exit 3.*boom: cannot collect.*--data_path"
+    ):
         corpus.build_default_corpus(out)
     assert list(out.parent.iterdir()) == [], "a failed build must leave nothing behind"
 

@@ -5,6 +5,7 @@ or type error from reaching a GPU machine. The .cu files include no torch header
 and a stream in; the torch binding is a separate .cpp), which is what makes this possible.
 Skipped, with the reason, where nvcc is absent.
 """
+
 import os
 import pathlib
 import shutil
@@ -34,8 +35,19 @@ def test_there_are_cuda_sources():
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_source_compiles_for_sm90(source, tmp_path):
-    command = [NVCC, "-c", "-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O1", "-Werror=all-warnings",
-               "-I", str(ROOT / "csrc"), str(source), "-o", str(tmp_path / (source.stem + ".o"))]
+    command = [
+        NVCC,
+        "-c",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-std=c++17",
+        "-O1",
+        "-Werror=all-warnings",
+        "-I",
+        str(ROOT / "csrc"),
+        str(source),
+        "-o",
+        str(tmp_path / (source.stem + ".o")),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / (source.stem + ".o")).stat().st_size > 0

@@ -1,5 +1,6 @@
 """Imports of the data side (data/, tokenizer, corpus) run one way: no cycles, no function-level
 imports of the package's own modules, and every entry point imports on its own."""
+
 import ast
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def package_imports(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             if not base.startswith("minimind_fast"):
                 continue
@@ -41,8 +42,11 @@ def package_imports(path: Path) -> list[tuple[str, bool]]:
                 target = sub if is_module else base
                 found.append((target, id(node) in nested))
         elif isinstance(node, ast.Import):
-            found += [(a.name, id(node) in nested) for a in node.names
-                      if a.name.startswith("minimind_fast")]
+            found += [
+                (a.name, id(node) in nested)
+                for a in node.names
+                if a.name.startswith("minimind_fast")
+            ]
     return found
 
 
@@ -102,20 +106,48 @@ def test_no_import_cycles():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
-@pytest.mark.parametrize("module", ["minimind_fast.tokenizer", "minimind_fast.data.reader",
-                                    "minimind_fast.data", "minimind_fast.corpus"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "minimind_fast.tokenizer",
+        "minimind_fast.data.reader",
+        "minimind_fast.data",
+        "minimind_fast.corpus",
+    ],
+)
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
-    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
-                            text=True, cwd=PACKAGE.parent, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_tokenizer_cli_and_corpus_script_still_run():
-    result = subprocess.run([sys.executable, "-m", "minimind_fast.tokenizer", "--help"],
-                            capture_output=True, text=True, cwd=PACKAGE.parent, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "minimind_fast.tokenizer", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
     assert result.returncode == 0 and "--vocab_size" in result.stdout, result.stderr[-2000:]
     # the corpus collector's child runs corpus.py as a plain script, outside the package
-    script = subprocess.run([sys.executable, "-I", "-S", "-B", "-c",
-                             f"import runpy; runpy.run_path({str(PACKAGE / 'corpus.py')!r})"],
-                            capture_output=True, text=True, timeout=300, input="")
+    script = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-B",
+            "-c",
+            f"import runpy; runpy.run_path({str(PACKAGE / 'corpus.py')!r})",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input="",
+    )
     assert script.returncode == 0 and "Error" not in script.stderr, script.stderr

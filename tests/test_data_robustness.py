@@ -1,6 +1,7 @@
 """Inputs that used to crash or lose data: lone surrogate escapes, .txt lines longer than the line
 limit, texts encoded in bounded pieces, a full disk during the cache build, failed builds that
 left empty folders, and dataset errors that named the cache instead of the data file."""
+
 import builtins
 import errno
 import json
@@ -14,15 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data import make_texts, write_jsonl
 
 from minimind_fast.constants import BOS_TOKEN_ID, EOS_TOKEN_ID
-from minimind_fast.data import DataError, PackedDataset, PaddedDataset, SkipStats, build_token_cache
+from minimind_fast.data import (
+    DataError,
+    PackedDataset,
+    PaddedDataset,
+    SkipStats,
+    build_token_cache,
+    encoding,
+    iter_documents,
+    iter_jsonl_records,
+    reader,
+)
 from minimind_fast.data import cache as cache_module
-from minimind_fast.data import encoding, iter_documents, iter_jsonl_records, reader
 from minimind_fast.data import tokenizer as tokenizer_module
 from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
 from minimind_fast.tokenizer import main
-from test_data import make_texts, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +49,7 @@ SURROGATE_REASON = "lone surrogate escape like \\ud83d (not Unicode text)"
 
 # ---------------------------------------------------------------------------- lone surrogates
 
+
 def test_lone_surrogate_line_is_skipped_and_counted(tmp_path, tok_dir, caplog):
     data = tmp_path / "data.jsonl"
     data.write_text(GOOD + LONE + PAIR + GOOD, encoding="utf-8")
@@ -49,7 +60,7 @@ def test_lone_surrogate_line_is_skipped_and_counted(tmp_path, tok_dir, caplog):
     assert summary in caplog.text
     assert cache.meta["skipped"] == {SURROGATE_REASON: {"count": 1, "first_lines": [2]}}
     tok = load_tokenizer(tok_dir)
-    assert tok.decode(cache.doc(1)[1:-1].tolist()) == "a whole emoji \U0001F600 here"
+    assert tok.decode(cache.doc(1)[1:-1].tolist()) == "a whole emoji \U0001f600 here"
 
 
 def test_only_lone_surrogates_is_refused_with_file_and_line(tmp_path, tok_dir):
@@ -62,8 +73,11 @@ def test_only_lone_surrogates_is_refused_with_file_and_line(tmp_path, tok_dir):
 
 def test_record_reader_skips_surrogates_anywhere(tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text('{"conversations": [{"role": "user", "content": "x \\udc00"}]}\n'
-                    '{"k\\ud800": 1}\n{"conversations": []}\n', encoding="utf-8")
+    data.write_text(
+        '{"conversations": [{"role": "user", "content": "x \\udc00"}]}\n'
+        '{"k\\ud800": 1}\n{"conversations": []}\n',
+        encoding="utf-8",
+    )
     stats = SkipStats(data)
     assert list(iter_jsonl_records(data, stats)) == [(3, {"conversations": []})]
     assert stats.as_dict() == {SURROGATE_REASON: {"count": 2, "first_lines": [1, 2]}}
@@ -82,10 +96,20 @@ def test_tokenizer_training_skips_lone_surrogates(tmp_path, caplog):
 
 def test_tokenizer_cli_reports_skips_and_refuses_in_one_line(tmp_path):
     def cli(*files):
-        command = [sys.executable, "-m", "minimind_fast.tokenizer", "--data", *map(str, files),
-                   "--vocab_size", "300", "--out", str(tmp_path / "tok")]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              cwd=Path(__file__).parent.parent)
+        command = [
+            sys.executable,
+            "-m",
+            "minimind_fast.tokenizer",
+            "--data",
+            *map(str, files),
+            "--vocab_size",
+            "300",
+            "--out",
+            str(tmp_path / "tok"),
+        ]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+        )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(LONE + '{"no": "text"}\n', encoding="utf-8")
@@ -106,13 +130,17 @@ def test_tokenizer_cli_reports_skips_and_refuses_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------ long .txt lines
 
+
 def read(path):
     stats = SkipStats(path)
     return list(iter_documents(path, stats)), stats
 
 
-@pytest.mark.parametrize("line", ["word " * 700, "数据训练模型🤖" * 300, "x" * 2500 + " tail"],
-                         ids=["spaces", "no-spaces-multibyte", "no-space-until-the-end"])
+@pytest.mark.parametrize(
+    "line",
+    ["word " * 700, "数据训练模型🤖" * 300, "x" * 2500 + " tail"],
+    ids=["spaces", "no-spaces-multibyte", "no-space-until-the-end"],
+)
 def test_txt_line_over_the_limit_is_cut_not_dropped(tmp_path, monkeypatch, line):
     monkeypatch.setattr(reader, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "d.txt"
@@ -143,6 +171,7 @@ def test_txt_line_over_the_limit_reaches_the_cache(tmp_path, tok_dir, monkeypatc
 
 # ------------------------------------------------------------------------- bounded tokenisation
 
+
 class CountingTokenizer:
     """A tokenizer that records the characters of every encode_batch call and its longest text."""
 
@@ -169,8 +198,9 @@ LONG_TEXTS = [
 def test_long_texts_are_encoded_in_pieces_with_the_same_ids(tok_dir, monkeypatch, text):
     monkeypatch.setattr(encoding, "ENCODE_CHARS", 64)
     tok = CountingTokenizer(load_tokenizer(tok_dir))
-    batches = list(encoding.encode_documents(tok, [(1, text)], "never", "keep", np.uint16,
-                                             batch_chars=200))
+    batches = list(
+        encoding.encode_documents(tok, [(1, text)], "never", "keep", np.uint16, batch_chars=200)
+    )
     (doc,) = [d for batch in batches for d in batch]
     whole = tok.inner.encode(text).ids
     if "数据" in text:  # a cut inside a run of letters may tokenise the cut differently
@@ -193,17 +223,20 @@ def test_cache_build_hands_the_tokenizer_bounded_batches(tmp_path, tok_dir, monk
 
     monkeypatch.setattr(cache_module, "load_tokenizer", counting_load)
     texts = make_texts(30) + [" ".join(make_texts(40, seed=9))]
-    cache = build_token_cache(write_jsonl(tmp_path / "d.jsonl", texts), tok_dir, tmp_path / "cache",
-                              progress=False)
+    cache = build_token_cache(
+        write_jsonl(tmp_path / "d.jsonl", texts), tok_dir, tmp_path / "cache", progress=False
+    )
     tok = load(tok_dir)
     assert [cache.doc(d).tolist() for d in range(cache.num_docs)] == [
-        [BOS_TOKEN_ID] + tok.encode(t).ids + [EOS_TOKEN_ID] for t in texts]
+        [BOS_TOKEN_ID] + tok.encode(t).ids + [EOS_TOKEN_ID] for t in texts
+    ]
     (counting,) = seen
     assert max(longest for _, longest in counting.calls) <= 100
     assert max(chars for chars, _ in counting.calls) < 600
 
 
 # ---------------------------------------------------------------------------------- disk full
+
 
 def failing_open(after_bytes):
     """open() for the cache module: files opened for writing take `after_bytes` bytes in all,
@@ -275,8 +308,12 @@ def tiny_disk(tmp_path):
     mount_point = tmp_path / "tiny_disk"
     mount_point.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as error:
         pytest.skip(f"cannot mount a tmpfs here: {error}")
     yield mount_point
@@ -315,6 +352,7 @@ def test_tokenizer_on_a_real_full_disk(tmp_path, tiny_disk):
 
 # --------------------------------------------------------------------- no empty cache folders
 
+
 def test_failed_builds_leave_no_empty_folder(tmp_path, tok_dir, monkeypatch):
     root = tmp_path / "cache"
     bad = tmp_path / "junk.jsonl"
@@ -328,8 +366,9 @@ def test_failed_builds_leave_no_empty_folder(tmp_path, tok_dir, monkeypatch):
 
     monkeypatch.setattr(cache_module, "encode_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_token_cache(write_jsonl(tmp_path / "ok.jsonl", make_texts(5)), tok_dir, root,
-                          progress=False)
+        build_token_cache(
+            write_jsonl(tmp_path / "ok.jsonl", make_texts(5)), tok_dir, root, progress=False
+        )
     assert_nothing_left(root)
 
 
@@ -369,6 +408,7 @@ def test_a_waiting_builder_survives_the_removal_of_an_empty_entry(tmp_path, tok_
 
 
 # ------------------------------------------------------------------ errors name the data file
+
 
 def test_dataset_errors_name_the_data_file(tmp_path, tok_dir):
     data = write_jsonl(tmp_path / "tiny.jsonl", ["the model reads tokens"])

@@ -1,5 +1,6 @@
 """Two-process DDP (gloo, CPU) launched with torchrun matches one process with the same global batch;
 its checkpoint then resumes in one process from the same consumed-sample count."""
+
 import os
 import socket
 import subprocess
@@ -8,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from minimind_fast import pretrain
-from minimind_fast import checkpoints
-from minimind_fast.train import checkpoint, resume
 from pretrain_helpers import assets, read_metrics, tiny_flags  # noqa: F401 (assets is a fixture)
+
+from minimind_fast import checkpoints, pretrain
+from minimind_fast.train import checkpoint, resume
 
 pytestmark = pytest.mark.slow  # two torch processes start: ~20-40 s on 2 cores
 
@@ -24,16 +24,33 @@ def free_port() -> int:
 
 
 def torchrun(argv, timeout=300):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--max_restarts=0",
-               "-m", "minimind_fast.pretrain", *map(str, argv)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--max_restarts=0",
+        "-m",
+        "minimind_fast.pretrain",
+        *map(str, argv),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_process_gloo_matches_single_process(assets, tmp_path, capsys):
-    common = dict(max_steps=4, accumulation_steps=2, learning_rate=1e-2, warmup_steps=1, eval_interval=2)
+    common = dict(
+        max_steps=4, accumulation_steps=2, learning_rate=1e-2, warmup_steps=1, eval_interval=2
+    )
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     result = torchrun(tiny_flags(assets, ddp_dir, batch_size=2, save_interval=2, **common))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -57,7 +74,10 @@ def test_two_process_gloo_matches_single_process(assets, tmp_path, capsys):
     ddp_state = resume.load_resume_state(checkpoints.latest_checkpoint(ddp_dir))
     single_state = resume.load_resume_state(checkpoints.latest_checkpoint(single_dir))
     assert ddp_state["world_size"] == 2 and len(ddp_state["rng"]) == 2  # RNG state of every rank
-    assert {**ddp_state["train_state"], "run_id": ""} == {**single_state["train_state"], "run_id": ""}
+    assert {**ddp_state["train_state"], "run_id": ""} == {
+        **single_state["train_state"],
+        "run_id": "",
+    }
     for key, value in single_state["model"].items():
         torch.testing.assert_close(ddp_state["model"][key], value, rtol=0, atol=1e-4)
 

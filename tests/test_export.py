@@ -2,6 +2,7 @@
 
 Every refusal is one `error:` line on stderr, exit 2 (1 for a failed write), and leaves the
 target exactly as it was; an export replaces a previous export whole or not at all."""
+
 import errno
 import json
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from interop_helpers import make_tokenizer_dir, tiny_config, tiny_model, write_checkpoint_dir
+
 from minimind_fast.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +23,10 @@ FULL = "Error while serializing: I/O error: No space left on device (os error 28
 
 def snapshot(root: Path) -> dict:
     """{relative path: bytes (files) or None (directories)} of everything under root."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -78,9 +81,11 @@ def test_refuses_another_run_or_checkpoint_directory(tmp_path, ckpt, capsys):
     plain_run.mkdir()
     (plain_run / "config.json").write_text(json.dumps(config.to_dict()))
     (plain_run / "pretrain_64.pth").write_bytes(b"x")
-    for target, kind in ((run_dir, "training run directory"),
-                         (checkpoint_dir, "checkpoint directory"),
-                         (plain_run, "training run directory")):
+    for target, kind in (
+        (run_dir, "training run directory"),
+        (checkpoint_dir, "checkpoint directory"),
+        (plain_run, "training run directory"),
+    ):
         before = snapshot(target)
         code, _, err = run(["--ckpt", ckpt, "--out", target], capsys)
         assert_error(code, err, str(target), kind)
@@ -206,12 +211,20 @@ def test_a_real_failed_write_is_one_line_in_a_subprocess(tmp_path, ckpt):
     (ENOSPC)."""
     out = tmp_path / "hf"
     limit = 16 * 1024  # below model.safetensors (~100 kB), above every JSON file
-    code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            f"from minimind_fast.export import main; sys.exit(main(sys.argv[1:]))")
+    code = (
+        f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        f"from minimind_fast.export import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", code, "--ckpt", str(ckpt), "--out", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--ckpt", str(ckpt), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

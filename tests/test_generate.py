@@ -1,5 +1,6 @@
 """`python -m minimind_fast.generate`: what fits the context window, and one-line errors for every
 bad flag, bad weights file and bad device (exit 2, no traceback)."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from interop_helpers import make_tokenizer_dir, tiny_config, tiny_model, write_checkpoint_dir
+
 from minimind_fast import dtypes, inference
 from minimind_fast.config import get_preset
 from minimind_fast.generate import main as generate_main
@@ -41,13 +42,16 @@ def assert_error(code, err, *fragments):
 
 
 def test_generates_from_a_checkpoint_directory(ckpt, capsys):
-    code, out, err = run(["--ckpt", ckpt, "--prompt", "the quick", "--max_new_tokens", "4",
-                          "--device", "cpu"], capsys)
+    code, out, err = run(
+        ["--ckpt", ckpt, "--prompt", "the quick", "--max_new_tokens", "4", "--device", "cpu"],
+        capsys,
+    )
     assert code == 0 and err == "", err
     assert out.startswith("the quick")
 
 
 # ---- the context window --------------------------------------------------------------------
+
 
 def test_fit_to_context_keeps_the_prompt_when_it_fits():
     assert inference.fit_to_context([1, 4, 5], 6, WINDOW) == ([1, 4, 5], 6, [])
@@ -56,7 +60,7 @@ def test_fit_to_context_keeps_the_prompt_when_it_fits():
 def test_fit_to_context_keeps_the_most_recent_window_of_a_long_prompt():
     prompt = [1] + list(range(100, 144))  # BOS + 44 tokens: longer than the window
     ids, new, notes = inference.fit_to_context(prompt, 5, WINDOW)
-    assert ids == [1] + prompt[-(WINDOW - 5 - 1):] and new == 5  # BOS, then the newest tokens
+    assert ids == [1] + prompt[-(WINDOW - 5 - 1) :] and new == 5  # BOS, then the newest tokens
     assert len(notes) == 1 and "45 tokens" in notes[0] and "most recent 26" in notes[0]
 
 
@@ -75,8 +79,9 @@ def test_fit_to_context_keeps_half_the_window_of_prompt_at_least():
 
 def test_long_prompt_through_the_cli_says_so(ckpt, capsys):
     prompt = " ".join(["dog"] * 30 + ["the", "quick", "brown", "fox"] * 5)  # 50 words + BOS
-    code, out, err = run(["--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "4",
-                          "--temperature", "0"], capsys)
+    code, out, err = run(
+        ["--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "4", "--temperature", "0"], capsys
+    )
     assert code == 0, err
     notes = err.strip().splitlines()
     assert len(notes) == 1 and "most recent" in notes[0] and "context window" in notes[0], err
@@ -86,8 +91,10 @@ def test_long_prompt_through_the_cli_says_so(ckpt, capsys):
 
 
 def test_max_new_tokens_beyond_the_window_is_capped_with_a_note(ckpt, capsys):
-    code, out, err = run(["--ckpt", ckpt, "--prompt", "the", "--max_new_tokens", "100000",
-                          "--temperature", "0"], capsys)
+    code, out, err = run(
+        ["--ckpt", ckpt, "--prompt", "the", "--max_new_tokens", "100000", "--temperature", "0"],
+        capsys,
+    )
     assert code == 0, err
     assert len(err.strip().splitlines()) == 1 and "--max_new_tokens 100000" in err and "30" in err
 
@@ -152,13 +159,23 @@ def test_wrong_preset_for_a_bare_pth_suggests_the_right_one(tmp_path, capsys):
     config = get_preset("demo", vocab_size=400)
     torch.save(tiny_model(config).state_dict(), tmp_path / "pretrain_128.pth")
     tokenizer_dir, _ = make_tokenizer_dir(tmp_path / "tok")
-    code, _, err = run(["--ckpt", tmp_path / "pretrain_128.pth", "--preset", "minimind2-small",
-                        "--tokenizer_path", tokenizer_dir], capsys)
+    code, _, err = run(
+        [
+            "--ckpt",
+            tmp_path / "pretrain_128.pth",
+            "--preset",
+            "minimind2-small",
+            "--tokenizer_path",
+            tokenizer_dir,
+        ],
+        capsys,
+    )
     assert_error(code, err, "the checkpoint has 4 layers", "--preset")
     for flag in ("--hidden_size", "--num_hidden_layers", "--use_moe", "--vocab_size", "--config"):
         assert flag not in err, err
-    code, _, err = run(["--ckpt", tmp_path / "pretrain_128.pth", "--tokenizer_path", tokenizer_dir],
-                       capsys)
+    code, _, err = run(
+        ["--ckpt", tmp_path / "pretrain_128.pth", "--tokenizer_path", tokenizer_dir], capsys
+    )
     assert_error(code, err, "no config.json", "--preset")
 
 
@@ -172,14 +189,22 @@ def test_bare_pth_of_a_preset_names_that_preset(tmp_path, capsys):
 
 def run_subprocess(argv: list) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "minimind_fast.generate", *argv], cwd=REPO,
-                          env=env, capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "minimind_fast.generate", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    ([b"--temperature", b"nan"], "--temperature"),
-    ([b"--prompt", b"caf\xc3\xa9 \xff\xfe"], "UTF-8"),  # argv bytes that are not UTF-8
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        ([b"--temperature", b"nan"], "--temperature"),
+        ([b"--prompt", b"caf\xc3\xa9 \xff\xfe"], "UTF-8"),  # argv bytes that are not UTF-8
+    ],
+)
 def test_errors_in_a_real_process(ckpt, flags, fragment):
     result = run_subprocess([b"--ckpt", str(ckpt).encode(), *flags])
     err = result.stderr.decode("utf-8", "replace")
@@ -191,6 +216,7 @@ def test_errors_in_a_real_process(ckpt, flags, fragment):
 
 
 # ---- devices and dtypes --------------------------------------------------------------------
+
 
 def test_inference_dtype_follows_the_device():
     assert dtypes.inference_dtype(torch.device("cpu")) == torch.float32
@@ -207,8 +233,11 @@ def test_resolve_device():
 
 
 def test_dtype_names():
-    assert dtypes.DTYPES == {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                             "float16": torch.float16}
+    assert dtypes.DTYPES == {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }
     assert dtypes.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="float64"):
         dtypes.resolve_dtype("float64", torch.device("cpu"))

@@ -15,6 +15,7 @@ Within the package no module-level cycle exists, and function-level imports are 
 dependencies only (triton behind the kernels, the compiled extension, transformers, trackers,
 matplotlib, and platform-specific stdlib modules).
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,13 +35,25 @@ LAYERS = [
     ("train",),
     ("pretrain", "sft", "generate", "export", "tokenizer"),
 ]
-OPTIONAL = ("triton", "transformers", "wandb", "swanlab", "matplotlib", "torch.utils.tensorboard",
-            "minimind_fast.kernels", "minimind_fast._C", "resource", "pydoc_data")
+OPTIONAL = (
+    "triton",
+    "transformers",
+    "wandb",
+    "swanlab",
+    "matplotlib",
+    "torch.utils.tensorboard",
+    "minimind_fast.kernels",
+    "minimind_fast._C",
+    "resource",
+    "pydoc_data",
+)
 
 
 def module_name(path: Path) -> str:
     relative = path.relative_to(REPO).with_suffix("")
-    parts = ("minimind_fast",) + relative.parts if relative.parts[0] == "kernels" else relative.parts
+    parts = (
+        ("minimind_fast",) + relative.parts if relative.parts[0] == "kernels" else relative.parts
+    )
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -88,9 +101,15 @@ def layer_of(name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def package_imports() -> dict[str, list[tuple[str, bool]]]:
-    return {name: [(target, nested) for target, nested in imports(name, path)
-                   if target.startswith("minimind_fast.") or target == "minimind_fast" or nested]
-            for name, path in sources().items() if name != "minimind_fast"}
+    return {
+        name: [
+            (target, nested)
+            for target, nested in imports(name, path)
+            if target.startswith("minimind_fast.") or target == "minimind_fast" or nested
+        ]
+        for name, path in sources().items()
+        if name != "minimind_fast"
+    }
 
 
 @pytest.mark.parametrize("name", sorted(n for n in sources() if n != "minimind_fast"))
@@ -98,20 +117,26 @@ def test_imports_only_its_own_layer_or_lower(name):
     for target, _ in package_imports()[name]:
         if not target.startswith("minimind_fast.") or target.startswith("minimind_fast._C"):
             continue
-        assert layer_of(target) <= layer_of(name), f"{name} (layer {layer_of(name)}) imports {target} " \
-                                                   f"(layer {layer_of(target)})"
+        assert layer_of(target) <= layer_of(name), (
+            f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})"
+        )
 
 
 def test_function_level_imports_are_for_optional_dependencies_only():
-    offenders = [f"{name} imports {target} inside a function" for name, found in package_imports().items()
-                 for target, nested in found
-                 if nested and not any(target == o or target.startswith(o + ".") for o in OPTIONAL)]
+    offenders = [
+        f"{name} imports {target} inside a function"
+        for name, found in package_imports().items()
+        for target, nested in found
+        if nested and not any(target == o or target.startswith(o + ".") for o in OPTIONAL)
+    ]
     assert not offenders, offenders
 
 
 def test_no_module_level_cycles():
-    graph = {name: {t for t, nested in found if not nested and t in sources()}
-             for name, found in package_imports().items()}
+    graph = {
+        name: {t for t, nested in found if not nested and t in sources()}
+        for name, found in package_imports().items()
+    }
     state: dict[str, int] = {}
 
     def visit(node: str, trail: list[str]) -> None:
@@ -120,7 +145,7 @@ def test_no_module_level_cycles():
             if target.startswith(node + "."):  # a package importing its own submodules
                 continue
             if state.get(target) == 1:
-                cycle = trail[trail.index(target):] if target in trail else trail
+                cycle = trail[trail.index(target) :] if target in trail else trail
                 raise AssertionError(" -> ".join(cycle + [target]))
             if target not in state:
                 visit(target, trail + [target])
@@ -136,5 +161,7 @@ def test_top_level_names_are_lazy():
     import sys
 
     code = "import sys, minimind_fast.ops; print('minimind_fast.model' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False", "importing minimind_fast.ops must not load the model"

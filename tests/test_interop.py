@@ -1,40 +1,69 @@
 """Interop: HF export (stock architectures, logits + greedy parity), import round trip, weight
 loading."""
+
 import json
 import sys
 
 import pytest
 import torch
-
 from interop_helpers import VOCAB, make_tokenizer_dir, tiny_config, tiny_model
+
 from minimind_fast.export import main as export_main
-from minimind_fast.interop import (export_hf, from_hf_config, hf_architecture, import_hf,
-                                   load_weights, to_hf_config, validate_state_dict)
+from minimind_fast.interop import (
+    export_hf,
+    from_hf_config,
+    hf_architecture,
+    import_hf,
+    load_weights,
+    to_hf_config,
+    validate_state_dict,
+)
 from minimind_fast.model import MiniMindForCausalLM
 
 transformers = pytest.importorskip(
-    "transformers", reason="the HF tests need transformers: pip install transformers")
+    "transformers", reason="the HF tests need transformers: pip install transformers"
+)
 
-YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32,
-        "beta_slow": 1, "attention_factor": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "attention_factor": 1.0,
+}
 CASES = {  # name: (config overrides, transformers class)
     "llama": (dict(), "LlamaForCausalLM"),
-    "llama-untied-yarn": (dict(tie_word_embeddings=False, rope_scaling=YARN, rope_theta=1e4),
-                          "LlamaForCausalLM"),
+    "llama-untied-yarn": (
+        dict(tie_word_embeddings=False, rope_scaling=YARN, rope_theta=1e4),
+        "LlamaForCausalLM",
+    ),
     "qwen3": (dict(qk_norm=True, head_dim=24), "Qwen3ForCausalLM"),
-    "qwen3-moe": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
-                  "Qwen3MoeForCausalLM"),
+    "qwen3-moe": (
+        dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
+        "Qwen3MoeForCausalLM",
+    ),
     # MiniMind-3-MoE's layout: top-1 renormalised (every weight 1)
-    "qwen3-moe-top1": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
-                       "Qwen3MoeForCausalLM"),
-    "qwen2-moe": (dict(use_moe=True, n_shared_experts=2, num_experts_per_tok=2),
-                  "Qwen2MoeForCausalLM"),
-    "qwen2-moe-top1": (dict(use_moe=True, n_shared_experts=1, num_experts_per_tok=1),
-                       "Qwen2MoeForCausalLM"),
-    "mixtral": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
-                "MixtralForCausalLM"),
-    "mixtral-top1": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
-                     "MixtralForCausalLM"),
+    "qwen3-moe-top1": (
+        dict(qk_norm=True, use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
+        "Qwen3MoeForCausalLM",
+    ),
+    "qwen2-moe": (
+        dict(use_moe=True, n_shared_experts=2, num_experts_per_tok=2),
+        "Qwen2MoeForCausalLM",
+    ),
+    "qwen2-moe-top1": (
+        dict(use_moe=True, n_shared_experts=1, num_experts_per_tok=1),
+        "Qwen2MoeForCausalLM",
+    ),
+    "mixtral": (
+        dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=2),
+        "MixtralForCausalLM",
+    ),
+    "mixtral-top1": (
+        dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1),
+        "MixtralForCausalLM",
+    ),
 }
 
 
@@ -86,8 +115,13 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
     hf.generation_config.eos_token_id = None  # generate the full length on both sides
     prompt = torch.randint(3, VOCAB, (2, 7))
     ours = model.generate(prompt, max_new_tokens=20, temperature=0, eos_token_id=-1)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
-                         do_sample=False, pad_token_id=config.pad_token_id)
+    theirs = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=config.pad_token_id,
+    )
     assert ours.shape == (2, 27)
     assert torch.equal(ours, theirs)
 
@@ -107,8 +141,9 @@ def test_logits_comparison_detects_a_wrong_mapping(tmp_path):
 
 
 def test_config_json_fields(tmp_path):
-    config = tiny_config(qk_norm=True, head_dim=24, rms_norm_eps=1e-6, rope_theta=5e5,
-                         tie_word_embeddings=False)
+    config = tiny_config(
+        qk_norm=True, head_dim=24, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False
+    )
     hf = to_hf_config(config, torch.float32)
     assert (hf["model_type"], hf["architectures"]) == ("qwen3", ["Qwen3ForCausalLM"])
     fields = (hf["head_dim"], hf["rms_norm_eps"], hf["rope_theta"], hf["tie_word_embeddings"])
@@ -125,8 +160,14 @@ def test_config_json_fields(tmp_path):
 
 def test_yarn_written_for_both_transformers_generations():
     hf = to_hf_config(tiny_config(rope_scaling=YARN))
-    expected = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    expected = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "attention_factor": 1.0,
+    }
     assert hf["rope_scaling"] == expected  # transformers 4.x
     assert hf["rope_parameters"] == {**expected, "rope_theta": 1e6, "truncate": True}  # 5.x
 
@@ -141,17 +182,22 @@ def test_tied_embeddings_stored_once(tmp_path):
             assert ("lm_head.weight" in f.keys()) is not tied
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(rope_scaling={**YARN, "factor": 8}), "factor"),  # factor != max_pos / original
-    # see test_yarn_ramp_clamp_differs_where_export_refuses
-    (dict(rope_scaling={**YARN, "beta_slow": 0.001}, rope_theta=100.0), "ramp"),
-    (dict(rope_scaling={**YARN, "type": "linear"}), "linear"),
-    (dict(use_moe=True, qk_norm=True, n_shared_experts=1), "shared expert"),
-    (dict(use_moe=True, scoring_func="sigmoid"), "softmax"),
-    (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1, norm_topk_prob=False),
-     "Mixtral"),
-    (dict(hidden_size=66, head_dim=16), "divisible"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_scaling={**YARN, "factor": 8}), "factor"),  # factor != max_pos / original
+        # see test_yarn_ramp_clamp_differs_where_export_refuses
+        (dict(rope_scaling={**YARN, "beta_slow": 0.001}, rope_theta=100.0), "ramp"),
+        (dict(rope_scaling={**YARN, "type": "linear"}), "linear"),
+        (dict(use_moe=True, qk_norm=True, n_shared_experts=1), "shared expert"),
+        (dict(use_moe=True, scoring_func="sigmoid"), "softmax"),
+        (
+            dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1, norm_topk_prob=False),
+            "Mixtral",
+        ),
+        (dict(hidden_size=66, head_dim=16), "divisible"),
+    ],
+)
 def test_refuses_what_no_stock_architecture_computes(overrides, message, tmp_path):
     config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=message):
@@ -170,13 +216,24 @@ def test_yarn_ramp_clamp_differs_where_export_refuses():
         config = tiny_config(rope_scaling={**YARN, "beta_slow": beta_slow}, rope_theta=rope_theta)
         cos, sin = rope_tables(16, config.max_position_embeddings, rope_theta, config.rope_scaling)
         ours = torch.atan2(sin[1, :8], cos[1, :8])  # position 1's angles are the frequencies
-        yarn = {k: float(v) for k, v in YARN.items()
-                if k not in ("type", "original_max_position_embeddings")}
-        parameters = {"rope_type": "yarn", "rope_theta": rope_theta, **yarn,
-                      "original_max_position_embeddings": 32, "beta_slow": beta_slow}
-        hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
-                                             max_position_embeddings=128,
-                                             rope_parameters=parameters)
+        yarn = {
+            k: float(v)
+            for k, v in YARN.items()
+            if k not in ("type", "original_max_position_embeddings")
+        }
+        parameters = {
+            "rope_type": "yarn",
+            "rope_theta": rope_theta,
+            **yarn,
+            "original_max_position_embeddings": 32,
+            "beta_slow": beta_slow,
+        }
+        hf_config = transformers.LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            rope_parameters=parameters,
+        )
         theirs, _ = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
         return ours, theirs
 
@@ -189,8 +246,9 @@ def test_yarn_ramp_clamp_differs_where_export_refuses():
 def test_moe_architecture_choice():
     # MiniMind2-MoE: 1 shared, top-2
     assert hf_architecture(tiny_config(use_moe=True)) == "qwen2_moe"
-    minimind3_moe = tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0,
-                                num_experts_per_tok=1)
+    minimind3_moe = tiny_config(
+        use_moe=True, qk_norm=True, n_shared_experts=0, num_experts_per_tok=1
+    )
     assert hf_architecture(minimind3_moe) == "qwen3_moe"
 
 
@@ -198,8 +256,13 @@ def test_norm_topk_prob_exported_as_is_for_every_top_k():
     """Renormalised whenever norm_topk_prob, top-1 included: what Qwen2/3-MoE do with their flag."""
     for top_k in (1, 2):
         for norm in (True, False):
-            config = tiny_config(use_moe=True, qk_norm=True, n_shared_experts=0,
-                                 num_experts_per_tok=top_k, norm_topk_prob=norm)
+            config = tiny_config(
+                use_moe=True,
+                qk_norm=True,
+                n_shared_experts=0,
+                num_experts_per_tok=top_k,
+                norm_topk_prob=norm,
+            )
             assert to_hf_config(config)["norm_topk_prob"] is norm
             assert from_hf_config(to_hf_config(config)) == config
 
@@ -209,10 +272,21 @@ def test_top1_renormalised_model_equals_stock_qwen3_moe(tmp_path):
     norm_topk_prob=True, built and saved by transformers, imports with equal logits; our export
     of the same model loads back as that class with the flag set and equal logits."""
     hf_config = transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=4, num_experts_per_tok=1, norm_topk_prob=True, max_position_embeddings=128,
-        tie_word_embeddings=True, rms_norm_eps=1e-6)
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=1,
+        norm_topk_prob=True,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     stock = transformers.Qwen3MoeForCausalLM(hf_config).eval()
     with torch.no_grad():
@@ -274,10 +348,14 @@ def test_minimind_pth_with_wrapper_prefixes(tmp_path):
     assert found is None
     fresh = MiniMindForCausalLM(config)
     fresh.load_state_dict(loaded, strict=True)
-    assert torch.equal(fresh.model.layers[1].mlp.experts[3].up_proj.weight,
-                       model.model.layers[1].mlp.experts[3].up_proj.weight.half().float())
-    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "step": 3},
-               tmp_path / "resume.pth")
+    assert torch.equal(
+        fresh.model.layers[1].mlp.experts[3].up_proj.weight,
+        model.model.layers[1].mlp.experts[3].up_proj.weight.half().float(),
+    )
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {"state": {}}, "step": 3},
+        tmp_path / "resume.pth",
+    )
     _, resumed = load_weights(tmp_path / "resume.pth", config)
     assert all(torch.equal(resumed[k], v) for k, v in model.state_dict().items())
 
@@ -296,15 +374,27 @@ def test_run_directory_with_config_json(tmp_path):
         assert torch.equal(loaded["lm_head.weight"], model.lm_head.weight)  # tied: filled in
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("model.layers.1.self_attn.q_norm.weight"),
-     r"missing key 'model\.layers\.1\.self_attn\.q_norm\.weight'.*qk_norm"),
-    (lambda s: s.update({"model.layers.2.input_layernorm.weight": torch.ones(64)}),
-     "unexpected.*num_hidden_layers"),
-    (lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.ones(48, 64)}),
-     r"shape \(48, 64\).*\(32, 64\).*num_key_value_heads"),
-    (lambda s: s.update({"lm_head.weight": torch.ones(VOCAB, 64)}), "tie_word_embeddings=False"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: s.pop("model.layers.1.self_attn.q_norm.weight"),
+            r"missing key 'model\.layers\.1\.self_attn\.q_norm\.weight'.*qk_norm",
+        ),
+        (
+            lambda s: s.update({"model.layers.2.input_layernorm.weight": torch.ones(64)}),
+            "unexpected.*num_hidden_layers",
+        ),
+        (
+            lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.ones(48, 64)}),
+            r"shape \(48, 64\).*\(32, 64\).*num_key_value_heads",
+        ),
+        (
+            lambda s: s.update({"lm_head.weight": torch.ones(VOCAB, 64)}),
+            "tie_word_embeddings=False",
+        ),
+    ],
+)
 def test_validation_errors_are_one_line_and_name_the_fix(change, message):
     config = tiny_config(qk_norm=True)
     state = dict(tiny_model(config).state_dict())
@@ -322,13 +412,18 @@ def test_untied_checkpoint_without_lm_head_names_tie_word_embeddings():
         validate_state_dict(state, config)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}, "rope_scaling": None},
-     "llama3"),
-    ({"hidden_act": "gelu"}, "silu"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"attention_bias": True}, "attention_bias"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}, "rope_scaling": None},
+            "llama3",
+        ),
+        ({"hidden_act": "gelu"}, "silu"),
+    ],
+)
 def test_import_refuses_foreign_settings(edit, message):
     hf = to_hf_config(tiny_config(qk_norm=True))
     hf.update(edit)
@@ -367,8 +462,13 @@ def test_cli_exports_a_run_directory(tmp_path, capsys):
     assert "LlamaForCausalLM" in printed and "tokenizer: yes" in printed
     assert float(printed.split("= ")[-1]) < 1e-4  # logits of the bf16 weights, both sides in fp32
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                               "tokenizer_config.json", "generation_config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    }
 
 
 def test_cli_reports_missing_config(tmp_path, capsys):
@@ -379,8 +479,12 @@ def test_cli_reports_missing_config(tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     config_file = tmp_path / "cfg.json"
     config_file.write_text(json.dumps(config.to_dict()))
-    assert export_main(["--ckpt", weights, "--out", str(tmp_path / "hf"),
-                        "--config", str(config_file)]) == 0
+    assert (
+        export_main(
+            ["--ckpt", weights, "--out", str(tmp_path / "hf"), "--config", str(config_file)]
+        )
+        == 0
+    )
     assert "tokenizer: no" in capsys.readouterr().out
 
 
@@ -394,4 +498,3 @@ def test_export_needs_no_transformers(tmp_path, monkeypatch):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="pip install transformers"):
         verify(out)
-

@@ -1,4 +1,5 @@
 """MiniMindForCausalLM: layout, shapes, loss maths, KV-cache generation, fused vs reference ops."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,14 @@ from minimind_fast.model import MiniMindForCausalLM
 
 
 def tiny(**overrides) -> MiniMindConfig:
-    values = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+    values = dict(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     values.update(overrides)
     return MiniMindConfig(**values)
 
@@ -19,7 +26,9 @@ def tiny(**overrides) -> MiniMindConfig:
 CONFIGS = {
     "dense": tiny(),
     "moe": tiny(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
-    "qk_norm_top1": tiny(qk_norm=True, head_dim=32, use_moe=True, num_experts_per_tok=1, n_shared_experts=0),
+    "qk_norm_top1": tiny(
+        qk_norm=True, head_dim=32, use_moe=True, num_experts_per_tok=1, n_shared_experts=0
+    ),
 }
 
 
@@ -27,11 +36,17 @@ def test_parameter_names_follow_minimind():
     model = MiniMindForCausalLM(CONFIGS["moe"])
     names = set(model.state_dict())
     expected = {
-        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-        "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
-        "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.experts.3.down_proj.weight",
         "model.layers.1.mlp.shared_experts.0.up_proj.weight",
     }
     assert expected <= names
@@ -39,10 +54,16 @@ def test_parameter_names_follow_minimind():
     assert model.state_dict()["model.layers.1.mlp.gate.weight"].shape == (4, 64)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     dense = set(MiniMindForCausalLM(CONFIGS["dense"]).state_dict())
-    assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
-            "model.layers.0.mlp.down_proj.weight"} <= dense
+    assert {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    } <= dense
     qk = set(MiniMindForCausalLM(CONFIGS["qk_norm_top1"]).state_dict())
-    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= qk
+    assert {
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+    } <= qk
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -69,8 +90,9 @@ def test_loss_matches_hand_computation_with_ignore_index():
     labels[0, 5:9] = IGNORE_INDEX
     labels[1, -1] = IGNORE_INDEX
     logits = model(ids).logits
-    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1),
-                                reduction="none")
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1), reduction="none"
+    )
     mask = labels[:, 1:].reshape(-1) != IGNORE_INDEX
     expected = per_token[mask].sum() / mask.sum()
     fused = model(ids, labels=labels).loss
@@ -86,7 +108,9 @@ def test_kv_cache_greedy_equals_no_cache(name):
     model = MiniMindForCausalLM(config).eval()
     prompt = torch.randint(3, config.vocab_size, (2, 7))
     cached = model.generate(prompt, max_new_tokens=12, temperature=0, eos_token_id=-1)
-    uncached = model.generate(prompt, max_new_tokens=12, temperature=0, eos_token_id=-1, use_cache=False)
+    uncached = model.generate(
+        prompt, max_new_tokens=12, temperature=0, eos_token_id=-1, use_cache=False
+    )
     assert cached.shape == (2, 19)
     assert torch.equal(cached, uncached)
 
@@ -109,8 +133,8 @@ def test_generation_stops_at_eos_and_pads():
     eos = int(free[0, 6])  # pretend row 0's third new token is EOS
     first = 4 + int((free[0, 4:] == eos).nonzero()[0])
     out = model.generate(prompt, max_new_tokens=8, temperature=0, eos_token_id=eos)
-    assert torch.equal(out[0, :first + 1], free[0, :first + 1])
-    assert (out[0, first + 1:] == config.pad_token_id).all()
+    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1 :] == config.pad_token_id).all()
     row1_eos = (free[1, 4:] == eos).nonzero()
     expected_len = 12 if len(row1_eos) == 0 else max(first, 4 + int(row1_eos[0])) + 1
     assert out.shape == (2, expected_len)
@@ -120,8 +144,18 @@ def test_sampling_is_reproducible_with_a_generator():
     config = CONFIGS["dense"]
     model = MiniMindForCausalLM(config).eval()
     prompt = torch.randint(3, config.vocab_size, (1, 4))
-    runs = [model.generate(prompt, 10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        model.generate(
+            prompt,
+            10,
+            temperature=0.8,
+            top_k=20,
+            top_p=0.9,
+            repetition_penalty=1.1,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -147,14 +181,20 @@ def test_triton_model_matches_reference_model(name):
             out = model(ids, labels=labels, return_logits=True)
             fused_loss = model(ids, labels=labels).loss
             (out.loss + out.aux_loss).backward()
-        results[backend] = (out.logits.detach(), out.loss.detach(), fused_loss.detach(),
-                            {n: p.grad.clone() for n, p in model.named_parameters()})
+        results[backend] = (
+            out.logits.detach(),
+            out.loss.detach(),
+            fused_loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+        )
     ref, fused = results["torch"], results["triton"]
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-6)
     for n in ref[3]:
-        torch.testing.assert_close(fused[3][n], ref[3][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            fused[3][n], ref[3][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])

@@ -3,20 +3,20 @@
 and every gradient, in fp32 and bf16; experts without tokens; torch.compile(fullgraph=True); DDP
 without find_unused_parameters; a model step; MiniMind's state-dict keys.
 """
+
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import assert_close
+from moe_oracle import minimind_moe_forward
 
 from minimind_fast.config import MiniMindConfig, get_preset
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.moe import MoEFeedForward
-from helpers import assert_close
 from minimind_fast.ops import use_backend
-from moe_oracle import minimind_moe_forward
-
 
 # the two backends of ops.moe_experts: one grouped matmul per projection, or each expert on its
 # slice of the rows
@@ -24,9 +24,17 @@ EXPERTS_BACKENDS = [pytest.param("grouped", id="grouped"), pytest.param("torch",
 
 
 def config(**overrides) -> MiniMindConfig:
-    values = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, use_moe=True, n_routed_experts=4, num_experts_per_tok=2,
-                  n_shared_experts=1)
+    values = dict(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_moe=True,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+    )
     values.update(overrides)
     return MiniMindConfig(**values)
 
@@ -51,8 +59,9 @@ LAYER_CASES = {
     "top1_no_shared": dict(num_experts_per_tok=1, n_shared_experts=0),
     # MiniMind2's top-1: the expert output weighted by its probability
     "top1_unnormalised": dict(num_experts_per_tok=1, norm_topk_prob=False),
-    "sigmoid_unnormalised": dict(scoring_func="sigmoid", norm_topk_prob=False,
-                                 num_experts_per_tok=3),
+    "sigmoid_unnormalised": dict(
+        scoring_func="sigmoid", norm_topk_prob=False, num_experts_per_tok=3
+    ),
     "eight_experts_top2": dict(n_routed_experts=8, n_shared_experts=2),
     # rows not 16-byte aligned: grouped_linear runs its per-group loop instead of grouped_mm
     "odd_hidden_size": dict(hidden_size=66, num_attention_heads=3, num_key_value_heads=1),
@@ -176,8 +185,12 @@ _DDP_SCRIPT = textwrap.dedent("""
 
 def test_ddp_without_find_unused_parameters_when_an_expert_is_idle(tmp_path):
     """In a subprocess: DDP/gloo state stays out of the test process, and a hang is bounded."""
-    result = subprocess.run([sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "store")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "ddp ok" in result.stdout, result.stderr[-3000:]
 
 
@@ -246,9 +259,13 @@ def test_state_dict_keys_are_minimind_s():
     shapes = {"gate.weight": (2, H)}
     for group, count in (("experts", 2), ("shared_experts", 1)):
         for i in range(count):
-            shapes.update({f"{group}.{i}.gate_proj.weight": (inter, H),
-                           f"{group}.{i}.up_proj.weight": (inter, H),
-                           f"{group}.{i}.down_proj.weight": (H, inter)})
+            shapes.update(
+                {
+                    f"{group}.{i}.gate_proj.weight": (inter, H),
+                    f"{group}.{i}.up_proj.weight": (inter, H),
+                    f"{group}.{i}.down_proj.weight": (H, inter),
+                }
+            )
     old = {key: torch.randn(shape) for key, shape in shapes.items()}
     layer = MoEFeedForward(cfg)
     layer.load_state_dict(old, strict=True)

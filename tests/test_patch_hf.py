@@ -1,5 +1,6 @@
 """patch_hf_model: tiny random transformers models give the same logits, loss and gradients on our
 ops, with the lm_head and the loss fused (no full logits) whenever labels are given."""
+
 import copy
 
 import pytest
@@ -9,19 +10,39 @@ import minimind_fast.ops as ops
 from minimind_fast.interop import causal_lm_loss, patch_hf_model
 from minimind_fast.layers import RMSNorm
 
-transformers = pytest.importorskip("transformers", reason="the HF tests need transformers: pip install transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="the HF tests need transformers: pip install transformers"
+)
 
 VOCAB = 101
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
 MODELS = {  # model_type: (config class, extra fields)
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
     "qwen2": ("Qwen2Config", dict()),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+        ),
+    ),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
@@ -79,8 +100,12 @@ def test_logits_loss_and_grads_match(model_type, op_calls):
     got = forward_backward(patched, ids, labels, skip_logits=False)
     layers = COMMON["num_hidden_layers"]
     norms_per_layer = 4 if model_type.startswith("qwen3") else 2
-    assert op_calls == {"rms_norm": layers * norms_per_layer + 1, "apply_rotary": layers,
-                        "cross_entropy": 0, "fused_linear_cross_entropy": 1}
+    assert op_calls == {
+        "rms_norm": layers * norms_per_layer + 1,
+        "apply_rotary": layers,
+        "cross_entropy": 0,
+        "fused_linear_cross_entropy": 1,
+    }
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
     assert_same_grads(got[2], expected[2], reference)
@@ -120,8 +145,10 @@ def test_fused_loss_keeps_the_loss_contract():
     patched = patch_hf_model(copy.deepcopy(reference))
     ids = torch.randint(0, VOCAB, (2, 9))
     labels = ids.masked_fill(torch.rand(2, 9) < 0.3, -100)
-    for kwargs in ({"num_items_in_batch": torch.tensor(23)},
-                   {"shift_labels": torch.randint(0, VOCAB, (2, 9))}):
+    for kwargs in (
+        {"num_items_in_batch": torch.tensor(23)},
+        {"shift_labels": torch.randint(0, VOCAB, (2, 9))},
+    ):
         expected = forward_backward(reference, ids, labels, **kwargs)
         got = forward_backward(patched, ids, labels, **kwargs)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
@@ -150,7 +177,9 @@ def test_modules_swapped_and_weights_shared():
     patch_hf_model(model)
     assert isinstance(attention.q_norm, RMSNorm) and attention.q_norm.weight is q_norm_weight
     assert attention.q_norm.eps == 1e-6
-    assert not any(type(m).__name__.endswith("RMSNorm") and not isinstance(m, RMSNorm) for m in model.modules())
+    assert not any(
+        type(m).__name__.endswith("RMSNorm") and not isinstance(m, RMSNorm) for m in model.modules()
+    )
     assert patch_hf_model(model) is model  # idempotent
 
 
@@ -171,8 +200,10 @@ def test_per_row_positions_fall_back_to_hf(op_calls):
     reference = tiny_hf_model("llama")
     patched = patch_hf_model(copy.deepcopy(reference))
     ids = torch.randint(0, VOCAB, (2, 12))
-    for positions, ours in ((torch.stack([torch.arange(12), torch.arange(12) + 5]), False),  # rows differ
-                            (torch.arange(12).expand(2, 12), True)):  # rows equal: our op
+    for positions, ours in (
+        (torch.stack([torch.arange(12), torch.arange(12) + 5]), False),  # rows differ
+        (torch.arange(12).expand(2, 12), True),
+    ):  # rows equal: our op
         op_calls["apply_rotary"] = 0
         with torch.no_grad():
             expected = reference(ids, position_ids=positions).logits
@@ -185,7 +216,9 @@ def test_greedy_generation_with_cache_matches():
     reference = tiny_hf_model("qwen3")
     patched = patch_hf_model(copy.deepcopy(reference))
     prompt = torch.randint(0, VOCAB, (2, 6))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(patched.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
 
 
@@ -195,11 +228,18 @@ def test_causal_lm_loss_matches_transformers_contract():
     logits = torch.randn(2, 9, VOCAB)
     labels = torch.randint(0, VOCAB, (2, 9))
     labels[1, 3:] = -100
-    for target, kwargs in ((labels, {}), (labels, {"num_items_in_batch": torch.tensor(11)}),
-                           (labels, {"shift_labels": torch.randint(0, VOCAB, (2, 9))}),
-                           (labels.masked_fill(labels == -100, 7), {"ignore_index": 7})):
-        torch.testing.assert_close(causal_lm_loss(logits, target, VOCAB, **kwargs),
-                                   ForCausalLMLoss(logits, target, VOCAB, **kwargs), rtol=1e-6, atol=1e-6)
+    for target, kwargs in (
+        (labels, {}),
+        (labels, {"num_items_in_batch": torch.tensor(11)}),
+        (labels, {"shift_labels": torch.randint(0, VOCAB, (2, 9))}),
+        (labels.masked_fill(labels == -100, 7), {"ignore_index": 7}),
+    ):
+        torch.testing.assert_close(
+            causal_lm_loss(logits, target, VOCAB, **kwargs),
+            ForCausalLMLoss(logits, target, VOCAB, **kwargs),
+            rtol=1e-6,
+            atol=1e-6,
+        )
     all_ignored = torch.full_like(labels, -100)
     assert causal_lm_loss(logits, all_ignored, VOCAB).item() == 0.0  # HF gives NaN here
 
@@ -217,6 +257,8 @@ def test_deepcopy_of_a_patched_model_is_independent(op_calls):
 def test_refuses_unsupported_models():
     with pytest.raises(ValueError, match="PreTrainedModel"):
         patch_hf_model(torch.nn.Linear(2, 2))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
+    )
     with pytest.raises(ValueError, match="gpt2"):
         patch_hf_model(gpt2)

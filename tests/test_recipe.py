@@ -8,11 +8,13 @@ order, and resume. MiniMind's facts used here:
   optimizer stepping at `step % accumulation_steps == 0` and once more at an epoch's end;
 - data: `setup_seed(42 + epoch); torch.randperm(len(train_ds))`, PretrainDataset rows.
 """
+
 import json
 import math
 
 import pytest
 import torch
+from pretrain_helpers import assets, final_state, read_metrics, run, tiny_flags  # noqa: F401
 
 from minimind_fast.config import get_preset
 from minimind_fast.data import ResumableSampler, epoch_order
@@ -21,7 +23,6 @@ from minimind_fast.train import cli, data_setup, optim, prepare
 from minimind_fast.train.distributed import DistContext
 from minimind_fast.train.schedule import learning_rate_at, step_learning_rate
 from minimind_fast.train.state import TrainState
-from pretrain_helpers import assets, final_state, read_metrics, run, tiny_flags  # noqa: F401
 
 LR = 5e-4
 
@@ -46,8 +47,15 @@ def minimind_lr(s, total):
 
 
 def recipe_flags(args):
-    return (args.adam_betas, args.weight_decay, args.weight_decay_on, args.warmup_ratio,
-            args.val_fraction, args.packing, args.add_special_tokens)
+    return (
+        args.adam_betas,
+        args.weight_decay,
+        args.weight_decay_on,
+        args.warmup_ratio,
+        args.val_fraction,
+        args.packing,
+        args.add_special_tokens,
+    )
 
 
 def test_each_recipe_fills_its_defaults():
@@ -60,24 +68,49 @@ def test_each_recipe_fills_its_defaults():
 
 
 def test_flags_given_win_over_the_recipe():
-    args = resolve(["--recipe", "minimind", "--packing", "1", "--val_fraction", "0.1",
-                    "--adam_betas", "0.8,0.9", "--weight_decay", "0", "--weight_decay_on",
-                    "matrices", "--add_special_tokens", "auto"])
+    args = resolve(
+        [
+            "--recipe",
+            "minimind",
+            "--packing",
+            "1",
+            "--val_fraction",
+            "0.1",
+            "--adam_betas",
+            "0.8,0.9",
+            "--weight_decay",
+            "0",
+            "--weight_decay_on",
+            "matrices",
+            "--add_special_tokens",
+            "auto",
+        ]
+    )
     assert recipe_flags(args) == ((0.8, 0.9), 0.0, "matrices", 0.0, 0.1, 1, "auto")
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--adam_betas", "0.9"], "--adam_betas: '0.9' must be two numbers in [0, 1)"),
-    (["--adam_betas", "0.9,1.0"], "'0.9,1.0' must be two numbers"),
-    (["--adam_betas", "a,b"], "'a,b' must be two numbers"),
-    (["--weight_decay_on", "norms"], "--weight_decay_on: invalid choice: 'norms'"),
-    (["--recipe", "nanogpt"], "--recipe: invalid choice: 'nanogpt'"),
-    (["--recipe", "minimind", "--warmup_steps", "10"],
-     "--warmup_steps 10: --recipe minimind uses MiniMind's"),
-    (["--recipe", "minimind", "--warmup_ratio", "0.1"], "--warmup_ratio 0.1: --recipe minimind"),
-    (["--recipe", "minimind", "--min_lr", "1e-5"],
-     "--min_lr 1e-05: --recipe minimind decays to learning_rate / 10"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--adam_betas", "0.9"], "--adam_betas: '0.9' must be two numbers in [0, 1)"),
+        (["--adam_betas", "0.9,1.0"], "'0.9,1.0' must be two numbers"),
+        (["--adam_betas", "a,b"], "'a,b' must be two numbers"),
+        (["--weight_decay_on", "norms"], "--weight_decay_on: invalid choice: 'norms'"),
+        (["--recipe", "nanogpt"], "--recipe: invalid choice: 'nanogpt'"),
+        (
+            ["--recipe", "minimind", "--warmup_steps", "10"],
+            "--warmup_steps 10: --recipe minimind uses MiniMind's",
+        ),
+        (
+            ["--recipe", "minimind", "--warmup_ratio", "0.1"],
+            "--warmup_ratio 0.1: --recipe minimind",
+        ),
+        (
+            ["--recipe", "minimind", "--min_lr", "1e-5"],
+            "--min_lr 1e-05: --recipe minimind decays to learning_rate / 10",
+        ),
+    ],
+)
 def test_bad_recipe_flags_exit_2_with_one_line(capsys, argv, fragment):
     assert run(argv) == 2
     err = capsys.readouterr().err
@@ -88,10 +121,13 @@ def test_bad_recipe_flags_exit_2_with_one_line(capsys, argv, fragment):
 def test_help_documents_the_recipe_flags(capsys):
     assert run(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for fragment in ("--recipe {default,minimind}", "--adam_betas B1,B2",
-                     "--weight_decay_on {all,matrices}",
-                     "default: 0.9,0.95, recipe minimind: 0.9,0.999",
-                     "default: matrices, recipe minimind: all"):
+    for fragment in (
+        "--recipe {default,minimind}",
+        "--adam_betas B1,B2",
+        "--weight_decay_on {all,matrices}",
+        "default: 0.9,0.95, recipe minimind: 0.9,0.999",
+        "default: matrices, recipe minimind: all",
+    ):
         assert fragment in text, fragment
 
 
@@ -100,8 +136,9 @@ def test_help_documents_the_recipe_flags(capsys):
 
 def build(model, argv):
     args = resolve(argv)
-    return optim.build_optimizer(model, LR, args.weight_decay, args.adam_betas,
-                                 args.weight_decay_on)
+    return optim.build_optimizer(
+        model, LR, args.weight_decay, args.adam_betas, args.weight_decay_on
+    )
 
 
 def test_default_recipe_decays_matrices_only():
@@ -170,15 +207,34 @@ def schedule_of(argv, num_samples):
     return args, state, rates
 
 
-@pytest.mark.parametrize("num_samples, batch, accumulation, micro_steps", [
-    (10, 2, 1, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),  # iters 5: MiniMind's LR at every micro-step
-    (10, 2, 2, [2, 4, 5, 7, 9, 10]),  # windows [1,2] [3,4] [5]: the value of the last micro-step
-    (11, 2, 4, [4, 6, 10, 12]),  # iters 6 (the last micro-batch holds one row): [1-4] [5-6]
-])
-def test_minimind_schedule_is_get_lr_at_minimind_s_step_index(num_samples, batch, accumulation,
-                                                              micro_steps):
-    argv = ["--recipe", "minimind", "--learning_rate", LR, "--epochs", 2, "--batch_size", batch,
-            "--accumulation_steps", accumulation]
+@pytest.mark.parametrize(
+    "num_samples, batch, accumulation, micro_steps",
+    [
+        (10, 2, 1, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),  # iters 5: MiniMind's LR at every micro-step
+        (
+            10,
+            2,
+            2,
+            [2, 4, 5, 7, 9, 10],
+        ),  # windows [1,2] [3,4] [5]: the value of the last micro-step
+        (11, 2, 4, [4, 6, 10, 12]),  # iters 6 (the last micro-batch holds one row): [1-4] [5-6]
+    ],
+)
+def test_minimind_schedule_is_get_lr_at_minimind_s_step_index(
+    num_samples, batch, accumulation, micro_steps
+):
+    argv = [
+        "--recipe",
+        "minimind",
+        "--learning_rate",
+        LR,
+        "--epochs",
+        2,
+        "--batch_size",
+        batch,
+        "--accumulation_steps",
+        accumulation,
+    ]
     _, state, rates = schedule_of(argv, num_samples)
     total = 2 * math.ceil(num_samples / batch)  # S = epochs * iters
     assert state.warmup_steps == 0
@@ -186,26 +242,47 @@ def test_minimind_schedule_is_get_lr_at_minimind_s_step_index(num_samples, batch
 
 
 def test_default_schedule_is_warmup_then_cosine_at_the_optimizer_step():
-    argv = ["--learning_rate", LR, "--epochs", 2, "--batch_size", 2, "--accumulation_steps", 2,
-            "--warmup_steps", 2]
+    argv = [
+        "--learning_rate",
+        LR,
+        "--epochs",
+        2,
+        "--batch_size",
+        2,
+        "--accumulation_steps",
+        2,
+        "--warmup_steps",
+        2,
+    ]
     args, state, rates = schedule_of(argv, 10)
     assert state.total_steps == 6 and args.min_lr == LR / 10
-    cosine = [LR / 10 + (LR - LR / 10) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4))
-              for step in range(2, 6)]
+    cosine = [
+        LR / 10 + (LR - LR / 10) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4))
+        for step in range(2, 6)
+    ]
     assert rates == pytest.approx([LR / 2, LR] + cosine, rel=1e-12)
     assert rates == [learning_rate_at(step, 6, LR, LR / 10, 2) for step in range(6)]
 
 
 def test_a_minimind_run_logs_minimind_s_learning_rates(assets, tmp_path):
     run_dir = tmp_path / "run"
-    argv = tiny_flags(assets, run_dir, recipe="minimind", warmup_steps=None, learning_rate=LR,
-                      epochs=2, batch_size=4, accumulation_steps=3)
+    argv = tiny_flags(
+        assets,
+        run_dir,
+        recipe="minimind",
+        warmup_steps=None,
+        learning_rate=LR,
+        epochs=2,
+        batch_size=4,
+        accumulation_steps=3,
+    )
     assert run(argv) == 0
     rows = final_state(run_dir)["train_state"]["num_samples"]
     assert rows == 40  # every document is a row: padded rows, no held-out split
     iters = math.ceil(rows / 4)  # 10 micro-batches: windows end at 3, 6, 9 and 10
-    expected = [minimind_lr(epoch * iters + end, 2 * iters)
-                for epoch in (0, 1) for end in (3, 6, 9, 10)]
+    expected = [
+        minimind_lr(epoch * iters + end, 2 * iters) for epoch in (0, 1) for end in (3, 6, 9, 10)
+    ]
     assert [r["lr"] for r in read_metrics(run_dir) if "loss" in r] == expected
 
 
@@ -224,9 +301,23 @@ def marked_corpus(tmp_path):
 
 
 def training_data(assets, data_path, *flags):
-    args = resolve(["--preset", "demo", "--vocab_size", 320, "--data_path", data_path,
-                    "--tokenizer_path", assets["tokenizer"], "--max_seq_len", 24,
-                    "--batch_size", 4, *flags])
+    args = resolve(
+        [
+            "--preset",
+            "demo",
+            "--vocab_size",
+            320,
+            "--data_path",
+            data_path,
+            "--tokenizer_path",
+            assets["tokenizer"],
+            "--max_seq_len",
+            24,
+            "--batch_size",
+            4,
+            *flags,
+        ]
+    )
     return args, data_setup.build_data(args, get_preset("demo", vocab_size=320), DistContext())
 
 
@@ -243,9 +334,10 @@ def test_minimind_recipe_reads_minimind_s_rows_in_minimind_s_order(assets, marke
         data.sampler.set_epoch(epoch)
         assert list(data.sampler) == order
         batch = next(iter(data.loader))
-        for row, index in enumerate(order[:args.batch_size]):  # PretrainDataset.__getitem__
-            tokens = hf(texts[index], add_special_tokens=False, max_length=T - 2,
-                        truncation=True).input_ids
+        for row, index in enumerate(order[: args.batch_size]):  # PretrainDataset.__getitem__
+            tokens = hf(
+                texts[index], add_special_tokens=False, max_length=T - 2, truncation=True
+            ).input_ids
             tokens = [hf.bos_token_id] + tokens + [hf.eos_token_id]
             input_ids = torch.tensor(tokens + [hf.pad_token_id] * (T - len(tokens)))
             labels = torch.where(input_ids == hf.pad_token_id, -100, input_ids)
@@ -280,8 +372,9 @@ def test_resume_refuses_another_recipe_or_decay_groups(assets, tmp_path, capsys,
     run_dir = tmp_path / "run"
     assert run(tiny_flags(assets, run_dir, max_steps=2, warmup_steps=None)) == 0
     capsys.readouterr()
-    argv = tiny_flags(assets, run_dir, max_steps=4, warmup_steps=None, from_resume=1,
-                      **{flag: value})
+    argv = tiny_flags(
+        assets, run_dir, max_steps=4, warmup_steps=None, from_resume=1, **{flag: value}
+    )
     assert run(argv) == 2
     err = capsys.readouterr().err
     assert f"--{flag} {value}" in err and "drop the flag" in err

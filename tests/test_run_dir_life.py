@@ -6,6 +6,7 @@ reads back whole, the newest healthy one loads, and the other run's files are by
 About 14 trainer processes of a tiny model: well under two minutes on 2 cores. Set
 MINIMIND_FAST_LIFE_EVENTS for a longer run (e.g. 60).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,16 @@ import random
 import resource
 import signal
 
+from pretrain_helpers import (
+    Child,
+    assets,
+    check_every_complete_checkpoint_loads,
+    final_state,  # noqa: F401
+    no_orphans,
+    tiny_flags,
+)
+
 from minimind_fast import checkpoints
-from pretrain_helpers import (Child, assets, check_every_complete_checkpoint_loads, final_state,  # noqa: F401
-                              no_orphans, tiny_flags)
 
 SEED = 1234
 EVENTS = int(os.environ.get("MINIMIND_FAST_LIFE_EVENTS", "12"))
@@ -23,13 +31,16 @@ KINDS = ("fresh", "resume", "kill9", "disk_full", "second_trainer", "sigterm")
 
 
 def snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+    }
 
 
 def limit_file_size(limit_bytes):
     def apply():  # writes past the limit fail with EFBIG (as ENOSPC would) instead of SIGXFSZ
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     return apply
 
 
@@ -47,7 +58,9 @@ def test_random_life_of_a_run_directory(assets, tmp_path, no_orphans):
     for kind in kinds[:EVENTS]:
         had_run = run_dir.exists() and any(run_dir.iterdir())
         healthy_before = checkpoints.latest_checkpoint(run_dir) if run_dir.exists() else None
-        newest = checkpoints.latest_checkpoint(run_dir, healthy_only=False) if run_dir.exists() else None
+        newest = (
+            checkpoints.latest_checkpoint(run_dir, healthy_only=False) if run_dir.exists() else None
+        )
         current = checkpoints.read_marker(newest)["step"] if newest is not None else 0
         budget = current + (30 if kind in ("kill9", "sigterm") else rng.randint(2, 6))
         mode = "0" if kind == "fresh" else "auto"
@@ -55,16 +68,24 @@ def test_random_life_of_a_run_directory(assets, tmp_path, no_orphans):
         if kind == "disk_full":
             child = Child(argv, preexec_fn=limit_file_size(rng.choice([30_000, 90_000, 250_000])))
             code = child.finish()
-            assert code in (1, 2), child.output()[-2000:]  # a failed write (or refused start), one line
+            assert code in (1, 2), child.output()[
+                -2000:
+            ]  # a failed write (or refused start), one line
             assert "error:" in child.output() and "Traceback" not in child.output()
         elif kind in ("kill9", "sigterm", "second_trainer"):
-            if kind == "second_trainer":  # long enough to still hold the lock when the second starts
-                argv = tiny_flags(assets, run_dir, max_steps=budget + 10_000, from_resume=mode, **flags)
+            if (
+                kind == "second_trainer"
+            ):  # long enough to still hold the lock when the second starts
+                argv = tiny_flags(
+                    assets, run_dir, max_steps=budget + 10_000, from_resume=mode, **flags
+                )
             child = Child(argv)
             steps = rng.randint(0, 3)
             running = child.wait_until(lambda: child.logged_step() >= steps, timeout=120)
             if kind == "second_trainer" and running:
-                second = Child(tiny_flags(assets, run_dir, max_steps=budget, from_resume="auto", **flags))
+                second = Child(
+                    tiny_flags(assets, run_dir, max_steps=budget, from_resume="auto", **flags)
+                )
                 assert second.finish() == 2, second.output()[-2000:]
                 assert "is in use by another run" in second.output()
                 child.kill(signal.SIGTERM)
@@ -83,7 +104,9 @@ def test_random_life_of_a_run_directory(assets, tmp_path, no_orphans):
             child = Child(argv)
             code = child.finish()
             if kind == "fresh" and had_run:
-                assert code == 2 and "already holds an earlier run" in child.output(), child.output()[-2000:]
+                assert code == 2 and "already holds an earlier run" in child.output(), (
+                    child.output()[-2000:]
+                )
         history.append((kind, code))
         check_every_complete_checkpoint_loads(run_dir)
         healthy = checkpoints.latest_checkpoint(run_dir) if run_dir.exists() else None

@@ -1,12 +1,18 @@
 """Learning-rate schedules: warmup + cosine at the optimizer step (values at the boundaries,
 monotonicity, warmup resolution) and MiniMind's get_lr at its micro-step index."""
+
 import math
 
 import pytest
 
-from minimind_fast.train.schedule import (learning_rate_at, micro_batches_per_epoch,
-                                          minimind_learning_rate, minimind_micro_step,
-                                          minimind_total_micro_steps, resolve_warmup_steps)
+from minimind_fast.train.schedule import (
+    learning_rate_at,
+    micro_batches_per_epoch,
+    minimind_learning_rate,
+    minimind_micro_step,
+    minimind_total_micro_steps,
+    resolve_warmup_steps,
+)
 
 MAX, MIN = 1e-3, 1e-4
 
@@ -15,14 +21,17 @@ def test_warmup_is_linear_and_reaches_the_peak():
     assert learning_rate_at(0, 100, MAX, MIN, warmup_steps=10) == pytest.approx(MAX / 10)
     assert learning_rate_at(4, 100, MAX, MIN, warmup_steps=10) == pytest.approx(MAX * 5 / 10)
     assert learning_rate_at(9, 100, MAX, MIN, warmup_steps=10) == pytest.approx(MAX)
-    assert learning_rate_at(10, 100, MAX, MIN, warmup_steps=10) == pytest.approx(MAX)  # cosine starts at the peak
+    assert learning_rate_at(10, 100, MAX, MIN, warmup_steps=10) == pytest.approx(
+        MAX
+    )  # cosine starts at the peak
 
 
 def test_cosine_midpoint_end_and_after():
     # warmup 10, total 110: the decay spans steps 10..110, midpoint 60
     assert learning_rate_at(60, 110, MAX, MIN, warmup_steps=10) == pytest.approx((MAX + MIN) / 2)
     assert learning_rate_at(35, 110, MAX, MIN, warmup_steps=10) == pytest.approx(
-        MIN + (MAX - MIN) * 0.5 * (1 + math.cos(math.pi * 0.25)))
+        MIN + (MAX - MIN) * 0.5 * (1 + math.cos(math.pi * 0.25))
+    )
     assert learning_rate_at(110, 110, MAX, MIN, warmup_steps=10) == pytest.approx(MIN)
     assert learning_rate_at(500, 110, MAX, MIN, warmup_steps=10) == pytest.approx(MIN)
 

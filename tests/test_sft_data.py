@@ -1,5 +1,6 @@
 """SFT data: conversation validation, ChatML ids against transformers' chat template, the loss
 mask against MiniMind's rule, and the SFT token cache (build, reuse, rebuild, races, bad lines)."""
+
 import json
 import logging
 import pickle
@@ -43,8 +44,14 @@ def chat(*pairs):
 FIXED = {
     "single": chat((USER, "what does the function return ?"), (ASSISTANT, "it returns none .")),
     "system": chat((SYSTEM, "def x = y"), (USER, "数据 ?"), (ASSISTANT, "模型 🤖 returns 1")),
-    "multi_turn": chat((USER, "what"), (ASSISTANT, "none"), (USER, "the list ?"),
-                       (ASSISTANT, "it is empty"), (USER, "and ?"), (ASSISTANT, "an error .")),
+    "multi_turn": chat(
+        (USER, "what"),
+        (ASSISTANT, "none"),
+        (USER, "the list ?"),
+        (ASSISTANT, "it is empty"),
+        (USER, "and ?"),
+        (ASSISTANT, "an error ."),
+    ),
     "newlines": chat((USER, "line one\nline two\n"), (ASSISTANT, "a\n\nb\n")),
     "user_last": chat((USER, "what"), (ASSISTANT, "none"), (USER, "unanswered")),
     "assistant_first": chat((ASSISTANT, "hello , what does the function return ?")),
@@ -72,8 +79,9 @@ def hf_tokenizer(tok_dir):
 
 
 def hf_ids(hf_tokenizer, messages, add_generation_prompt=False):
-    out = hf_tokenizer.apply_chat_template(messages, tokenize=True,
-                                           add_generation_prompt=add_generation_prompt)
+    out = hf_tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -91,8 +99,11 @@ def oracle_labels(hf_tokenizer, ids):
 # ---------------------------------------------------------------------------------------------
 # Rendering: exactly the ids of transformers' apply_chat_template.
 
-ALL_CASES = {**FIXED, **LEADING_SPACE,
-             **{f"random{i}": c["conversations"] for i, c in enumerate(random_conversations(12))}}
+ALL_CASES = {
+    **FIXED,
+    **LEADING_SPACE,
+    **{f"random{i}": c["conversations"] for i, c in enumerate(random_conversations(12))},
+}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CASES))
@@ -102,7 +113,8 @@ def test_ids_equal_hf_apply_chat_template(encoder, hf_tokenizer, name):
     prompt = messages[:-1] if messages[-1]["role"] == ASSISTANT else messages
     for generation_prompt in (True, False) if prompt else ():
         assert encoder.encode_prompt(prompt, generation_prompt) == hf_ids(
-            hf_tokenizer, prompt, generation_prompt)
+            hf_tokenizer, prompt, generation_prompt
+        )
 
 
 def test_encode_batch_equals_one_by_one(encoder):
@@ -117,6 +129,7 @@ def test_encode_batch_equals_one_by_one(encoder):
 
 # ---------------------------------------------------------------------------------------------
 # The loss mask: MiniMind's rule.
+
 
 @pytest.mark.parametrize("name", sorted(set(ALL_CASES) - set(LEADING_SPACE)))
 def test_mask_matches_minimind_rule(encoder, hf_tokenizer, name):
@@ -144,8 +157,9 @@ def test_mask_scores_reply_im_end_and_its_newline_only(encoder):
     for run, reply in zip(scored_runs, replies, strict=True):
         assert run[-2:] == [EOS_TOKEN_ID, newline]  # "<|im_end|>" and the "\n" after it
         assert tokenizer.decode(run[:-2]) == reply
-    assert encoded.assistant_ends == [i + 1 for i in range(len(ids))
-                                      if scored[i] and not (i + 1 < len(ids) and scored[i + 1])]
+    assert encoded.assistant_ends == [
+        i + 1 for i in range(len(ids)) if scored[i] and not (i + 1 < len(ids) and scored[i + 1])
+    ]
     assert ids[0] == BOS_TOKEN_ID and not scored[0]
 
 
@@ -157,17 +171,20 @@ def test_reply_starting_with_whitespace_is_scored(encoder, hf_tokenizer, name):
     encoded = encoder.encode(messages)
     body = encoder.tokenizer.encode(f"assistant\n{messages[-1]['content']}").ids
     header = encoder.headers[ASSISTANT]
-    assert body[:len(header)] != header, "the tokenizer must merge across the header here"
+    assert body[: len(header)] != header, "the tokenizer must merge across the header here"
     run = encoded.ids[encoded.scored].tolist()
     text = encoder.tokenizer.decode(run[:-2])
     assert text in (messages[-1]["content"], "\n" + messages[-1]["content"])
     assert run[-2] == EOS_TOKEN_ID
-    assert not any(oracle_labels(hf_tokenizer, encoded.ids.tolist())[i] != -100
-                   for i in range(len(encoded.ids)))
+    assert not any(
+        oracle_labels(hf_tokenizer, encoded.ids.tolist())[i] != -100
+        for i in range(len(encoded.ids))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation of conversations.
+
 
 def msg(role="user", content="hi"):
     return {"role": role, "content": content}
@@ -192,8 +209,10 @@ BAD_RECORDS = [
     ({"conversations": [msg(content="<|im_start|>x")]}, SPECIAL_IN_CONTENT),
     ({"conversations": [msg("system"), msg()]}, NO_ASSISTANT),
     ({"messages": [msg(), msg("assistant")]}, None),
-    ({"conversations": [msg(), {"role": "assistant", "content": "a", "reasoning_content": 1}]},
-     None),
+    (
+        {"conversations": [msg(), {"role": "assistant", "content": "a", "reasoning_content": 1}]},
+        None,
+    ),
 ]
 
 
@@ -207,6 +226,7 @@ def test_conversation_problem(record, problem):
 
 # ---------------------------------------------------------------------------------------------
 # The SFT cache.
+
 
 @pytest.fixture
 def conversations():
@@ -222,13 +242,15 @@ def data_file(tmp_path, conversations):
 def build_counter(monkeypatch):
     calls = []
     original = sft_cache_module._write_cache
-    monkeypatch.setattr(sft_cache_module, "_write_cache",
-                        lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    monkeypatch.setattr(
+        sft_cache_module, "_write_cache", lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    )
     return calls
 
 
-def test_cache_holds_each_conversation_as_encoded(tmp_path, data_file, conversations, encoder,
-                                                 tok_dir):
+def test_cache_holds_each_conversation_as_encoded(
+    tmp_path, data_file, conversations, encoder, tok_dir
+):
     cache = build_sft_cache(data_file, tok_dir, tmp_path / "cache", progress=False)
     assert cache.num_docs == len(conversations)
     assert cache.line_numbers.tolist() == list(range(1, len(conversations) + 1))
@@ -246,15 +268,23 @@ def test_cache_holds_each_conversation_as_encoded(tmp_path, data_file, conversat
 
 def test_cache_is_independent_of_batch_size(tmp_path, data_file, tok_dir):
     whole = build_sft_cache(data_file, tok_dir, tmp_path / "a", progress=False)
-    pieces = build_sft_cache(data_file, tok_dir, tmp_path / "b", progress=False,
-                             batch_conversations=3)
-    for name in ("tokens", "scored", "doc_offsets", "line_numbers", "assistant_ends",
-                 "assistant_index"):
+    pieces = build_sft_cache(
+        data_file, tok_dir, tmp_path / "b", progress=False, batch_conversations=3
+    )
+    for name in (
+        "tokens",
+        "scored",
+        "doc_offsets",
+        "line_numbers",
+        "assistant_ends",
+        "assistant_index",
+    ):
         assert np.array_equal(getattr(whole, name), getattr(pieces, name)), name
 
 
-def test_cache_reused_then_rebuilt_on_data_or_tokenizer_change(tmp_path, data_file, tok_dir,
-                                                              build_counter):
+def test_cache_reused_then_rebuilt_on_data_or_tokenizer_change(
+    tmp_path, data_file, tok_dir, build_counter
+):
     first = build_sft_cache(data_file, tok_dir, tmp_path / "cache", progress=False)
     again = build_sft_cache(data_file, tok_dir, tmp_path / "cache", progress=False)
     assert len(build_counter) == 1 and again.path == first.path
@@ -302,9 +332,16 @@ def test_failed_build_leaves_nothing(tmp_path, data_file, tok_dir, monkeypatch):
 
 def test_bad_lines_are_skipped_and_reported(tmp_path, tok_dir, caplog):
     good = random_conversations(3, seed=4)
-    lines = [json.dumps(good[0]), "{not json", json.dumps({"conversations": [msg("tool")]}),
-             "", json.dumps(good[1]), json.dumps({"conversations": [msg(), msg("system")]}),
-             json.dumps({"messages": [msg(), msg("assistant", 5)]}), json.dumps(good[2])]
+    lines = [
+        json.dumps(good[0]),
+        "{not json",
+        json.dumps({"conversations": [msg("tool")]}),
+        "",
+        json.dumps(good[1]),
+        json.dumps({"conversations": [msg(), msg("system")]}),
+        json.dumps({"messages": [msg(), msg("assistant", 5)]}),
+        json.dumps(good[2]),
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="minimind_fast.data"):
@@ -320,10 +357,13 @@ def test_bad_lines_are_skipped_and_reported(tmp_path, tok_dir, caplog):
     assert str(path) in warning and "(line 3)" in warning and "(line 6)" in warning
 
 
-@pytest.mark.parametrize("records, message", [
-    ([{"conversations": [msg()]}] * 3, "no usable conversations in .*3 no assistant turn"),
-    ([{"text": "a"}], 'no usable conversations in .*no "conversations"'),
-])
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"conversations": [msg()]}] * 3, "no usable conversations in .*3 no assistant turn"),
+        ([{"text": "a"}], 'no usable conversations in .*no "conversations"'),
+    ],
+)
 def test_file_without_usable_conversation_is_one_line_error(tmp_path, tok_dir, records, message):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(DataError, match=message) as error:
@@ -332,11 +372,14 @@ def test_file_without_usable_conversation_is_one_line_error(tmp_path, tok_dir, r
     assert not any((tmp_path / "cache").rglob("meta.json"))
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("chat.txt", "user: hi\n", "SFT data must be JSONL"),
-    ("empty.jsonl", "", "empty"),
-    ("missing.jsonl", None, "not found"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("chat.txt", "user: hi\n", "SFT data must be JSONL"),
+        ("empty.jsonl", "", "empty"),
+        ("missing.jsonl", None, "not found"),
+    ],
+)
 def test_unusable_file_raises_before_tokenising(tmp_path, tok_dir, name, content, message):
     path = tmp_path / name
     if content is not None:

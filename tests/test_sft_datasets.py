@@ -1,5 +1,6 @@
 """SFT datasets: truncation at turn boundaries, padded rows against MiniMind's, packing (whole
 conversations, boundaries, no scored prediction across them), the loader."""
+
 import logging
 import pickle
 import random
@@ -33,8 +34,12 @@ def long_text(words):
 SHAPES = {
     "fits": chat(("user", "what ?"), ("assistant", "none .")),
     "system_fits": chat(("system", "def x"), ("user", "what ?"), ("assistant", "it returns 1")),
-    "cut_after_first_turn": chat(("user", "what ?"), ("assistant", "none ."),
-                                 ("user", "and the list ?"), ("assistant", long_text(120))),
+    "cut_after_first_turn": chat(
+        ("user", "what ?"),
+        ("assistant", "none ."),
+        ("user", "and the list ?"),
+        ("assistant", long_text(120)),
+    ),
     "cut_inside_reply": chat(("user", "what ?"), ("assistant", long_text(120))),
     "reply_beyond_limit": chat(("user", long_text(120)), ("assistant", "none .")),
 }
@@ -53,16 +58,21 @@ def hf_tokenizer(tok_dir):
 @pytest.fixture(scope="module")
 def shapes_cache(tmp_path_factory, tok_dir):
     root = tmp_path_factory.mktemp("shapes")
-    return build_sft_cache(write_jsonl(root / "shapes.jsonl", list(SHAPES.values())), tok_dir,
-                           root / "cache", progress=False)
+    return build_sft_cache(
+        write_jsonl(root / "shapes.jsonl", list(SHAPES.values())),
+        tok_dir,
+        root / "cache",
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def random_cache(tmp_path_factory, tok_dir):
     root = tmp_path_factory.mktemp("random")
     records = random_conversations(150, seed=5, reply_words=(1, 30))
-    return build_sft_cache(write_jsonl(root / "random.jsonl", records), tok_dir, root / "cache",
-                           progress=False)
+    return build_sft_cache(
+        write_jsonl(root / "random.jsonl", records), tok_dir, root / "cache", progress=False
+    )
 
 
 def full_ids(hf_tokenizer, record):
@@ -80,16 +90,17 @@ def oracle(hf_tokenizer, ids):
 def test_shapes_need_what_their_names_say(hf_tokenizer):
     lengths = {name: len(full_ids(hf_tokenizer, record)) for name, record in SHAPES.items()}
     assert lengths["fits"] <= T and lengths["system_fits"] <= T
-    assert all(lengths[name] > T for name in ("cut_after_first_turn", "cut_inside_reply",
-                                              "reply_beyond_limit"))
+    assert all(
+        lengths[name] > T
+        for name in ("cut_after_first_turn", "cut_inside_reply", "reply_beyond_limit")
+    )
 
 
 def padded_rows(dataset):
     return {int(d): dataset[i] for i, d in enumerate(dataset.doc_ids)}
 
 
-def test_padded_rows_follow_minimind_and_cut_at_turn_boundaries(shapes_cache, hf_tokenizer,
-                                                                caplog):
+def test_padded_rows_follow_minimind_and_cut_at_turn_boundaries(shapes_cache, hf_tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="minimind_fast.data"):
         dataset = SFTPaddedDataset(shapes_cache, None, T)
     names = list(SHAPES)
@@ -97,7 +108,8 @@ def test_padded_rows_follow_minimind_and_cut_at_turn_boundaries(shapes_cache, hf
     skipped = names.index("reply_beyond_limit")
     assert skipped not in rows and len(rows) == len(SHAPES) - 1
     assert dataset.skipped.as_dict() == {
-        f"no assistant token within max_seq_len={T}": {"count": 1, "first_lines": [skipped + 1]}}
+        f"no assistant token within max_seq_len={T}": {"count": 1, "first_lines": [skipped + 1]}
+    }
     assert f"line {skipped + 1}" in caplog.text
     for name in ("fits", "system_fits", "cut_inside_reply"):  # MiniMind's row exactly
         ids, labels = minimind_row(hf_tokenizer, SHAPES[name]["conversations"], T)
@@ -135,8 +147,9 @@ def segments_of(row):
     for segment in torch.unique_consecutive(segment_ids).tolist():
         where = segment_ids == segment
         parts.append((row["input_ids"][where].tolist(), row["labels"][where].tolist()))
-    if (row["labels"][segment_ids == segment_ids[-1]] == IGNORE_INDEX).all() and \
-            (row["input_ids"][segment_ids == segment_ids[-1]] == PAD_TOKEN_ID).all():
+    if (row["labels"][segment_ids == segment_ids[-1]] == IGNORE_INDEX).all() and (
+        row["input_ids"][segment_ids == segment_ids[-1]] == PAD_TOKEN_ID
+    ).all():
         return parts[:-1], len(parts[-1][0])
     return parts, 0
 
@@ -152,8 +165,12 @@ def test_packed_rows_hold_every_conversation_once_and_whole(random_cache, max_se
     found = []
     for index in range(len(packed)):
         row = packed[index]
-        assert row["input_ids"].shape == row["labels"].shape == row["segment_ids"].shape == (
-            max_seq_len,)
+        assert (
+            row["input_ids"].shape
+            == row["labels"].shape
+            == row["segment_ids"].shape
+            == (max_seq_len,)
+        )
         assert all(v.dtype == torch.int64 for v in row.values())
         parts, pad = segments_of(row)
         assert sum(len(ids) for ids, _ in parts) + pad == max_seq_len
@@ -219,8 +236,10 @@ def test_loader_batches_and_counts_scored_tokens(random_cache):
     assert set(batches[0]) == {"input_ids", "labels", "segment_ids"}
     assert batches[0]["segment_ids"].shape == (4, T)
     scored = sum(count_tokens(batch) for batch in batches)
-    expected = sum(int(random_cache.conversation(int(d))[1][:length].sum())
-                   for d, length in zip(packed.doc_ids, packed.lengths, strict=True))
+    expected = sum(
+        int(random_cache.conversation(int(d))[1][:length].sum())
+        for d, length in zip(packed.doc_ids, packed.lengths, strict=True)
+    )
     assert scored == expected
 
 

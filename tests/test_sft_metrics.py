@@ -1,4 +1,5 @@
 """Answer-quality measures: token-level F1 and ROUGE-L against hand-computed values."""
+
 import random
 
 import pytest
@@ -10,17 +11,20 @@ def test_tokens_ignore_case_and_punctuation():
     assert answer_tokens("Return `self.x`, or None!") == ["return", "self", "x", "or", "none"]
 
 
-@pytest.mark.parametrize("prediction, reference, f1, rouge", [
-    ("a b c d", "a b e", 4 / 7, 4 / 7),  # precision 2/4, recall 2/3
-    ("a b c d", "a c b d", 1.0, 0.75),  # same words, another order: only ROUGE-L notices
-    ("the the cat", "the cat", 0.8, 0.8),  # precision 2/3, recall 1
-    ("Return the hash.", "return the HASH", 1.0, 1.0),
-    ("x y", "a b", 0.0, 0.0),
-    ("", "", 1.0, 1.0),
-    ("", "a", 0.0, 0.0),
-    ("a", "", 0.0, 0.0),
-    ("...", "a", 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "prediction, reference, f1, rouge",
+    [
+        ("a b c d", "a b e", 4 / 7, 4 / 7),  # precision 2/4, recall 2/3
+        ("a b c d", "a c b d", 1.0, 0.75),  # same words, another order: only ROUGE-L notices
+        ("the the cat", "the cat", 0.8, 0.8),  # precision 2/3, recall 1
+        ("Return the hash.", "return the HASH", 1.0, 1.0),
+        ("x y", "a b", 0.0, 0.0),
+        ("", "", 1.0, 1.0),
+        ("", "a", 0.0, 0.0),
+        ("a", "", 0.0, 0.0),
+        ("...", "a", 0.0, 0.0),
+    ],
+)
 def test_known_values(prediction, reference, f1, rouge):
     assert token_f1(prediction, reference) == pytest.approx(f1)
     assert rouge_l(prediction, reference) == pytest.approx(rouge)

@@ -1,11 +1,12 @@
 """The document mask of packed SFT rows through the model: a packed conversation sees only
 itself (its logits equal those of the conversation run alone), no mask keeps plain causal
 attention, and misuse of segment_ids is a one-line error."""
+
 import pytest
 import torch
-
 from helpers import assert_close
 from interop_helpers import tiny_config, tiny_model
+
 from minimind_fast.constants import BOS_TOKEN_ID
 from minimind_fast.layers import document_causal_mask
 from minimind_fast.train.optim import apply_grad_checkpointing
@@ -123,8 +124,9 @@ def test_segment_ids_misuse_is_one_line_error(model, case):
 
 
 def test_packed_dataset_rows_through_the_model_equal_each_conversation_alone(tmp_path):
-    from minimind_fast.data.sft import SFTPackedDataset, build_sft_cache
     from sft_helpers import random_conversations, train_small_tokenizer, write_jsonl
+
+    from minimind_fast.data.sft import SFTPackedDataset, build_sft_cache
 
     tokenizer_dir = train_small_tokenizer(tmp_path / "tok")
     data = write_jsonl(tmp_path / "chats.jsonl", random_conversations(12, seed=7, turns=1))

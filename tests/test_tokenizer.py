@@ -1,4 +1,5 @@
 """Tokenizer: exact byte-level round trip, MiniMind's special-token ids, transformers loading, errors, CLI."""
+
 import json
 
 import pytest
@@ -32,8 +33,10 @@ NASTY = [
 def tokenizer_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TRAIN_TEXTS * 3),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TRAIN_TEXTS * 3),
+        encoding="utf-8",
+    )
     return train_tokenizer([data], 400, root / "out")
 
 
@@ -47,7 +50,11 @@ def test_files_written(tokenizer_dir):
 
 def test_special_token_ids(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID] == [0, 1, 2]
+    assert (
+        [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+        == [PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID]
+        == [0, 1, 2]
+    )
     assert 300 < tok.get_vocab_size() <= 400
     # no post-processor: encoding adds no BOS/EOS by itself (the data pipeline adds them)
     assert tok.encode("abc").ids == tok.encode("abc", add_special_tokens=False).ids
@@ -68,8 +75,18 @@ def test_round_trip_random_unicode(tokenizer_dir):
     rng = random.Random(0)
     tok = load_tokenizer(tokenizer_dir)
     for _ in range(20):
-        text = "".join(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0xA0, 0xD7FF),
-                                       rng.randrange(0xE000, 0x10FFFF)])) for _ in range(50))
+        text = "".join(
+            chr(
+                rng.choice(
+                    [
+                        rng.randrange(0x20, 0x7F),
+                        rng.randrange(0xA0, 0xD7FF),
+                        rng.randrange(0xE000, 0x10FFFF),
+                    ]
+                )
+            )
+            for _ in range(50)
+        )
         assert tok.decode(tok.encode(text).ids) == text
 
 
@@ -77,7 +94,9 @@ def test_transformers_loads_same_ids(tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     tok = load_tokenizer(tokenizer_dir)
     auto = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_dir / "tokenizer.json")
+    )
     assert (auto.pad_token_id, auto.bos_token_id, auto.eos_token_id) == (0, 1, 2)
     for text in NASTY:
         ids = tok.encode(text).ids
@@ -98,7 +117,12 @@ def test_load_errors(tmp_path, tokenizer_dir):
     # a valid tokenizer whose special tokens are not at 0/1/2
     from tokenizers import Tokenizer, models
 
-    other = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "<|endoftext|>": 2, "<|im_start|>": 3, "<|im_end|>": 4}, merges=[]))
+    other = Tokenizer(
+        models.BPE(
+            vocab={"a": 0, "b": 1, "<|endoftext|>": 2, "<|im_start|>": 3, "<|im_end|>": 4},
+            merges=[],
+        )
+    )
     other.save(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match=r"maps <\|endoftext\|> to id 2.*needs <\|endoftext\|>=0"):
         load_tokenizer(tmp_path / "other.json")
@@ -126,4 +150,8 @@ def test_cli(tmp_path, capsys):
 
     assert main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: data file not found") and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        err.startswith("error: data file not found")
+        and err.count("\n") == 1
+        and "Traceback" not in err
+    )

@@ -1,6 +1,7 @@
 """Which kernels the CPU training step runs (bench/profile_train_step.py measures their cost):
 grouped-query attention through SDPA's fused CPU kernel with K/V read in place (no repeated
 copies, no materialised causal mask), and the optimizer the trainer builds is the fused AdamW."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,14 @@ from minimind_fast.config import MiniMindConfig
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.train import optim
 
-GQA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           vocab_size=64, max_position_embeddings=64)
+GQA = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
 
 
 def _ops_of_a_step(model, **forward):

@@ -1,6 +1,7 @@
 """Weights I/O: the one check every reader goes through (floating dtype, finite values), the
 wrapper-prefix stripping, safetensors writes (permissions, the reason of a failed write), and
 the import graph of the inference side (interop, generate, export): one way, one home per name."""
+
 import ast
 import errno
 import os
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from interop_helpers import tiny_config, tiny_model, write_checkpoint_dir
+
 from minimind_fast import fileio, weights
 from minimind_fast.interop import export_hf, import_hf, load_weights, validate_state_dict
 
@@ -107,11 +108,18 @@ def test_validation_fix_is_the_callers():
 
 def test_wrapper_prefixes_are_stripped():
     t = torch.zeros(1)
-    state = {"module._orig_mod.model.norm.weight": t, "_orig_mod.module.lm_head.weight": t,
-             "model.layers.0._orig_mod.mlp.up_proj.weight": t, "model.module_list.weight": t}
+    state = {
+        "module._orig_mod.model.norm.weight": t,
+        "_orig_mod.module.lm_head.weight": t,
+        "model.layers.0._orig_mod.mlp.up_proj.weight": t,
+        "model.module_list.weight": t,
+    }
     assert list(weights.strip_wrapper_prefixes(state)) == [
-        "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight",
-        "model.module_list.weight"]
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.module_list.weight",
+    ]
 
 
 def test_load_torch_file_refuses_a_directory(tmp_path):
@@ -131,9 +139,14 @@ def test_save_safetensors_uses_the_mode_of_any_new_file(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
 
 
-@pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "disk full"),
-                                          (errno.EFBIG, "file size limit"),
-                                          (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.ENOSPC, "disk full"),
+        (errno.EFBIG, "file size limit"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_save_safetensors_reports_the_cause(tmp_path, monkeypatch, code, reason):
     import safetensors.torch
     from safetensors import SafetensorError
@@ -151,9 +164,18 @@ def test_save_safetensors_reports_the_cause(tmp_path, monkeypatch, code, reason)
 # ---- imports run one way -------------------------------------------------------------------------
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minimind_fast"
-INFERENCE_SIDE = ["interop/__init__.py", "interop/hf_config.py", "interop/hf_export.py",
-                  "interop/hf_import.py", "weights.py", "dtypes.py", "inference.py", "sampling.py",
-                  "generate.py", "export.py"]
+INFERENCE_SIDE = [
+    "interop/__init__.py",
+    "interop/hf_config.py",
+    "interop/hf_export.py",
+    "interop/hf_import.py",
+    "weights.py",
+    "dtypes.py",
+    "inference.py",
+    "sampling.py",
+    "generate.py",
+    "export.py",
+]
 
 
 def imported_modules(relative: str) -> set[str]:
@@ -166,7 +188,7 @@ def imported_modules(relative: str) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             found.add(module)
             found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x`
@@ -194,16 +216,23 @@ def defined_names(relative: str) -> set[str]:
     tree = ast.parse((PACKAGE / relative).read_text())
     names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assignments = [node for node in tree.body if isinstance(node, ast.Assign)]
-    names.update(target.id for node in assignments for target in node.targets
-                 if isinstance(target, ast.Name))
+    names.update(
+        target.id for node in assignments for target in node.targets if isinstance(target, ast.Name)
+    )
     return names
 
 
 def test_weights_io_and_dtype_names_have_one_home():
-    homes = {"load_torch_file": "weights.py", "load_safetensors": "weights.py",
-             "normalize_keys": "weights.py", "validate_state_dict": "weights.py",
-             "DTYPES": "dtypes.py", "HF_ARCHITECTURES": "interop/hf_config.py",
-             "sample_text": "inference.py", "load_for_inference": "inference.py"}
+    homes = {
+        "load_torch_file": "weights.py",
+        "load_safetensors": "weights.py",
+        "normalize_keys": "weights.py",
+        "validate_state_dict": "weights.py",
+        "DTYPES": "dtypes.py",
+        "HF_ARCHITECTURES": "interop/hf_config.py",
+        "sample_text": "inference.py",
+        "load_for_inference": "inference.py",
+    }
     for module in INFERENCE_SIDE:
         for name in defined_names(module) & set(homes):
             assert module == homes[name], f"{name} is defined in {module}, not {homes[name]}"

@@ -13,6 +13,7 @@ Modules, each importing only those before it: errors, reader, tokenizer, encodin
 datasets, sampler. Follows MiniMind's dataset/lm_dataset.py for the data format and the padded
 rows, nanoGPT's memmapped token file for the cache.
 """
+
 from .cache import CACHE_FORMAT_VERSION, MIN_DOC_TOKENS, TokenCache, build_token_cache, token_dtype
 from .datasets import PackedDataset, PaddedDataset, split_documents
 from .encoding import ADD_SPECIAL_TOKENS, LITERAL_SPECIAL_TOKENS
@@ -21,9 +22,24 @@ from .reader import SkipStats, check_data_path, iter_documents, iter_jsonl_recor
 from .sampler import ResumableSampler, collate, count_tokens, epoch_order, make_dataloader
 
 __all__ = [
-    "DataError", "TokenCache", "build_token_cache", "split_documents", "PackedDataset",
-    "PaddedDataset", "ResumableSampler", "make_dataloader", "collate", "count_tokens",
-    "epoch_order", "token_dtype", "check_data_path", "iter_documents", "iter_jsonl_records",
-    "SkipStats", "MIN_DOC_TOKENS", "CACHE_FORMAT_VERSION", "ADD_SPECIAL_TOKENS",
+    "DataError",
+    "TokenCache",
+    "build_token_cache",
+    "split_documents",
+    "PackedDataset",
+    "PaddedDataset",
+    "ResumableSampler",
+    "make_dataloader",
+    "collate",
+    "count_tokens",
+    "epoch_order",
+    "token_dtype",
+    "check_data_path",
+    "iter_documents",
+    "iter_jsonl_records",
+    "SkipStats",
+    "MIN_DOC_TOKENS",
+    "CACHE_FORMAT_VERSION",
+    "ADD_SPECIAL_TOKENS",
     "LITERAL_SPECIAL_TOKENS",
 ]

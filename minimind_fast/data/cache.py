@@ -25,6 +25,7 @@ batch, not by the file or its longest document. Documents whose text encodes to 
 `MIN_DOC_TOKENS` tokens (BOS/EOS not counted) are skipped and counted: they hold nothing to learn
 beyond BOS -> EOS.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,22 +90,28 @@ class TokenCache:
         try:
             self.meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
             self.doc_offsets = np.load(self.path / "doc_offsets.npy")
-            self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]),
-                                    mode="r", shape=(int(self.meta["num_tokens"]),))
+            self.tokens = np.memmap(
+                self.path / "tokens.bin",
+                dtype=np.dtype(self.meta["dtype"]),
+                mode="r",
+                shape=(int(self.meta["num_tokens"]),),
+            )
             # BLAKE2b of the data file it was built from
             self.data_digest = self.meta["fingerprint"]["data_blake2b"]
             self.data_path = Path(self.meta["data_path"])
             self.docs_with_pad_id = int(self.meta["docs_with_pad_id"])
         except (OSError, ValueError, KeyError) as error:
-            raise DataError(f"token cache {self.path} is missing or corrupt ({error}); delete that "
-                            "directory and rerun to rebuild it") from None
+            raise DataError(
+                f"token cache {self.path} is missing or corrupt ({error}); delete that "
+                "directory and rerun to rebuild it"
+            ) from None
         self.vocab_size = int(self.meta["vocab_size"])
         self.num_docs = len(self.doc_offsets) - 1
         self.num_tokens = len(self.tokens)
 
     def doc(self, index: int) -> np.ndarray:
         """Tokens of document `index` as stored, BOS/EOS included: (length,) memmap view."""
-        return self.tokens[self.doc_offsets[index]:self.doc_offsets[index + 1]]
+        return self.tokens[self.doc_offsets[index] : self.doc_offsets[index + 1]]
 
     def __getstate__(self):
         return {"path": str(self.path)}
@@ -113,9 +120,11 @@ class TokenCache:
         self.__init__(state["path"])
 
     def __repr__(self):
-        return (f"TokenCache({str(self.path)!r}, num_docs={self.num_docs}, "
-                f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size}, "
-                f"dtype={self.tokens.dtype})")
+        return (
+            f"TokenCache({str(self.path)!r}, num_docs={self.num_docs}, "
+            f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size}, "
+            f"dtype={self.tokens.dtype})"
+        )
 
 
 def _is_complete(directory: Path) -> bool:
@@ -173,22 +182,39 @@ def _docs_holding(tokens: np.ndarray, lengths: np.ndarray, token_id: int) -> int
     return len(np.unique(np.searchsorted(np.cumsum(lengths), positions, side="right")))
 
 
-def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress: bool,
-                 batch_docs: int, root: Path) -> None:
+def _write_cache(
+    out_dir: Path,
+    data_path: Path,
+    tokenizer,
+    meta: dict,
+    progress: bool,
+    batch_docs: int,
+    root: Path,
+) -> None:
     dtype = token_dtype(meta["vocab_size"])
     what = f"the token cache of {data_path.name}"
     stats = SkipStats(data_path)
     offsets = [np.zeros(1, dtype=np.int64)]
     num_tokens = docs_with_pad = 0
-    batches = encode_documents(tokenizer, iter_documents(data_path, stats),
-                               meta["add_special_tokens"], meta["literal_special_tokens"], dtype,
-                               batch_docs)
+    batches = encode_documents(
+        tokenizer,
+        iter_documents(data_path, stats),
+        meta["add_special_tokens"],
+        meta["literal_special_tokens"],
+        dtype,
+        batch_docs,
+    )
     show = progress and sys.stderr.isatty()
     with writing(root, what):
         out = open(out_dir / "tokens.bin", "wb")
     try:
-        with tqdm(total=data_path.stat().st_size, unit="B", unit_scale=True, disable=not show,
-                  desc=f"tokenising {data_path.name}") as bar:
+        with tqdm(
+            total=data_path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            disable=not show,
+            desc=f"tokenising {data_path.name}",
+        ) as bar:
             for documents in batches:
                 kept = []
                 for doc in documents:
@@ -209,20 +235,33 @@ def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress
     doc_offsets = np.concatenate(offsets)
     if len(doc_offsets) == 1:  # the error carries the skip summary: no separate warning line
         detail = stats.summary() or "no documents found"
-        raise DataError(f"no usable documents in {data_path}: {detail}. Write {FORMAT_HINT}; "
-                        f"each document needs at least {MIN_DOC_TOKENS} tokens.")
+        raise DataError(
+            f"no usable documents in {data_path}: {detail}. Write {FORMAT_HINT}; "
+            f"each document needs at least {MIN_DOC_TOKENS} tokens."
+        )
     stats.log()
-    meta.update(num_docs=len(doc_offsets) - 1, num_tokens=num_tokens, dtype=dtype.name,
-                docs_with_pad_id=docs_with_pad, skipped=stats.as_dict())
+    meta.update(
+        num_docs=len(doc_offsets) - 1,
+        num_tokens=num_tokens,
+        dtype=dtype.name,
+        docs_with_pad_id=docs_with_pad,
+        skipped=stats.as_dict(),
+    )
     with writing(root, what):
         np.save(out_dir / "doc_offsets.npy", doc_offsets)
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = True,
-                      batch_docs: int = BATCH_DOCS, data_digest: Optional[str] = None,
-                      add_special_tokens: str = "auto",
-                      literal_special_tokens: str = "split") -> TokenCache:
+def build_token_cache(
+    data_path,
+    tokenizer_path,
+    cache_dir=None,
+    progress: bool = True,
+    batch_docs: int = BATCH_DOCS,
+    data_digest: Optional[str] = None,
+    add_special_tokens: str = "auto",
+    literal_special_tokens: str = "split",
+) -> TokenCache:
     """Tokenise `data_path` (JSONL or .txt) with `tokenizer_path` once; reuse the cache afterwards.
 
     cache_dir: root of the caches (default: `default_cache_dir() / "token_cache"`).
@@ -241,10 +280,15 @@ def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool 
     tokenizer = load_tokenizer(tokenizer_json)
     stat = data_path.stat()
     fingerprint = {
-        "format_version": CACHE_FORMAT_VERSION, "min_doc_tokens": MIN_DOC_TOKENS,
-        "max_line_bytes": reader.MAX_LINE_BYTES, "encode_chars": encoding.ENCODE_CHARS,
-        "add_special_tokens": add_special_tokens, "literal_special_tokens": literal_special_tokens,
-        "data_path": str(data_path), "data_size": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+        "format_version": CACHE_FORMAT_VERSION,
+        "min_doc_tokens": MIN_DOC_TOKENS,
+        "max_line_bytes": reader.MAX_LINE_BYTES,
+        "encode_chars": encoding.ENCODE_CHARS,
+        "add_special_tokens": add_special_tokens,
+        "literal_special_tokens": literal_special_tokens,
+        "data_path": str(data_path),
+        "data_size": stat.st_size,
+        "data_mtime_ns": stat.st_mtime_ns,
         "data_blake2b": data_digest or file_digest(data_path),
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),
     }
@@ -263,11 +307,17 @@ def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool 
         with writing(root, what):
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=entry))
         try:
-            meta = {"fingerprint": fingerprint, "key": key, "data_path": str(data_path),
-                    "vocab_size": tokenizer.get_vocab_size(), "bos_token_id": BOS_TOKEN_ID,
-                    "eos_token_id": EOS_TOKEN_ID, "add_special_tokens": add_special_tokens,
-                    "literal_special_tokens": literal_special_tokens,
-                    "tokenizer_path": str(tokenizer_json)}
+            meta = {
+                "fingerprint": fingerprint,
+                "key": key,
+                "data_path": str(data_path),
+                "vocab_size": tokenizer.get_vocab_size(),
+                "bos_token_id": BOS_TOKEN_ID,
+                "eos_token_id": EOS_TOKEN_ID,
+                "add_special_tokens": add_special_tokens,
+                "literal_special_tokens": literal_special_tokens,
+                "tokenizer_path": str(tokenizer_json),
+            }
             _write_cache(tmp, data_path, tokenizer, meta, progress, batch_docs, root)
             with writing(root, what):
                 os.chmod(tmp, 0o755)
@@ -282,8 +332,13 @@ def build_token_cache(data_path, tokenizer_path, cache_dir=None, progress: bool 
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_stale(entry, keep=final)
     cache = TokenCache(final)
-    logger.info("token cache: %d documents, %d tokens from %s -> %s",
-                cache.num_docs, cache.num_tokens, data_path, final)
+    logger.info(
+        "token cache: %d documents, %d tokens from %s -> %s",
+        cache.num_docs,
+        cache.num_tokens,
+        data_path,
+        final,
+    )
     return cache
 
 
@@ -291,6 +346,7 @@ def _remove_stale(entry: Path, keep: Path) -> None:
     """Under the build lock: drop leftovers of crashed builds, and caches that can never be valid
     again: of an older version of the data file, of an older format, or of the same tokenizer and
     modes. Caches of the same data for other tokenizers or BOS/EOS/literal modes are kept."""
+
     def identity(cache_dir: Path) -> tuple:
         found = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))["fingerprint"]
         data = tuple(found[k] for k in ("data_size", "data_mtime_ns", "data_blake2b"))

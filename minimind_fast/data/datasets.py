@@ -19,6 +19,7 @@
 Both return `{"input_ids": LongTensor (T,), "labels": LongTensor (T,)}`; the model shifts labels
 internally, so labels are aligned with input_ids, not shifted here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ from .cache import TokenCache
 from .errors import DataError
 
 
-def split_documents(cache: TokenCache, val_fraction: float, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(
+    cache: TokenCache, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/validation split of the document ids of `cache`.
 
     Returns (train_ids, val_ids), both sorted int64, disjoint, together all documents. Validation
@@ -57,16 +59,22 @@ def _check_doc_ids(cache: TokenCache, doc_ids) -> np.ndarray:
     if doc_ids.ndim != 1:
         raise ValueError(f"doc_ids must be 1-D, got shape {doc_ids.shape}")
     if len(doc_ids) and (doc_ids.min() < 0 or doc_ids.max() >= cache.num_docs):
-        raise ValueError(f"doc_ids must lie in [0, {cache.num_docs}) for {cache.data_path}, got "
-                         f"[{doc_ids.min()}, {doc_ids.max()}]; use split_documents(cache, ...)")
+        raise ValueError(
+            f"doc_ids must lie in [0, {cache.num_docs}) for {cache.data_path}, got "
+            f"[{doc_ids.min()}, {doc_ids.max()}]; use split_documents(cache, ...)"
+        )
     return doc_ids
 
 
 def _check_seq_len(max_seq_len) -> int:
-    if (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer))
-            or max_seq_len < 2):
-        raise ValueError(f"max_seq_len={max_seq_len!r} must be an integer >= 2 "
-                         "(MiniMind uses 512 or 340)")
+    if (
+        isinstance(max_seq_len, bool)
+        or not isinstance(max_seq_len, (int, np.integer))
+        or max_seq_len < 2
+    ):
+        raise ValueError(
+            f"max_seq_len={max_seq_len!r} must be an integer >= 2 (MiniMind uses 512 or 340)"
+        )
     return int(max_seq_len)
 
 
@@ -81,19 +89,23 @@ class PackedDataset(Dataset):
         self.max_seq_len = _check_seq_len(max_seq_len)
         self.doc_ids = _check_doc_ids(cache, doc_ids)
         if cache.docs_with_pad_id:
-            raise DataError(f"{cache.data_path}: {cache.docs_with_pad_id} documents spell the pad "
-                            f"token <|endoftext|>, which this token cache keeps as the pad id "
-                            "(literal_special_tokens='keep'); packed rows never hold pad ids: "
-                            "rebuild it with literal_special_tokens='split' or use padded rows")
+            raise DataError(
+                f"{cache.data_path}: {cache.docs_with_pad_id} documents spell the pad "
+                f"token <|endoftext|>, which this token cache keeps as the pad id "
+                "(literal_special_tokens='keep'); packed rows never hold pad ids: "
+                "rebuild it with literal_special_tokens='split' or use padded rows"
+            )
         offsets = cache.doc_offsets
         lengths = offsets[self.doc_ids + 1] - offsets[self.doc_ids]
         # stream_starts[j]: position in the stream where document doc_ids[j] begins; (n + 1,)
         self.stream_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.num_rows = int(self.stream_starts[-1] // self.max_seq_len)
         if self.num_rows == 0:
-            raise DataError(f"{cache.data_path}: the selected {len(self.doc_ids)} documents hold "
-                            f"only {int(self.stream_starts[-1])} tokens, less than one row of "
-                            f"max_seq_len={self.max_seq_len}; lower --max_seq_len or add data")
+            raise DataError(
+                f"{cache.data_path}: the selected {len(self.doc_ids)} documents hold "
+                f"only {int(self.stream_starts[-1])} tokens, less than one row of "
+                f"max_seq_len={self.max_seq_len}; lower --max_seq_len or add data"
+            )
         # Consecutive ids (e.g. the whole file) are one contiguous slice of the memmap.
         self.contiguous = bool(np.all(np.diff(self.doc_ids) == 1))
         self.base = int(offsets[self.doc_ids[0]]) if len(self.doc_ids) else 0
@@ -108,7 +120,7 @@ class PackedDataset(Dataset):
         T, start = self.max_seq_len, index * self.max_seq_len
         tokens, offsets = self.cache.tokens, self.cache.doc_offsets
         if self.contiguous:
-            return tokens[self.base + start:self.base + start + T].astype(np.int64)
+            return tokens[self.base + start : self.base + start + T].astype(np.int64)
         j = int(np.searchsorted(self.stream_starts, start, side="right")) - 1
         position, pieces, needed = start - int(self.stream_starts[j]), [], T
         while needed > 0:
@@ -133,11 +145,15 @@ class PaddedDataset(Dataset):
         self.max_seq_len = _check_seq_len(max_seq_len)
         self.doc_ids = _check_doc_ids(cache, doc_ids)
         if len(self.doc_ids) == 0:
-            raise DataError(f"{cache.data_path}: no documents selected for the padded dataset; "
-                            "add data or lower the validation fraction")
+            raise DataError(
+                f"{cache.data_path}: no documents selected for the padded dataset; "
+                "add data or lower the validation fraction"
+            )
         if not 0 <= pad_id < cache.vocab_size:
-            raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {cache.vocab_size}); "
-                             f"use {PAD_TOKEN_ID} (<|endoftext|>)")
+            raise ValueError(
+                f"pad_id={pad_id} is outside the vocabulary [0, {cache.vocab_size}); "
+                f"use {PAD_TOKEN_ID} (<|endoftext|>)"
+            )
         self.pad_id = int(pad_id)
 
     def __len__(self) -> int:
@@ -148,9 +164,9 @@ class PaddedDataset(Dataset):
         doc = self.cache.doc(self.doc_ids[index])
         input_ids = np.full(T, self.pad_id, dtype=np.int64)
         if len(doc) <= T:
-            input_ids[:len(doc)] = doc
+            input_ids[: len(doc)] = doc
         elif doc[-1] == EOS_TOKEN_ID:  # cut, keeping the EOS as MiniMind's max_length - 2 does
-            input_ids[:T - 1], input_ids[T - 1] = doc[:T - 1], EOS_TOKEN_ID
+            input_ids[: T - 1], input_ids[T - 1] = doc[: T - 1], EOS_TOKEN_ID
         else:
             input_ids[:] = doc[:T]
         labels = input_ids.copy()

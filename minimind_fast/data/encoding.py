@@ -25,6 +25,7 @@ ENCODE_CHARS characters, cut just before a space or newline that precedes a non-
 no such place in the second half of a piece, at ENCODE_CHARS; and one `encode_batch` call gets at
 most BATCH_CHARS characters.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,11 +51,14 @@ _LONGEST_MARKER = max(map(len, SPECIAL_TOKENS))
 def check_modes(add_special_tokens: str, literal_special_tokens: str) -> None:
     """ValueError naming the bad value and the choices."""
     if add_special_tokens not in ADD_SPECIAL_TOKENS:
-        raise ValueError(f"add_special_tokens={add_special_tokens!r}: use one of "
-                         f"{', '.join(ADD_SPECIAL_TOKENS)}")
+        raise ValueError(
+            f"add_special_tokens={add_special_tokens!r}: use one of {', '.join(ADD_SPECIAL_TOKENS)}"
+        )
     if literal_special_tokens not in LITERAL_SPECIAL_TOKENS:
-        raise ValueError(f"literal_special_tokens={literal_special_tokens!r}: use one of "
-                         f"{', '.join(LITERAL_SPECIAL_TOKENS)}")
+        raise ValueError(
+            f"literal_special_tokens={literal_special_tokens!r}: use one of "
+            f"{', '.join(LITERAL_SPECIAL_TOKENS)}"
+        )
 
 
 def split_at_special_tokens(text: str) -> list[str]:
@@ -96,8 +100,12 @@ def _cut(text: str, start: int, end: int) -> int:
             break
         if not text[i + 1].isspace():
             return i
-    edges = [edge for match in _MARKER.finditer(text, floor, end + _LONGEST_MARKER)
-             for edge in match.span() if floor < edge <= end]
+    edges = [
+        edge
+        for match in _MARKER.finditer(text, floor, end + _LONGEST_MARKER)
+        for edge in match.span()
+        if floor < edge <= end
+    ]
     return max(edges, default=end)
 
 
@@ -134,8 +142,11 @@ class Document:
 def _edges(text: str, mode: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """(text without its leading BOS / trailing EOS marker, prefix ids, suffix ids)."""
     lead, trail = text.startswith(BOS_TEXT), text.endswith(EOS_TEXT)
-    body = text[len(BOS_TEXT) if lead else 0:len(text) - len(EOS_TEXT) if trail else len(text)] \
-        if lead or trail else text
+    body = (
+        text[len(BOS_TEXT) if lead else 0 : len(text) - len(EOS_TEXT) if trail else len(text)]
+        if lead or trail
+        else text
+    )
     own_bos, own_eos = (BOS_TOKEN_ID,) * lead, (EOS_TOKEN_ID,) * trail
     if mode == "always":
         return body, (BOS_TOKEN_ID,) + own_bos, own_eos + (EOS_TOKEN_ID,)
@@ -144,10 +155,15 @@ def _edges(text: str, mode: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]
     return body, own_bos, own_eos
 
 
-def encode_documents(tokenizer: Tokenizer, texts: Iterable[tuple[int, str]],
-                     add_special_tokens: str, literal_special_tokens: str, dtype,
-                     batch_docs: int | None = None, batch_chars: int | None = None
-                     ) -> Iterator[list[Document]]:
+def encode_documents(
+    tokenizer: Tokenizer,
+    texts: Iterable[tuple[int, str]],
+    add_special_tokens: str,
+    literal_special_tokens: str,
+    dtype,
+    batch_docs: int | None = None,
+    batch_chars: int | None = None,
+) -> Iterator[list[Document]]:
     """Encode `(line_number, text)` pairs; yield the finished documents in order, a list per
     tokenizer batch (a long document may take several batches and finish in a later one).
     batch_docs / batch_chars: bounds of one tokenizer call (default BATCH_DOCS / BATCH_CHARS)."""
@@ -162,11 +178,12 @@ def encode_documents(tokenizer: Tokenizer, texts: Iterable[tuple[int, str]],
     def run() -> list[Document]:
         encodings = encode([piece for _, piece, _ in units], add_special_tokens=False)
         lengths = [len(e.ids) for e in encodings]
-        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype,
-                           count=sum(lengths))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=sum(lengths)
+        )
         finished, start = [], 0
         for (doc, _, last), length in zip(units, lengths, strict=True):
-            doc.parts.append(flat[start:start + length])
+            doc.parts.append(flat[start : start + length])
             start += length
             if last:
                 finished.append(doc.finish())
@@ -199,8 +216,10 @@ def join(documents: list[Document], dtype) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
     is_text = np.ones(len(tokens), dtype=bool)
     ends = starts + lengths
-    for counts, offsets, ids in ((prefixes, starts, (d.prefix for d in documents)),
-                                 (suffixes, ends - suffixes, (d.suffix for d in documents))):
+    for counts, offsets, ids in (
+        (prefixes, starts, (d.prefix for d in documents)),
+        (suffixes, ends - suffixes, (d.suffix for d in documents)),
+    ):
         # position j of document i's prefix (suffix) is offsets[i] + j
         first = np.repeat(offsets - (np.cumsum(counts) - counts), counts)
         where = first + np.arange(int(counts.sum()))

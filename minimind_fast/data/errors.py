@@ -1,5 +1,6 @@
 """The data side's one user-facing error, and the translation of failed writes (a full disk above
 all) into it: one line naming the path and the fix instead of an OSError traceback."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,12 @@ def writing(path, what: str):
         path = Path(path)
         reason = error.strerror or str(error)
         if is_disk_full(error):
-            raise DataError(f"disk full: writing {what} to {path} failed ({reason}); free space on "
-                            "that disk or write it elsewhere (e.g. set MINIMIND_FAST_CACHE to a "
-                            "directory on another disk)") from None
-        raise DataError(f"cannot write {what} to {path} ({reason}); make that directory writable "
-                        "or write it elsewhere (e.g. set MINIMIND_FAST_CACHE)") from None
+            raise DataError(
+                f"disk full: writing {what} to {path} failed ({reason}); free space on "
+                "that disk or write it elsewhere (e.g. set MINIMIND_FAST_CACHE to a "
+                "directory on another disk)"
+            ) from None
+        raise DataError(
+            f"cannot write {what} to {path} ({reason}); make that directory writable "
+            "or write it elsewhere (e.g. set MINIMIND_FAST_CACHE)"
+        ) from None

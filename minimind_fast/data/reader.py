@@ -18,6 +18,7 @@ extension) raise `DataError` up front, before any training or DataLoader worker 
 `iter_jsonl_records` is the JSONL line reader for any record format (UTF-8, blank lines, JSON,
 lone surrogates and over-long lines handled and counted); `iter_documents` builds on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ MAX_LINE_BYTES = 8 << 20  # one JSONL line (one document) is at most 8 MiB; read
 # A JSON escape of a UTF-16 surrogate; json.loads pairs valid ones and leaves lone ones in the str.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-FORMAT_HINT = ('one JSON object {"text": "..."} per line (.jsonl, UTF-8) or a .txt file with '
-               "documents separated by blank lines")
+FORMAT_HINT = (
+    'one JSON object {"text": "..."} per line (.jsonl, UTF-8) or a .txt file with '
+    "documents separated by blank lines"
+)
 
 BAD_JSON = "malformed JSON"
 NO_TEXT = 'missing "text" field'
@@ -84,41 +87,52 @@ class SkipStats:
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
-        return {reason: {"count": count, "first_lines": self.lines[reason]}
-                for reason, count in self.counts.items()}
+        return {
+            reason: {"count": count, "first_lines": self.lines[reason]}
+            for reason, count in self.counts.items()
+        }
 
     def log(self) -> None:
         if self.total:
-            logger.warning("%s: skipped %d line(s)/document(s): %s", self.path, self.total,
-                           self.summary())
+            logger.warning(
+                "%s: skipped %d line(s)/document(s): %s", self.path, self.total, self.summary()
+            )
 
 
 def check_data_path(path) -> Path:
     """Validate that `path` is a readable, non-empty file of a known format; return it resolved."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"data file not found: {path}. Pass an existing file ({FORMAT_HINT}); "
-                        "for pretraining, omit --data_path to use the built-in corpus.")
+        raise DataError(
+            f"data file not found: {path}. Pass an existing file ({FORMAT_HINT}); "
+            "for pretraining, omit --data_path to use the built-in corpus."
+        )
     if path.is_dir():
-        raise DataError(f"{path} is a directory, not a data file. Pass one file inside it with "
-                        f"--data_path ({FORMAT_HINT}).")
+        raise DataError(
+            f"{path} is a directory, not a data file. Pass one file inside it with "
+            f"--data_path ({FORMAT_HINT})."
+        )
     if path.suffix.lower() not in JSONL_SUFFIXES + TEXT_SUFFIXES:
-        raise DataError(f"unsupported data file extension {path.suffix!r} for {path}: use "
-                        f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} ({FORMAT_HINT}).")
+        raise DataError(
+            f"unsupported data file extension {path.suffix!r} for {path}: use "
+            f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} ({FORMAT_HINT})."
+        )
     try:
         size = path.stat().st_size
         with open(path, "rb"):
             pass
     except OSError as error:
-        raise DataError(f"cannot read data file {path}: {error.strerror}. Check its permissions."
-                        ) from None
+        raise DataError(
+            f"cannot read data file {path}: {error.strerror}. Check its permissions."
+        ) from None
     if size == 0:
         raise DataError(f"data file is empty: {path} (0 bytes). Write {FORMAT_HINT}.")
     return path.resolve()
 
 
-def _decode(raw: bytes, line_number: int, stats: SkipStats, strip_bom: bool | None = None
-            ) -> str | None:
+def _decode(
+    raw: bytes, line_number: int, stats: SkipStats, strip_bom: bool | None = None
+) -> str | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -14,6 +14,7 @@ consumed by all ranks together. Hence (as in torchtitan's / Megatron's resumable
 `make_dataloader` wraps it with a collate that stacks dicts of LongTensors; `count_tokens` gives
 the number of label tokens that carry loss (the tokens/s numerator).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -34,8 +35,9 @@ def _non_negative_int(name: str, value) -> int:
 SEEDINGS = ("mixed", "sum")
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True,
-                seeding: str = "mixed") -> torch.Tensor:
+def epoch_order(
+    num_samples: int, seed: int, epoch: int, shuffle: bool = True, seeding: str = "mixed"
+) -> torch.Tensor:
     """The global sample order of one epoch: (num_samples,) int64, a permutation of range(N)."""
     if seeding not in SEEDINGS:
         raise ValueError(f"seeding={seeding!r}: use one of {', '.join(SEEDINGS)}")
@@ -57,8 +59,17 @@ class ResumableSampler(Sampler[int]):
     among the ranks is dropped), so DDP ranks never disagree on the number of steps.
     """
 
-    def __init__(self, num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                 consumed: int = 0, shuffle: bool = True, seeding: str = "mixed"):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        consumed: int = 0,
+        shuffle: bool = True,
+        seeding: str = "mixed",
+    ):
         self.num_samples = _non_negative_int("num_samples", num_samples)
         self.seed = _non_negative_int("seed", seed)
         self.epoch = _non_negative_int("epoch", epoch)
@@ -79,8 +90,10 @@ class ResumableSampler(Sampler[int]):
         self.epoch = _non_negative_int("epoch", epoch)
         self.consumed = _non_negative_int("consumed", consumed)
         if self.consumed > self.num_samples:
-            raise ValueError(f"consumed={consumed} exceeds the {self.num_samples} samples of an epoch; "
-                             "resume with consumed in [0, num_samples] or start the next epoch")
+            raise ValueError(
+                f"consumed={consumed} exceeds the {self.num_samples} samples of an epoch; "
+                "resume with consumed in [0, num_samples] or start the next epoch"
+            )
 
     def _bounds(self) -> tuple[int, int]:
         total = self.num_samples // self.world_size * self.world_size
@@ -95,7 +108,7 @@ class ResumableSampler(Sampler[int]):
         start, per_rank = self._bounds()
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.seeding)
         first = start + self.rank
-        mine = order[first:first + per_rank * self.world_size:self.world_size]
+        mine = order[first : first + per_rank * self.world_size : self.world_size]
         for chunk in mine.split(1 << 16):  # bounded Python-int overhead for huge epochs
             yield from chunk.tolist()
 
@@ -105,15 +118,27 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
-def make_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int = 0,
-                    pin_memory: bool = False) -> DataLoader:
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """DataLoader over `sampler` with `collate`; keeps the trailing partial batch (drop_last=False)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     num_workers = _non_negative_int("num_workers", num_workers)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, collate_fn=collate,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        collate_fn=collate,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

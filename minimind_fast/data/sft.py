@@ -14,18 +14,39 @@ gives the ids to generate a reply from; `answer_scores` rates generated answers.
 Module map: sft_format (JSONL reader, validation), sft_template (ids and mask), sft_cache,
 sft_datasets (truncation, packing, document mask), sft_metrics (token F1, ROUGE-L).
 """
+
 from .datasets import split_documents
 from .sft_cache import SFT_CACHE_FORMAT_VERSION, SFTCache, build_sft_cache
 from .sft_datasets import SFTPackedDataset, SFTPaddedDataset, kept_lengths, pack_best_fit
-from .sft_format import (ROLES, SFT_FORMAT_HINT, check_sft_data_path, conversation_problem,
-                         iter_conversations, to_messages)
+from .sft_format import (
+    ROLES,
+    SFT_FORMAT_HINT,
+    check_sft_data_path,
+    conversation_problem,
+    iter_conversations,
+    to_messages,
+)
 from .sft_metrics import answer_scores, rouge_l, token_f1
 from .sft_template import ChatTemplateEncoder, EncodedConversation
 
 __all__ = [
-    "SFTCache", "build_sft_cache", "SFT_CACHE_FORMAT_VERSION", "split_documents",
-    "SFTPackedDataset", "SFTPaddedDataset", "kept_lengths",
-    "pack_best_fit", "ROLES", "SFT_FORMAT_HINT", "check_sft_data_path", "conversation_problem",
-    "iter_conversations", "to_messages", "answer_scores", "rouge_l", "token_f1",
-    "ChatTemplateEncoder", "EncodedConversation",
+    "SFTCache",
+    "build_sft_cache",
+    "SFT_CACHE_FORMAT_VERSION",
+    "split_documents",
+    "SFTPackedDataset",
+    "SFTPaddedDataset",
+    "kept_lengths",
+    "pack_best_fit",
+    "ROLES",
+    "SFT_FORMAT_HINT",
+    "check_sft_data_path",
+    "conversation_problem",
+    "iter_conversations",
+    "to_messages",
+    "answer_scores",
+    "rouge_l",
+    "token_f1",
+    "ChatTemplateEncoder",
+    "EncodedConversation",
 ]

@@ -21,6 +21,7 @@ SFT_CACHE_FORMAT_VERSION (bump it when the rendering or the mask rule changes). 
 the pretraining cache: under a file lock, into a temp directory renamed into place, so racing
 ranks build once and nobody sees half a cache; superseded caches of the same file are removed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,10 +68,15 @@ class SFTCache:
             self.meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
             num_tokens = int(self.meta["num_tokens"])
             self.num_scored = int(self.meta["num_scored"])
-            self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]),
-                                    mode="r", shape=(num_tokens,))
-            self.scored = np.memmap(self.path / "scored.bin", dtype=np.uint8, mode="r",
-                                    shape=(num_tokens,))
+            self.tokens = np.memmap(
+                self.path / "tokens.bin",
+                dtype=np.dtype(self.meta["dtype"]),
+                mode="r",
+                shape=(num_tokens,),
+            )
+            self.scored = np.memmap(
+                self.path / "scored.bin", dtype=np.uint8, mode="r", shape=(num_tokens,)
+            )
             self.doc_offsets = np.load(self.path / "doc_offsets.npy")
             self.line_numbers = np.load(self.path / "line_numbers.npy")
             self.assistant_ends = np.load(self.path / "assistant_ends.npy")
@@ -78,8 +84,10 @@ class SFTCache:
             self.data_digest = self.meta["fingerprint"]["data_blake2b"]
             self.data_path = Path(self.meta["fingerprint"]["data_path"])
         except (OSError, ValueError, KeyError) as error:
-            raise DataError(f"SFT cache {self.path} is missing or corrupt ({error}); delete that "
-                            "directory and rerun to rebuild it") from None
+            raise DataError(
+                f"SFT cache {self.path} is missing or corrupt ({error}); delete that "
+                "directory and rerun to rebuild it"
+            ) from None
         self.vocab_size = int(self.meta["vocab_size"])
         self.num_docs = len(self.doc_offsets) - 1
         self.num_tokens = len(self.tokens)
@@ -91,7 +99,7 @@ class SFTCache:
 
     def turn_ends(self, index: int) -> np.ndarray:
         """Positions just past each assistant message of conversation `index` (ascending)."""
-        return self.assistant_ends[self.assistant_index[index]:self.assistant_index[index + 1]]
+        return self.assistant_ends[self.assistant_index[index] : self.assistant_index[index + 1]]
 
     def __getstate__(self):
         return {"path": str(self.path)}
@@ -100,8 +108,10 @@ class SFTCache:
         self.__init__(state["path"])
 
     def __repr__(self):
-        return (f"SFTCache({str(self.path)!r}, num_docs={self.num_docs}, "
-                f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size})")
+        return (
+            f"SFTCache({str(self.path)!r}, num_docs={self.num_docs}, "
+            f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size})"
+        )
 
 
 def _batches(conversations, max_items: int, max_chars: int):
@@ -116,19 +126,28 @@ def _batches(conversations, max_items: int, max_chars: int):
         yield batch
 
 
-def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress: bool,
-                 batch_conversations: int) -> None:
+def _write_cache(
+    out_dir: Path, data_path: Path, tokenizer, meta: dict, progress: bool, batch_conversations: int
+) -> None:
     dtype = token_dtype(meta["vocab_size"])
     encoder = ChatTemplateEncoder(tokenizer)
     stats = SkipStats(data_path)
     offsets, line_numbers, ends, counts, num_scored = [0], [], [], [0], 0
     show = progress and sys.stderr.isatty()
-    with open(out_dir / "tokens.bin", "wb") as tokens_out, \
-            open(out_dir / "scored.bin", "wb") as scored_out, \
-            tqdm(total=data_path.stat().st_size, unit="B", unit_scale=True, disable=not show,
-                 desc=f"tokenising {data_path.name}") as bar:
-        for batch in _batches(iter_conversations(data_path, stats), batch_conversations,
-                              BATCH_CHARS):
+    with (
+        open(out_dir / "tokens.bin", "wb") as tokens_out,
+        open(out_dir / "scored.bin", "wb") as scored_out,
+        tqdm(
+            total=data_path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            disable=not show,
+            desc=f"tokenising {data_path.name}",
+        ) as bar,
+    ):
+        for batch in _batches(
+            iter_conversations(data_path, stats), batch_conversations, BATCH_CHARS
+        ):
             encoded = encoder.encode_batch([messages for _, messages in batch])
             np.concatenate([e.ids for e in encoded]).astype(dtype).tofile(tokens_out)
             scored = np.concatenate([e.scored for e in encoded])
@@ -142,21 +161,32 @@ def _write_cache(out_dir: Path, data_path: Path, tokenizer, meta: dict, progress
             bar.update(stats.bytes_read - bar.n)
     if not line_numbers:  # the error carries the skip summary: no separate warning line
         detail = stats.summary() or "no conversations found"
-        raise DataError(f"no usable conversations in {data_path}: {detail}. "
-                        f"Write {SFT_FORMAT_HINT}.")
+        raise DataError(
+            f"no usable conversations in {data_path}: {detail}. Write {SFT_FORMAT_HINT}."
+        )
     stats.log()
     np.save(out_dir / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(out_dir / "line_numbers.npy", np.asarray(line_numbers, dtype=np.int64))
     np.save(out_dir / "assistant_ends.npy", np.asarray(ends, dtype=np.int64))
     np.save(out_dir / "assistant_index.npy", np.cumsum(counts, dtype=np.int64))
-    meta.update(num_docs=len(line_numbers), num_tokens=offsets[-1], num_scored=num_scored,
-                dtype=dtype.name, skipped=stats.as_dict())
+    meta.update(
+        num_docs=len(line_numbers),
+        num_tokens=offsets[-1],
+        num_scored=num_scored,
+        dtype=dtype.name,
+        skipped=stats.as_dict(),
+    )
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def build_sft_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = True,
-                    batch_conversations: int = BATCH_CONVERSATIONS,
-                    data_digest: Optional[str] = None) -> SFTCache:
+def build_sft_cache(
+    data_path,
+    tokenizer_path,
+    cache_dir=None,
+    progress: bool = True,
+    batch_conversations: int = BATCH_CONVERSATIONS,
+    data_digest: Optional[str] = None,
+) -> SFTCache:
     """Tokenise the SFT JSONL `data_path` with `tokenizer_path` once; reuse the cache afterwards.
 
     cache_dir: root of the caches (default: `default_cache_dir() / "sft_cache"`).
@@ -169,9 +199,12 @@ def build_sft_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = 
     tokenizer = load_tokenizer(tokenizer_json)
     stat = data_path.stat()
     fingerprint = {
-        "kind": "sft", "format_version": SFT_CACHE_FORMAT_VERSION,
+        "kind": "sft",
+        "format_version": SFT_CACHE_FORMAT_VERSION,
         "max_line_bytes": reader.MAX_LINE_BYTES,
-        "data_path": str(data_path), "data_size": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+        "data_path": str(data_path),
+        "data_size": stat.st_size,
+        "data_mtime_ns": stat.st_mtime_ns,
         "data_blake2b": data_digest or file_digest(data_path),
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),
     }
@@ -189,9 +222,13 @@ def build_sft_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = 
         with writing(root, what):
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=entry))
         try:
-            meta = {"fingerprint": fingerprint, "key": key, "data_path": str(data_path),
-                    "vocab_size": tokenizer.get_vocab_size(),
-                    "tokenizer_path": str(tokenizer_json)}
+            meta = {
+                "fingerprint": fingerprint,
+                "key": key,
+                "data_path": str(data_path),
+                "vocab_size": tokenizer.get_vocab_size(),
+                "tokenizer_path": str(tokenizer_json),
+            }
             with writing(root, what):
                 _write_cache(tmp, data_path, tokenizer, meta, progress, batch_conversations)
                 os.chmod(tmp, 0o755)
@@ -206,6 +243,12 @@ def build_sft_cache(data_path, tokenizer_path, cache_dir=None, progress: bool = 
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_stale(entry, keep=final)
     cache = SFTCache(final)
-    logger.info("SFT cache: %d conversations, %d tokens (%d scored) from %s -> %s",
-                cache.num_docs, cache.num_tokens, cache.num_scored, data_path, final)
+    logger.info(
+        "SFT cache: %d conversations, %d tokens (%d scored) from %s -> %s",
+        cache.num_docs,
+        cache.num_tokens,
+        cache.num_scored,
+        data_path,
+        final,
+    )
     return cache

@@ -21,6 +21,7 @@ no scored token, the conversation is skipped and counted (warning with its line 
   but no loss would: every conversation starts with an unscored `<|im_start|>`, so no position
   is trained to predict the next conversation.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,9 @@ from .reader import DataError, SkipStats
 from .sft_cache import SFTCache
 
 
-def kept_lengths(cache: SFTCache, doc_ids: np.ndarray, max_seq_len: int,
-                 stats: SkipStats | None = None) -> np.ndarray:
+def kept_lengths(
+    cache: SFTCache, doc_ids: np.ndarray, max_seq_len: int, stats: SkipStats | None = None
+) -> np.ndarray:
     """Tokens kept of each conversation in doc_ids after truncation: (n,) int64, 0 = skipped.
 
     Skipped conversations (no scored token within max_seq_len) are counted in `stats`.
@@ -52,8 +54,10 @@ def kept_lengths(cache: SFTCache, doc_ids: np.ndarray, max_seq_len: int,
         else:
             lengths[j] = 0
             if stats is not None:
-                stats.add(f"no assistant token within max_seq_len={max_seq_len}",
-                          int(cache.line_numbers[doc]))
+                stats.add(
+                    f"no assistant token within max_seq_len={max_seq_len}",
+                    int(cache.line_numbers[doc]),
+                )
     return lengths
 
 
@@ -64,8 +68,10 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     Returns one list of indices into `lengths` per row, in creation order; every index of a
     length > 0 appears exactly once (zeros are left out). Deterministic."""
     if len(lengths) and int(lengths.max()) > capacity:
-        raise ValueError(f"a length of {int(lengths.max())} exceeds the row capacity {capacity}; "
-                         "truncate first (kept_lengths)")
+        raise ValueError(
+            f"a length of {int(lengths.max())} exceeds the row capacity {capacity}; "
+            "truncate first (kept_lengths)"
+        )
     order = np.argsort(-lengths, kind="stable")
     rows: list[list[int]] = []
     rows_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # by free tokens
@@ -101,17 +107,21 @@ class _SFTRows(Dataset):
         self.max_seq_len = _check_seq_len(max_seq_len)
         doc_ids = _check_doc_ids(cache, doc_ids)
         if not 0 <= pad_id < cache.vocab_size:
-            raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {cache.vocab_size})"
-                             f"; use {PAD_TOKEN_ID} (<|endoftext|>)")
+            raise ValueError(
+                f"pad_id={pad_id} is outside the vocabulary [0, {cache.vocab_size})"
+                f"; use {PAD_TOKEN_ID} (<|endoftext|>)"
+            )
         self.pad_id = int(pad_id)
         self.skipped = SkipStats(cache.data_path)
         lengths = kept_lengths(cache, doc_ids, self.max_seq_len, self.skipped)
         self.skipped.log()
         kept = lengths > 0
         if not kept.any():
-            raise DataError(f"{cache.data_path}: none of the {len(doc_ids)} selected "
-                            f"conversations has an assistant token within max_seq_len="
-                            f"{self.max_seq_len}; raise --max_seq_len")
+            raise DataError(
+                f"{cache.data_path}: none of the {len(doc_ids)} selected "
+                f"conversations has an assistant token within max_seq_len="
+                f"{self.max_seq_len}; raise --max_seq_len"
+            )
         self.doc_ids, self.lengths = doc_ids[kept], lengths[kept]
 
     def _fill(self, input_ids: np.ndarray, labels: np.ndarray, position: int, j: int) -> int:
@@ -120,8 +130,7 @@ class _SFTRows(Dataset):
         ids, scored = self.cache.conversation(int(self.doc_ids[j]))
         end = position + length
         input_ids[position:end] = ids[:length]
-        labels[position:end] = np.where(scored[:length] != 0, input_ids[position:end],
-                                        IGNORE_INDEX)
+        labels[position:end] = np.where(scored[:length] != 0, input_ids[position:end], IGNORE_INDEX)
         return end
 
     def _empty_row(self) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +160,9 @@ class SFTPackedDataset(_SFTRows):
         super().__init__(cache, doc_ids, max_seq_len, pad_id)
         rows = pack_best_fit(self.lengths, self.max_seq_len)
         # row r holds kept conversations members[row_starts[r]:row_starts[r + 1]], in order
-        self.members = np.fromiter((j for row in rows for j in row), dtype=np.int64,
-                                   count=len(self.lengths))
+        self.members = np.fromiter(
+            (j for row in rows for j in row), dtype=np.int64, count=len(self.lengths)
+        )
         self.row_starts = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -169,11 +179,14 @@ class SFTPackedDataset(_SFTRows):
         input_ids, labels = self._empty_row()
         segment_ids = np.empty(self.max_seq_len, dtype=np.int64)
         position = 0
-        members = self.members[self.row_starts[index]:self.row_starts[index + 1]]
+        members = self.members[self.row_starts[index] : self.row_starts[index + 1]]
         for segment, j in enumerate(members.tolist()):
             end = self._fill(input_ids, labels, position, j)
             segment_ids[position:end] = segment
             position = end
         segment_ids[position:] = len(members)
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "segment_ids": torch.from_numpy(segment_ids)}
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "segment_ids": torch.from_numpy(segment_ids),
+        }

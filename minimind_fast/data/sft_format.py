@@ -15,6 +15,7 @@ template would read it as structure); a conversation without an assistant turn h
 learn and is skipped too. Lines are read with the pretraining reader's JSONL reader, so
 malformed JSON, not-UTF-8 and over-long lines are handled (and counted) the same way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ from .reader import JSONL_SUFFIXES, DataError, SkipStats, check_data_path, iter_
 
 ROLES = ("system", "user", "assistant")
 CONVERSATION_KEYS = ("conversations", "messages")
-SFT_FORMAT_HINT = ('one JSON object {"conversations": [{"role": "user", "content": "..."}, '
-                   '{"role": "assistant", "content": "..."}]} per line (.jsonl, UTF-8)')
+SFT_FORMAT_HINT = (
+    'one JSON object {"conversations": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "..."}]} per line (.jsonl, UTF-8)'
+)
 
 NO_CONVERSATION = 'no "conversations" (or "messages") list'
 EMPTY_CONVERSATION = "empty conversation"
@@ -42,8 +45,9 @@ NO_ASSISTANT = "no assistant turn"
 Message = tuple[str, str]  # (role, content)
 
 
-def parse_conversation(record, require_assistant: bool = True
-                       ) -> tuple[list[Message] | None, str | None]:
+def parse_conversation(
+    record, require_assistant: bool = True
+) -> tuple[list[Message] | None, str | None]:
     """(messages, None) for a usable record (a parsed JSON line, or a bare list of messages),
     else (None, the reason it is unusable)."""
     messages = record

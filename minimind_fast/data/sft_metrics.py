@@ -7,6 +7,7 @@ answer scores 0.
 - rouge_l: F1 from the longest common subsequence of the two token sequences (Lin, 2004, with
   beta = 1), so word order counts, unlike token_f1.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,10 +57,15 @@ def rouge_l(prediction: str, reference: str) -> float:
 def answer_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean token_f1 and rouge_l over pairs: {"token_f1": ..., "rouge_l": ..., "count": n}."""
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references; "
-                         "pass one generated answer per reference")
+        raise ValueError(
+            f"{len(predictions)} predictions for {len(references)} references; "
+            "pass one generated answer per reference"
+        )
     count = len(references)
     if count == 0:
         return {"token_f1": 0.0, "rouge_l": 0.0, "count": 0}
-    return {"token_f1": sum(map(token_f1, predictions, references)) / count,
-            "rouge_l": sum(map(rouge_l, predictions, references)) / count, "count": count}
+    return {
+        "token_f1": sum(map(token_f1, predictions, references)) / count,
+        "rouge_l": sum(map(rouge_l, predictions, references)) / count,
+        "count": count,
+    }

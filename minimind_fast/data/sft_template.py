@@ -14,6 +14,7 @@ all headers, the `<|im_start|>` markers) is not. When a reply begins with whites
 byte-level pre-tokenizer can merge the header's "\\n" with it into one token; that token holds
 reply text and is scored (MiniMind, which looks for the header's ids, would score nothing).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class ChatTemplateEncoder:
     def _header_length(self, role: str, content: str, ids: list[int]) -> int:
         """Tokens of `ids` (the encoding of "{role}\\n{content}") that hold header text only."""
         header = self.headers[role]
-        if ids[:len(header)] == header:  # the usual case: the pre-tokenizer cut after "\n"
+        if ids[: len(header)] == header:  # the usual case: the pre-tokenizer cut after "\n"
             return len(header)
         offsets = self.tokenizer.encode(f"{role}\n{content}", add_special_tokens=False).offsets
         return sum(1 for _, end in offsets if end <= len(role) + 1)
@@ -80,8 +81,12 @@ class ChatTemplateEncoder:
         all_ids = np.array(ids, dtype=np.int64)
         all_scored = np.array(scored, dtype=bool)
         bounds = starts[1:]
-        return [EncodedConversation(i, m, e) for i, m, e in zip(
-            np.split(all_ids, bounds), np.split(all_scored, bounds), ends, strict=True)]
+        return [
+            EncodedConversation(i, m, e)
+            for i, m, e in zip(
+                np.split(all_ids, bounds), np.split(all_scored, bounds), ends, strict=True
+            )
+        ]
 
     def encode(self, messages) -> EncodedConversation:
         """One conversation: a list of {"role", "content"} dicts or (role, content) pairs."""

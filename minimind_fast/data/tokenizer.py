@@ -12,6 +12,7 @@ The output directory holds `tokenizer.json` plus a `tokenizer_config.json` that
 written through temp files, so a failed write (a full disk) leaves no half-written file.
 The command line lives in `minimind_fast/tokenizer.py` (`python -m minimind_fast.tokenizer`).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special
 CHAT_TEMPLATE = (  # plain ChatML, so the saved tokenizer is also usable for later SFT
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _iter_texts(files: Iterable[Path], stats: list[SkipStats]) -> Iterator[str]:
@@ -45,18 +47,33 @@ def _iter_texts(files: Iterable[Path], stats: list[SkipStats]) -> Iterator[str]:
 
 
 def _tokenizer_config() -> dict:
-    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True}
-             for i, token in enumerate(SPECIAL_TOKENS)}
+    added = {
+        str(i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(SPECIAL_TOKENS)
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "additional_special_tokens": [],
-        "pad_token": SPECIAL_TOKENS[PAD_TOKEN_ID], "unk_token": SPECIAL_TOKENS[PAD_TOKEN_ID],
-        "bos_token": SPECIAL_TOKENS[BOS_TOKEN_ID], "eos_token": SPECIAL_TOKENS[EOS_TOKEN_ID],
-        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
-        "legacy": True, "model_max_length": MODEL_MAX_LENGTH, "chat_template": CHAT_TEMPLATE,
+        "pad_token": SPECIAL_TOKENS[PAD_TOKEN_ID],
+        "unk_token": SPECIAL_TOKENS[PAD_TOKEN_ID],
+        "bos_token": SPECIAL_TOKENS[BOS_TOKEN_ID],
+        "eos_token": SPECIAL_TOKENS[EOS_TOKEN_ID],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+        "legacy": True,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 
@@ -67,11 +84,16 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path) -> Path:
     lines are skipped and logged per file (file, reason, line numbers), as the token cache does.
     Raises ValueError (DataError for unusable files or a failed write) with the value and the fix.
     """
-    if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
-            or vocab_size < MIN_VOCAB_SIZE):
-        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
-                         f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
-                         "MiniMind uses 6400")
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or vocab_size < MIN_VOCAB_SIZE
+    ):
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
+            f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
+            "MiniMind uses 6400"
+        )
     if isinstance(files, (str, Path)):
         files = [files]
     if not files:
@@ -82,26 +104,34 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     stats: list[SkipStats] = []
     tokenizer.train_from_iterator(_iter_texts(paths, stats), trainer=trainer)
     if tokenizer.get_vocab_size() <= MIN_VOCAB_SIZE:
         skipped = "; ".join(f"{s.path}: {s.summary()}" for s in stats if s.total)
         skipped = f" (skipped {skipped})" if skipped else ""
-        raise DataError(f"no usable text in {', '.join(map(str, paths))}: the tokenizer learned "
-                        f"no merges{skipped}. Check the files' format (JSONL with a \"text\" "
-                        "field, or .txt).")
+        raise DataError(
+            f"no usable text in {', '.join(map(str, paths))}: the tokenizer learned "
+            f'no merges{skipped}. Check the files\' format (JSONL with a "text" '
+            "field, or .txt)."
+        )
     for file_stats in stats:  # after the check above: a refusal carries them in its one line
         file_stats.log()
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:  # BpeTrainer puts specials first; be sure
-            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, "
-                               f"expected {token_id}")
+            raise RuntimeError(
+                f"special token {token} got id {tokenizer.token_to_id(token)}, expected {token_id}"
+            )
 
-    files = {"tokenizer.json": tokenizer.to_str(pretty=True),
-             "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2,
-                                                 ensure_ascii=False) + "\n"}
+    files = {
+        "tokenizer.json": tokenizer.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False)
+        + "\n",
+    }
     _write_files_atomic(Path(out_dir), files, "the tokenizer")
     return Path(out_dir)
 
@@ -136,10 +166,12 @@ def tokenizer_file(path) -> Path:
     path = Path(path).expanduser()
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"tokenizer not found: {file} does not exist. Pass a directory "
-                         "containing tokenizer.json (or the file itself), or train one with "
-                         "`python -m minimind_fast.tokenizer --data FILE --vocab_size 6400 "
-                         "--out DIR`.")
+        raise ValueError(
+            f"tokenizer not found: {file} does not exist. Pass a directory "
+            "containing tokenizer.json (or the file itself), or train one with "
+            "`python -m minimind_fast.tokenizer --data FILE --vocab_size 6400 "
+            "--out DIR`."
+        )
     return file
 
 
@@ -149,16 +181,20 @@ def load_tokenizer(path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception on parse errors
-        raise ValueError(f"cannot read tokenizer {file}: {error}. Point at a tokenizer.json "
-                         "written by the `tokenizers` library, or retrain it with "
-                         "python -m minimind_fast.tokenizer.") from None
+        raise ValueError(
+            f"cannot read tokenizer {file}: {error}. Point at a tokenizer.json "
+            "written by the `tokenizers` library, or retrain it with "
+            "python -m minimind_fast.tokenizer."
+        ) from None
     for token_id, token in enumerate(SPECIAL_TOKENS):
         found = tokenizer.token_to_id(token)
         if found != token_id:
             needed = ", ".join(f"{t}={i}" for i, t in enumerate(SPECIAL_TOKENS))
-            raise ValueError(f"tokenizer {file} maps {token} to id {found}, but minimind_fast "
-                             f"needs {needed}. Train a tokenizer with "
-                             "python -m minimind_fast.tokenizer (or use MiniMind's).")
+            raise ValueError(
+                f"tokenizer {file} maps {token} to id {found}, but minimind_fast "
+                f"needs {needed}. Train a tokenizer with "
+                "python -m minimind_fast.tokenizer (or use MiniMind's)."
+            )
     return tokenizer
 
 

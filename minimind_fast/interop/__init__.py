@@ -11,6 +11,7 @@ Imports run one way: hf_config (config translation) <- hf_export, hf_import; wei
 their checks live in minimind_fast.weights. transformers is optional: nothing here imports it
 (exporting writes plain JSON + safetensors).
 """
+
 from ..weights import validate_state_dict
 from .hf_config import HF_ARCHITECTURES, from_hf_config, hf_architecture, read_config, to_hf_config
 from .hf_export import check_export_target, export_hf, to_hf_state_dict
@@ -18,7 +19,19 @@ from .hf_import import from_hf_state_dict, import_hf, load_minimind_pth, load_we
 from .patch import causal_lm_loss, patch_hf_model
 
 __all__ = [
-    "HF_ARCHITECTURES", "export_hf", "check_export_target", "hf_architecture", "to_hf_config",
-    "to_hf_state_dict", "from_hf_config", "from_hf_state_dict", "import_hf", "load_minimind_pth",
-    "load_weights", "read_config", "validate_state_dict", "causal_lm_loss", "patch_hf_model",
+    "HF_ARCHITECTURES",
+    "export_hf",
+    "check_export_target",
+    "hf_architecture",
+    "to_hf_config",
+    "to_hf_state_dict",
+    "from_hf_config",
+    "from_hf_state_dict",
+    "import_hf",
+    "load_minimind_pth",
+    "load_weights",
+    "read_config",
+    "validate_state_dict",
+    "causal_lm_loss",
+    "patch_hf_model",
 ]

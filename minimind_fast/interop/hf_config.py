@@ -33,6 +33,7 @@ clamps it to head_dim/2 - 1, HF to head_dim - 1), and attention_factor written e
 (HF's default is 0.1 ln(factor) + 1, MiniMind's 1.0). Anything else raises ValueError.
 The config carries both the 4.x keys (`rope_theta`, `rope_scaling`) and the 5.x `rope_parameters`.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,12 +64,15 @@ def hf_architecture(config: MiniMindConfig) -> str:
             raise ValueError(
                 f"cannot export to LlamaForCausalLM: hidden_size={config.hidden_size} is not "
                 f"divisible by num_attention_heads={config.num_attention_heads}, which LlamaConfig "
-                "rejects even with an explicit head_dim; use a head count that divides hidden_size")
+                "rejects even with an explicit head_dim; use a head count that divides hidden_size"
+            )
         return "qwen3" if config.qk_norm else "llama"
     if config.scoring_func != "softmax":
-        raise ValueError(f"cannot export MoE with scoring_func={config.scoring_func!r}: every "
-                         "stock transformers MoE router scores with softmax; only softmax MoE "
-                         "models can be exported")
+        raise ValueError(
+            f"cannot export MoE with scoring_func={config.scoring_func!r}: every "
+            "stock transformers MoE router scores with softmax; only softmax MoE "
+            "models can be exported"
+        )
     if config.qk_norm:
         if config.n_shared_experts == 0:
             return "qwen3_moe"
@@ -76,13 +80,15 @@ def hf_architecture(config: MiniMindConfig) -> str:
             f"cannot export MoE with qk_norm=True and n_shared_experts={config.n_shared_experts}: "
             "no stock transformers architecture has both (Qwen3-MoE has q/k norm but no shared "
             "expert, Qwen2-MoE a shared expert but no q/k norm); train with n_shared_experts=0 or "
-            "qk_norm=False to export")
+            "qk_norm=False to export"
+        )
     if config.hidden_size != config.num_attention_heads * config.head_dim:
         raise ValueError(
             f"cannot export MoE without qk_norm when head_dim={config.head_dim} != hidden_size / "
             f"num_attention_heads ({config.hidden_size}/{config.num_attention_heads}): Qwen2-MoE "
             "and Mixtral in transformers 4.x derive head_dim from hidden_size; drop the explicit "
-            "head_dim")
+            "head_dim"
+        )
     if config.n_shared_experts > 0:
         return "qwen2_moe"
     if config.norm_topk_prob:
@@ -90,7 +96,8 @@ def hf_architecture(config: MiniMindConfig) -> str:
     raise ValueError(
         "cannot export MoE with no shared expert, no qk_norm and norm_topk_prob=False: Mixtral "
         "always renormalises the top-k weights and Qwen2-MoE always adds a shared expert; train "
-        "with norm_topk_prob=True or qk_norm=True to export")
+        "with norm_topk_prob=True or qk_norm=True to export"
+    )
 
 
 def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
@@ -100,8 +107,9 @@ def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
         return None
     kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type", "yarn"))
     if kind != "yarn":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported; MiniMind's only scaling "
-                         "is 'yarn'")
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported; MiniMind's only scaling is 'yarn'"
+        )
     p = yarn_params(config.rope_scaling)
     original, max_pos = p["original_max_position_embeddings"], config.max_position_embeddings
     attention_factor = float(p["attention_factor"])
@@ -109,24 +117,33 @@ def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
         if attention_factor == 1.0:
             return None
         if max_pos == original:  # YaRN with factor 1 is plain RoPE times attention_factor
-            return {"rope_type": "yarn", "factor": 1.0,
-                    "original_max_position_embeddings": int(original), "beta_fast": 32.0,
-                    "beta_slow": 1.0, "attention_factor": attention_factor}
+            return {
+                "rope_type": "yarn",
+                "factor": 1.0,
+                "original_max_position_embeddings": int(original),
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "attention_factor": attention_factor,
+            }
         raise ValueError(
             f"cannot export rope_scaling={config.rope_scaling}: with max_position_embeddings="
             f"{max_pos} < original_max_position_embeddings={original} MiniMind scales cos/sin by "
             f"attention_factor={attention_factor} without YaRN, which HF cannot express; set "
-            "attention_factor=1.0")
+            "attention_factor=1.0"
+        )
     if float(p["factor"]) != max_pos / original:
         raise ValueError(
             f"cannot export rope_scaling={config.rope_scaling}: factor={p['factor']} differs from "
             f"max_position_embeddings / original_max_position_embeddings = {max_pos}/{original}, "
             "and transformers 4.x replaces the factor by that ratio; set factor (or "
-            "max_position_embeddings) so they agree")
+            "max_position_embeddings) so they agree"
+        )
     beta_fast, beta_slow = float(p["beta_fast"]), float(p["beta_slow"])
     if not beta_fast > beta_slow > 0:
-        raise ValueError(f"cannot export YaRN with beta_fast={beta_fast}, beta_slow={beta_slow}: "
-                         "need beta_fast > beta_slow > 0")
+        raise ValueError(
+            f"cannot export YaRN with beta_fast={beta_fast}, beta_slow={beta_slow}: "
+            "need beta_fast > beta_slow > 0"
+        )
     dim = config.head_dim
     low, high = yarn_correction_dims(dim, config.rope_theta, original, beta_fast, beta_slow)
     low = max(low, 0)
@@ -136,10 +153,16 @@ def hf_rope_scaling(config: MiniMindConfig) -> Optional[dict]:
             f"head_dim={dim}, rope_theta={config.rope_theta}, original_max_position_embeddings="
             f"{original}: the ramp spans dims [{low}, {high}], outside [0, head_dim/2 - 1] where "
             "MiniMind clamps differently from HF, so the frequencies would differ; adjust "
-            "beta_slow/beta_fast")
-    return {"rope_type": "yarn", "factor": float(max_pos / original),
-            "original_max_position_embeddings": int(original), "beta_fast": beta_fast,
-            "beta_slow": beta_slow, "attention_factor": attention_factor}
+            "beta_slow/beta_fast"
+        )
+    return {
+        "rope_type": "yarn",
+        "factor": float(max_pos / original),
+        "original_max_position_embeddings": int(original),
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "attention_factor": attention_factor,
+    }
 
 
 def to_hf_config(config: MiniMindConfig, dtype: Optional[torch.dtype] = None) -> dict:
@@ -176,25 +199,36 @@ def to_hf_config(config: MiniMindConfig, dtype: Optional[torch.dtype] = None) ->
     if arch == "llama":
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     if arch in ("qwen3", "qwen3_moe", "qwen2_moe"):
-        hf.update(use_sliding_window=False, sliding_window=None,
-                  max_window_layers=config.num_hidden_layers)
+        hf.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=config.num_hidden_layers,
+        )
     if arch in ("qwen3", "qwen3_moe"):
         hf.update(attention_bias=False)
     if arch in _MOE_WIDTH_TYPES:
-        hf.update(num_experts=config.n_routed_experts,
-                  num_experts_per_tok=config.num_experts_per_tok,
-                  moe_intermediate_size=config.intermediate_size, decoder_sparse_step=1,
-                  mlp_only_layers=[],
-                  norm_topk_prob=bool(config.norm_topk_prob),
-                  output_router_logits=False, router_aux_loss_coef=config.aux_loss_alpha)
+        hf.update(
+            num_experts=config.n_routed_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.intermediate_size,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=bool(config.norm_topk_prob),
+            output_router_logits=False,
+            router_aux_loss_coef=config.aux_loss_alpha,
+        )
     if arch == "qwen2_moe":
         shared_width = config.n_shared_experts * config.intermediate_size
         hf.update(qkv_bias=True, shared_expert_intermediate_size=shared_width)
     if arch == "mixtral":
-        hf.update(num_local_experts=config.n_routed_experts,
-                  num_experts_per_tok=config.num_experts_per_tok, sliding_window=None,
-                  router_jitter_noise=0.0, output_router_logits=False,
-                  router_aux_loss_coef=config.aux_loss_alpha)
+        hf.update(
+            num_local_experts=config.n_routed_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            router_aux_loss_coef=config.aux_loss_alpha,
+        )
     if dtype is not None:
         hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
     return hf
@@ -205,8 +239,9 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
     compute."""
     model_type = hf.get("model_type")
     if model_type not in HF_ARCHITECTURES:
-        raise ValueError(f"model_type={model_type!r} is not importable; supported: "
-                         f"{', '.join(HF_ARCHITECTURES)}")
+        raise ValueError(
+            f"model_type={model_type!r} is not importable; supported: {', '.join(HF_ARCHITECTURES)}"
+        )
 
     def refuse(field: str, why: str):
         raise ValueError(f"cannot import {model_type} config: {field}={hf.get(field)!r} {why}")
@@ -223,8 +258,10 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", "is not supported; MiniMind rotates the whole head")
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        refuse("mlp_only_layers", "(or decoder_sparse_step) mixes dense and MoE layers; MiniMind "
-               "does not")
+        refuse(
+            "mlp_only_layers",
+            "(or decoder_sparse_step) mixes dense and MoE layers; MiniMind does not",
+        )
 
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -237,30 +274,42 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         attention_factor = rope.get("attention_factor")
         if attention_factor is None:
             if rope.get("mscale") and rope.get("mscale_all_dim"):
-                refuse("rope_parameters", "derives attention_factor from mscale; MiniMind needs it "
-                       "explicit")
+                refuse(
+                    "rope_parameters",
+                    "derives attention_factor from mscale; MiniMind needs it explicit",
+                )
             attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0  # HF's default
         original = int(rope["original_max_position_embeddings"])
-        rope_scaling = {"type": "yarn", "factor": factor,
-                        "original_max_position_embeddings": original,
-                        "beta_fast": float(rope.get("beta_fast") or 32.0),
-                        "beta_slow": float(rope.get("beta_slow") or 1.0),
-                        "attention_factor": float(attention_factor)}
+        rope_scaling = {
+            "type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "beta_fast": float(rope.get("beta_fast") or 32.0),
+            "beta_slow": float(rope.get("beta_slow") or 1.0),
+            "attention_factor": float(attention_factor),
+        }
     elif rope_type != "default":
-        refuse("rope_parameters", f"uses rope_type {rope_type!r}; MiniMind has plain RoPE and "
-               "YaRN only")
+        refuse(
+            "rope_parameters",
+            f"uses rope_type {rope_type!r}; MiniMind has plain RoPE and YaRN only",
+        )
 
     eos = hf.get("eos_token_id", 2)
     values = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
         num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        intermediate_size=(hf.get("moe_intermediate_size") if model_type in _MOE_WIDTH_TYPES
-                           else hf["intermediate_size"]),
+        intermediate_size=(
+            hf.get("moe_intermediate_size")
+            if model_type in _MOE_WIDTH_TYPES
+            else hf["intermediate_size"]
+        ),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
@@ -275,14 +324,23 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         if model_type == "qwen2_moe":
             shared = hf.get("shared_expert_intermediate_size", 0)
             if shared % values["intermediate_size"]:
-                refuse("shared_expert_intermediate_size", "is not a multiple of "
-                       f"moe_intermediate_size={values['intermediate_size']}, so it is not a set "
-                       "of MiniMind shared experts")
+                refuse(
+                    "shared_expert_intermediate_size",
+                    "is not a multiple of "
+                    f"moe_intermediate_size={values['intermediate_size']}, so it is not a set "
+                    "of MiniMind shared experts",
+                )
             n_shared = shared // values["intermediate_size"]
         experts = hf.get("num_experts") or hf.get("num_local_experts")
-        values.update(use_moe=True, n_routed_experts=experts, num_experts_per_tok=top_k,
-                      n_shared_experts=n_shared, scoring_func="softmax", norm_topk_prob=normalised,
-                      aux_loss_alpha=float(hf.get("router_aux_loss_coef", 0.01)))
+        values.update(
+            use_moe=True,
+            n_routed_experts=experts,
+            num_experts_per_tok=top_k,
+            n_shared_experts=n_shared,
+            scoring_func="softmax",
+            norm_topk_prob=normalised,
+            aux_loss_alpha=float(hf.get("router_aux_loss_coef", 0.01)),
+        )
     config = MiniMindConfig(**values)
     if rope_scaling is not None:  # the export rules backwards: HF's YaRN must be MiniMind's
         try:
@@ -290,9 +348,12 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         except ValueError as error:
             raise ValueError(f"cannot import {model_type} config: {error}") from None
         if (back["factor"] if back else 1.0) != rope_scaling["factor"]:
-            refuse("rope_parameters", f"uses YaRN factor {rope_scaling['factor']} with "
-                   f"max_position_embeddings={config.max_position_embeddings}, which MiniMind's "
-                   "YaRN does not reproduce")
+            refuse(
+                "rope_parameters",
+                f"uses YaRN factor {rope_scaling['factor']} with "
+                f"max_position_embeddings={config.max_position_embeddings}, which MiniMind's "
+                "YaRN does not reproduce",
+            )
     return config
 
 
@@ -303,16 +364,17 @@ def read_config(path: PathLike) -> MiniMindConfig:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read config {path}: {error}; pass a JSON file with the model "
-                         "config") from None
+        raise ValueError(
+            f"cannot read config {path}: {error}; pass a JSON file with the model config"
+        ) from None
     if values.get("model_type") in HF_ARCHITECTURES:
         return from_hf_config(values)
     if "hidden_size" not in values:  # a run config with the model config nested inside
         nested = [v for k, v in values.items() if isinstance(v, dict) and "hidden_size" in v]
         if len(nested) != 1:
-            raise ValueError(f"config {path} has no hidden_size (nor one nested dict with it); "
-                             "pass the model config JSON (MiniMindConfig fields)")
+            raise ValueError(
+                f"config {path} has no hidden_size (nor one nested dict with it); "
+                "pass the model config JSON (MiniMindConfig fields)"
+            )
         values = nested[0]
     return MiniMindConfig.from_dict(values)
-
-

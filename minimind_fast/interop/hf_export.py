@@ -14,6 +14,7 @@ must be new, empty or a previous export; a training run or checkpoint directory,
 non-empty directory, a file, or the directory the weights are read from is refused before
 anything is written (`check_export_target`).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,16 @@ from ..weights import save_safetensors, validate_state_dict
 from .hf_config import HF_ARCHITECTURES, hf_architecture, to_hf_config
 
 PathLike = Union[str, Path]
-EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors",
-                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
 _CHECKPOINT_FILES = ("COMPLETE", "resume.pt")  # what a training checkpoint directory holds
 
 
@@ -51,8 +60,12 @@ def to_hf_state_dict(state_dict: dict, config: MiniMindConfig) -> dict[str, torc
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue  # HF re-ties lm_head to embed_tokens on load
         if arch == "mixtral" and ".mlp." in key:
-            key = key.replace(".mlp.", ".block_sparse_moe.").replace(".gate_proj.", ".w1.") \
-                     .replace(".down_proj.", ".w2.").replace(".up_proj.", ".w3.")
+            key = (
+                key.replace(".mlp.", ".block_sparse_moe.")
+                .replace(".gate_proj.", ".w1.")
+                .replace(".down_proj.", ".w2.")
+                .replace(".up_proj.", ".w3.")
+            )
         elif arch == "qwen2_moe" and ".mlp.shared_experts." in key:
             continue  # merged below
         out[key] = tensor.detach().clone().contiguous()
@@ -69,9 +82,11 @@ def to_hf_state_dict(state_dict: dict, config: MiniMindConfig) -> dict[str, torc
                 out[f"{prefix}.mlp.shared_expert.{name}.weight"] = merged.contiguous()
             dtype = out[f"{prefix}.mlp.gate.weight"].dtype
             out[f"{prefix}.mlp.shared_expert_gate.weight"] = torch.zeros(1, H, dtype=dtype)
-            for proj, heads in (("q_proj", config.num_attention_heads),
-                                ("k_proj", config.num_key_value_heads),
-                                ("v_proj", config.num_key_value_heads)):
+            for proj, heads in (
+                ("q_proj", config.num_attention_heads),
+                ("k_proj", config.num_key_value_heads),
+                ("v_proj", config.num_key_value_heads),
+            ):
                 bias = torch.zeros(heads * config.head_dim, dtype=dtype)
                 out[f"{prefix}.self_attn.{proj}.bias"] = bias
     return out
@@ -86,23 +101,31 @@ def _tokenizer_settings(tokenizer_dir: PathLike, config: MiniMindConfig) -> tupl
         data = file.read_bytes()
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"tokenizer not found: {file} does not exist; pass --tokenizer DIR "
-                         "holding tokenizer.json") from None
+        raise ValueError(
+            f"tokenizer not found: {file} does not exist; pass --tokenizer DIR "
+            "holding tokenizer.json"
+        ) from None
     except Exception as error:  # tokenizers raises a bare Exception on parse errors
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot read tokenizer {file}: {first}; pass the tokenizer.json the "
-                         "model was trained with") from None
+        raise ValueError(
+            f"cannot read tokenizer {file}: {first}; pass the tokenizer.json the "
+            "model was trained with"
+        ) from None
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise ValueError(f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens but the "
-                         f"model's vocab_size is {config.vocab_size}; export with the tokenizer "
-                         "the model was trained with")
+        raise ValueError(
+            f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens but the "
+            f"model's vocab_size is {config.vocab_size}; export with the tokenizer "
+            "the model was trained with"
+        )
     tokens = {}
     for role in ("bos", "eos", "pad"):
         token_id = getattr(config, f"{role}_token_id")
         token = tokenizer.id_to_token(token_id)
         if token is None:
-            raise ValueError(f"{role}_token_id={token_id} is not in tokenizer {file}; use the "
-                             "model's own tokenizer")
+            raise ValueError(
+                f"{role}_token_id={token_id} is not in tokenizer {file}; use the "
+                "model's own tokenizer"
+            )
         tokens[f"{role}_token"] = token
     settings: dict = {}
     source_config = file.parent / "tokenizer_config.json"
@@ -135,30 +158,38 @@ def check_export_target(out: Path, weights_path: Optional[PathLike] = None) -> N
     if not out.exists():
         return
     if not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a directory path (new, empty, or a "
-                         "previous export)")
+        raise ValueError(
+            f"--out {out} is a file; pass a directory path (new, empty, or a previous export)"
+        )
     names = sorted(p.name for p in out.iterdir())
     if not names:
         return
     kind = None
     if any(name in names for name in _CHECKPOINT_FILES):
         kind = "a checkpoint directory"
-    elif "checkpoints" in names or ("config.json" in names
-                                    and not _is_hf_config(out / "config.json")):
+    elif "checkpoints" in names or (
+        "config.json" in names and not _is_hf_config(out / "config.json")
+    ):
         kind = "a training run directory (it has a minimind_fast config.json or checkpoints/)"
     if kind is not None:
-        raise ValueError(f"--out {out} is {kind}; exporting there would overwrite its files: pass "
-                         "a new directory")
+        raise ValueError(
+            f"--out {out} is {kind}; exporting there would overwrite its files: pass "
+            "a new directory"
+        )
     if weights_path is not None:
         source = Path(weights_path).expanduser().resolve()
         if out.resolve() in (source, source.parent if source.is_file() else source):
-            raise ValueError(f"--out {out} is where the weights are read from ({weights_path}); "
-                             "export to another directory")
+            raise ValueError(
+                f"--out {out} is where the weights are read from ({weights_path}); "
+                "export to another directory"
+            )
     foreign = [name for name in names if name not in EXPORT_FILES]
     if foreign or "model.safetensors" not in names or not _is_hf_config(out / "config.json"):
         what = f"it holds {foreign[0]}" if foreign else "it is not a complete export"
-        raise ValueError(f"--out {out} is not empty and not a previous export ({what}); pass a "
-                         "new or empty directory")
+        raise ValueError(
+            f"--out {out} is not empty and not a previous export ({what}); pass a "
+            "new or empty directory"
+        )
 
 
 def _fsync(path: Path) -> None:
@@ -225,9 +256,14 @@ def _export_dtype(tensors: dict, dtype: Union[str, torch.dtype, None]) -> torch.
     return found.pop() if len(found) == 1 else torch.float32
 
 
-def export_hf(weights: Union[dict, torch.nn.Module], config: MiniMindConfig, out_dir: PathLike,
-              tokenizer_dir: Optional[PathLike] = None, dtype: Union[str, torch.dtype, None] = None,
-              weights_path: Optional[PathLike] = None) -> Path:
+def export_hf(
+    weights: Union[dict, torch.nn.Module],
+    config: MiniMindConfig,
+    out_dir: PathLike,
+    tokenizer_dir: Optional[PathLike] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    weights_path: Optional[PathLike] = None,
+) -> Path:
     """Write a transformers-loadable directory for our model (or its state dict) and `config`.
 
     dtype: None keeps the weights' floating dtype; "float32" | "bfloat16" | "float16" casts.
@@ -249,10 +285,14 @@ def export_hf(weights: Union[dict, torch.nn.Module], config: MiniMindConfig, out
         nonlocal writing
         writing = "model.safetensors"
         save_safetensors(tensors, directory / writing, metadata={"format": "pt"})
-        files = {"config.json": to_hf_config(config, stored),
-                 "generation_config.json": {"bos_token_id": config.bos_token_id,
-                                            "eos_token_id": config.eos_token_id,
-                                            "pad_token_id": config.pad_token_id}}
+        files = {
+            "config.json": to_hf_config(config, stored),
+            "generation_config.json": {
+                "bos_token_id": config.bos_token_id,
+                "eos_token_id": config.eos_token_id,
+                "pad_token_id": config.pad_token_id,
+            },
+        }
         if tokenizer is not None:
             writing = "tokenizer.json"
             (directory / writing).write_bytes(tokenizer[0])
@@ -269,8 +309,10 @@ def export_hf(weights: Union[dict, torch.nn.Module], config: MiniMindConfig, out
         _write_atomically(out, write)
     except OSError as error:
         what = out / writing if writing else out
-        failure = ExportWriteError(f"writing {what} failed: {describe_write_error(error, out.parent)}; {out} was "
-                                   "left as it was (free disk space or pick another --out)")
+        failure = ExportWriteError(
+            f"writing {what} failed: {describe_write_error(error, out.parent)}; {out} was "
+            "left as it was (free disk space or pick another --out)"
+        )
         failure.errno = error.errno
         raise failure from error
     return out

@@ -17,6 +17,7 @@ a one-line ValueError naming the key, the config field to check, and the fix. Th
 config is the one found with the weights (None if none was); callers compare it with their own
 when non-shape fields (rope_theta, eps, ...) matter.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,21 +27,32 @@ from typing import Optional, Union
 import torch
 
 from ..config import MiniMindConfig
-from ..weights import (FIX, check_weights, load_safetensors, load_torch_file, normalize_keys,
-                       validate_state_dict)
+from ..weights import (
+    FIX,
+    check_weights,
+    load_safetensors,
+    load_torch_file,
+    normalize_keys,
+    validate_state_dict,
+)
 from .hf_config import HF_ARCHITECTURES, from_hf_config, read_config
 
 PathLike = Union[str, Path]
 
 
-def from_hf_state_dict(tensors: dict, config: MiniMindConfig, model_type: str,
-                       source: str = "checkpoint") -> dict:
+def from_hf_state_dict(
+    tensors: dict, config: MiniMindConfig, model_type: str, source: str = "checkpoint"
+) -> dict:
     """An HF checkpoint's tensors (as written by export_hf) -> our validated state dict."""
     state = {}
     for key, tensor in normalize_keys(tensors).items():
         if model_type == "mixtral" and ".block_sparse_moe." in key:
-            key = key.replace(".block_sparse_moe.", ".mlp.").replace(".w1.", ".gate_proj.") \
-                     .replace(".w2.", ".down_proj.").replace(".w3.", ".up_proj.")
+            key = (
+                key.replace(".block_sparse_moe.", ".mlp.")
+                .replace(".w1.", ".gate_proj.")
+                .replace(".w2.", ".down_proj.")
+                .replace(".w3.", ".up_proj.")
+            )
         state[key] = tensor
     if model_type == "qwen2_moe":
         width, S = config.intermediate_size, config.n_shared_experts
@@ -49,14 +61,18 @@ def from_hf_state_dict(tensors: dict, config: MiniMindConfig, model_type: str,
             for proj in ("q_proj", "k_proj", "v_proj"):
                 bias = state.pop(f"{prefix}.self_attn.{proj}.bias", None)
                 if bias is not None and bool(bias.any()):
-                    raise ValueError(f"{source}: {prefix}.self_attn.{proj}.bias is non-zero; "
-                                     "MiniMind attention has no biases, so this Qwen2-MoE "
-                                     "checkpoint cannot be imported")
+                    raise ValueError(
+                        f"{source}: {prefix}.self_attn.{proj}.bias is non-zero; "
+                        "MiniMind attention has no biases, so this Qwen2-MoE "
+                        "checkpoint cannot be imported"
+                    )
             gate = state.pop(f"{prefix}.mlp.shared_expert_gate.weight", None)
             if gate is not None and bool(gate.any()):
-                raise ValueError(f"{source}: {prefix}.mlp.shared_expert_gate.weight is non-zero; "
-                                 "MiniMind's shared experts are ungated, so only checkpoints "
-                                 "written by export_hf can be imported")
+                raise ValueError(
+                    f"{source}: {prefix}.mlp.shared_expert_gate.weight is non-zero; "
+                    "MiniMind's shared experts are ungated, so only checkpoints "
+                    "written by export_hf can be imported"
+                )
             for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
                 merged = state.pop(f"{prefix}.mlp.shared_expert.{name}.weight", None)
                 if merged is None or S == 0:
@@ -83,13 +99,13 @@ def import_hf(directory: PathLike) -> tuple[MiniMindConfig, dict]:
     elif (directory / "pytorch_model.bin").is_file():
         tensors = load_torch_file(directory / "pytorch_model.bin")
     else:
-        raise ValueError(f"{directory} has config.json but no model.safetensors (or index / "
-                         "pytorch_model.bin)")
+        raise ValueError(
+            f"{directory} has config.json but no model.safetensors (or index / pytorch_model.bin)"
+        )
     return config, from_hf_state_dict(tensors, config, hf["model_type"], source=str(directory))
 
 
-def _checked(state: dict, config: Optional[MiniMindConfig], source: str,
-             fix: str = FIX) -> dict:
+def _checked(state: dict, config: Optional[MiniMindConfig], source: str, fix: str = FIX) -> dict:
     """validate_state_dict against `config`; without one, the checks that need no config."""
     if config is not None:
         return validate_state_dict(state, config, source, fix)
@@ -98,8 +114,9 @@ def _checked(state: dict, config: Optional[MiniMindConfig], source: str,
     return state
 
 
-def load_minimind_pth(path: PathLike, config: Optional[MiniMindConfig] = None,
-                      fix: str = FIX) -> dict:
+def load_minimind_pth(
+    path: PathLike, config: Optional[MiniMindConfig] = None, fix: str = FIX
+) -> dict:
     """A MiniMind .pth (state dict, or a resume checkpoint holding one under "model"), normalised,
     checked and, given a config, validated against it."""
     path = Path(path).expanduser()
@@ -108,8 +125,10 @@ def load_minimind_pth(path: PathLike, config: Optional[MiniMindConfig] = None,
         nested = state.get("model", state.get("state_dict"))
         if not isinstance(nested, dict):
             keys = ", ".join(map(str, list(state)[:5]))
-            raise ValueError(f"{path} is not a state dict (keys: {keys}); pass a weights file "
-                             "saved from model.state_dict()")
+            raise ValueError(
+                f"{path} is not a state dict (keys: {keys}); pass a weights file "
+                "saved from model.state_dict()"
+            )
         state = nested
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
@@ -122,8 +141,9 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {path}: {error}; fix or remove that file") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object; fix or "
-                         "remove that file")
+        raise ValueError(
+            f"{path} holds a JSON {type(values).__name__}, not an object; fix or remove that file"
+        )
     return values
 
 
@@ -133,13 +153,16 @@ def _weights_file(directory: Path) -> Path:
         return directory / "model.safetensors"
     candidates = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.pth"))
     if len(candidates) != 1:
-        raise ValueError(f"{directory}: expected one weights file (model.safetensors, "
-                         f"*.safetensors or *.pth), found {len(candidates)}; pass the file itself")
+        raise ValueError(
+            f"{directory}: expected one weights file (model.safetensors, "
+            f"*.safetensors or *.pth), found {len(candidates)}; pass the file itself"
+        )
     return candidates[0]
 
 
-def load_weights(path: PathLike, config: Optional[MiniMindConfig] = None,
-                 fix: str = FIX) -> tuple[Optional[MiniMindConfig], dict]:
+def load_weights(
+    path: PathLike, config: Optional[MiniMindConfig] = None, fix: str = FIX
+) -> tuple[Optional[MiniMindConfig], dict]:
     """(config found with the weights or None, our state dict), validated against `config` when
     given, else against the found config. `fix` ends every mismatch message: what the caller's
     user should do (e.g. which flags to pass). See the module docstring for the layouts."""
@@ -169,5 +192,6 @@ def load_weights(path: PathLike, config: Optional[MiniMindConfig] = None,
         return found, _checked(load_safetensors([path]), config, str(path), fix)
     if path.suffix in (".pth", ".pt", ".bin"):
         return found, load_minimind_pth(path, config, fix)
-    raise ValueError(f"{path}: unknown weights format; pass a .safetensors or .pth file, or a "
-                     "directory")
+    raise ValueError(
+        f"{path}: unknown weights format; pass a .safetensors or .pth file, or a directory"
+    )

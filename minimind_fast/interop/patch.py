@@ -32,6 +32,7 @@ Also covers the model types whose modeling files share Llama's code for all thre
 mistral, qwen3_moe, qwen2_moe, mixtral). A patched model deep-copies fine but cannot be pickled
 whole (its attention forwards are per-instance functions); save its state_dict instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,24 @@ from ..constants import IGNORE_INDEX
 from ..nn import RMSNorm
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "qwen2_moe", "mixtral")
-_NORM_CLASSES = {"LlamaRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "MistralRMSNorm",
-                 "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "MixtralRMSNorm"}
+_NORM_CLASSES = {
+    "LlamaRMSNorm",
+    "Qwen3RMSNorm",
+    "Qwen2RMSNorm",
+    "MistralRMSNorm",
+    "Qwen3MoeRMSNorm",
+    "Qwen2MoeRMSNorm",
+    "MixtralRMSNorm",
+}
 _ROTARY_NAME = "apply_rotary_pos_emb"
 
 
-def _targets(labels: torch.Tensor, ignore_index: int, shift_labels: Optional[torch.Tensor],
-             device: torch.device) -> torch.Tensor:
+def _targets(
+    labels: torch.Tensor,
+    ignore_index: int,
+    shift_labels: Optional[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
     """(B * T,) targets: position t predicts labels[:, t + 1] (or shift_labels[:, t])."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -67,10 +79,15 @@ def _per_item(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return loss / num_items_in_batch
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                   num_items_in_batch: Optional[torch.Tensor] = None,
-                   ignore_index: int = IGNORE_INDEX, shift_labels: Optional[torch.Tensor] = None,
-                   **kwargs) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> torch.Tensor:
     """transformers' ForCausalLMLoss on ops.cross_entropy.  logits: (B, T, V), labels: (B, T).
 
     Position t predicts labels[:, t + 1]; mean over non-ignored targets, or the sum divided by
@@ -84,10 +101,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return _per_item(loss, num_items_in_batch)
 
 
-def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor] = None,
-                         ignore_index: int = IGNORE_INDEX,
-                         shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fused_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    num_items_in_batch: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """causal_lm_loss(F.linear(hidden, weight, bias), labels, V) without the (B, T, V) logits.
 
     hidden: (B, T, H) final hidden states, weight: (V, H) and bias: (V,) or None, the lm_head's.
@@ -95,8 +117,9 @@ def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = _targets(labels, ignore_index, shift_labels, flat_hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = ops.fused_linear_cross_entropy(flat_hidden, weight, targets, ignore_index, reduction,
-                                          bias=bias)
+    loss = ops.fused_linear_cross_entropy(
+        flat_hidden, weight, targets, ignore_index, reduction, bias=bias
+    )
     return loss if num_items_in_batch is None else _per_item(loss, num_items_in_batch)
 
 
@@ -113,17 +136,25 @@ def _lm_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, self.weight, self.bias)
 
 
-def _model_loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                num_items_in_batch: Optional[torch.Tensor] = None,
-                ignore_index: int = IGNORE_INDEX, shift_labels: Optional[torch.Tensor] = None,
-                **kwargs) -> torch.Tensor:
+def _model_loss(
+    self,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> torch.Tensor:
     """model.loss_function of a patched model: fused while its forward captures hidden states."""
     head = self.get_output_embeddings()
     if not getattr(head, _CAPTURE, False):
-        return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
-                              shift_labels)
-    return fused_causal_lm_loss(logits, head.weight, head.bias, labels, num_items_in_batch,
-                                ignore_index, shift_labels)
+        return causal_lm_loss(
+            logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels
+        )
+    return fused_causal_lm_loss(
+        logits, head.weight, head.bias, labels, num_items_in_batch, ignore_index, shift_labels
+    )
 
 
 def _make_fused_forward(original: Callable) -> Callable:
@@ -148,8 +179,10 @@ def _make_fused_forward(original: Callable) -> Callable:
         out = dataclasses.replace(out, logits=logits)
         return out if return_dict else out.to_tuple()
 
-    forward.__doc__ = (f"{original.__qualname__} with minimind_fast's fused linear + "
-                       "cross-entropy loss; skip_logits: return no logits (default: in training)")
+    forward.__doc__ = (
+        f"{original.__qualname__} with minimind_fast's fused linear + "
+        "cross-entropy loss; skip_logits: return no logits (default: in training)"
+    )
     return forward
 
 
@@ -173,8 +206,9 @@ def _make_rotary(original: Callable) -> Callable:
             return True
         if last.get("cos") is not None and last["cos"]() is cos:
             return last["shared"]
-        shared = bool(torch.equal(cos, cos[:1].expand_as(cos))
-                      and torch.equal(sin, sin[:1].expand_as(sin)))
+        shared = bool(
+            torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))
+        )
         last.update(cos=weakref.ref(cos), shared=shared)
         return shared
 
@@ -185,8 +219,12 @@ def _make_rotary(original: Callable) -> Callable:
             if bound.arguments.get("position_ids") is not None:
                 return original(q, k, cos, sin, *args, **kwargs)
             unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
-        if (unsqueeze_dim not in (1, 2) or q.dim() != 4 or cos.dim() != 3
-                or not rows_share_positions(cos, sin)):
+        if (
+            unsqueeze_dim not in (1, 2)
+            or q.dim() != 4
+            or cos.dim() != 3
+            or not rows_share_positions(cos, sin)
+        ):
             return original(q, k, cos, sin, *args, **kwargs)
         cos, sin = cos[0].float(), sin[0].float()  # (T, D) fp32 tables, as our model passes them
         if unsqueeze_dim == 1:  # (B, H, T, D) -> (B, T, H, D) views
@@ -194,8 +232,9 @@ def _make_rotary(original: Callable) -> Callable:
             return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
         return ops.apply_rotary(q, k, cos, sin)
 
-    apply_rotary_pos_emb.__doc__ = (f"minimind_fast rotary, falling back to "
-                                    f"{original.__module__}.{_ROTARY_NAME}")
+    apply_rotary_pos_emb.__doc__ = (
+        f"minimind_fast rotary, falling back to {original.__module__}.{_ROTARY_NAME}"
+    )
     return apply_rotary_pos_emb
 
 
@@ -208,8 +247,9 @@ def _with_global(func: Callable, name: str, value) -> Callable:
             raise LookupError(f"{func.__qualname__} does not call {name}")
         namespace = dict(func.__globals__)
         namespace[name] = value
-        new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__,
-                                 func.__closure__)
+        new = types.FunctionType(
+            func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
+        )
         new.__dict__.update(func.__dict__)
     else:
         new_inner = _with_global(inner, name, value)
@@ -224,8 +264,9 @@ def _with_global(func: Callable, name: str, value) -> Callable:
         if not any(holds_inner(c) for c in cells):
             raise LookupError(f"cannot rebuild the decorator around {inner.__qualname__}")
         cells = tuple(types.CellType(new_inner) if holds_inner(c) else c for c in cells)
-        new = types.FunctionType(func.__code__, func.__globals__, func.__name__,
-                                 func.__defaults__, cells)
+        new = types.FunctionType(
+            func.__code__, func.__globals__, func.__name__, func.__defaults__, cells
+        )
         new.__dict__.update(func.__dict__)
         new.__wrapped__ = new_inner
     new.__kwdefaults__ = func.__kwdefaults__
@@ -269,8 +310,9 @@ def _patch_rotary(model: torch.nn.Module) -> int:
     return patched
 
 
-def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True,
-                   loss: bool = True):
+def patch_hf_model(
+    model: torch.nn.Module, rms_norm: bool = True, rope: bool = True, loss: bool = True
+):
     """Swap the RMSNorm modules, the rotary application and the loss (fused with the lm_head) of a
     transformers Llama / Qwen3 (or qwen2, mistral, qwen3_moe, qwen2_moe, mixtral) model for
     minimind_fast's ops, in place.
@@ -279,20 +321,27 @@ def patch_hf_model(model: torch.nn.Module, rms_norm: bool = True, rope: bool = T
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
-        raise ValueError(f"patch_hf_model expects a transformers PreTrainedModel "
-                         f"(pip install transformers), got {type(model).__name__}")
+        raise ValueError(
+            f"patch_hf_model expects a transformers PreTrainedModel "
+            f"(pip install transformers), got {type(model).__name__}"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"patch_hf_model supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"got {model_type!r}, whose norm / rotary code may differ (e.g. Gemma's "
-                         "1 + weight)")
+        raise ValueError(
+            f"patch_hf_model supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            f"got {model_type!r}, whose norm / rotary code may differ (e.g. Gemma's "
+            "1 + weight)"
+        )
     if getattr(model, "_minimind_fast_patched", False):
         return model
     if rms_norm and _swap_norms(model) == 0:
-        raise ValueError(f"no RMSNorm module of a known class in this {model_type} model; "
-                         "nothing to swap")
+        raise ValueError(
+            f"no RMSNorm module of a known class in this {model_type} model; nothing to swap"
+        )
     if rope and _patch_rotary(model) == 0:
-        raise ValueError(f"this transformers version's {model_type} attention does not call a "
-                         f"module-level {_ROTARY_NAME}; call patch_hf_model(model, rope=False)")
+        raise ValueError(
+            f"this transformers version's {model_type} attention does not call a "
+            f"module-level {_ROTARY_NAME}; call patch_hf_model(model, rope=False)"
+        )
     if loss and hasattr(model, "loss_function"):
         loss_function = causal_lm_loss
         if _fuse_loss(model):

@@ -1,4 +1,5 @@
 """Registered ops; ops/dispatch.py is the one place that picks each op's implementation."""
+
 from .cross_entropy import cross_entropy
 from .dispatch import BACKEND_ENV, choose_backend, use_backend
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -10,7 +11,19 @@ from .rmsnorm import add_rms_norm, rms_norm
 from .rope import apply_rotary, rope_tables
 
 __all__ = [
-    "BACKEND_ENV", "choose_backend", "use_backend", "rms_norm", "add_rms_norm", "apply_rotary",
-    "rope_tables", "cross_entropy", "fused_linear_cross_entropy", "moe_route", "MoERouting",
-    "grouped_linear", "moe_experts", "gather_pairs", "permute_rows",
+    "BACKEND_ENV",
+    "choose_backend",
+    "use_backend",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary",
+    "rope_tables",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "moe_route",
+    "MoERouting",
+    "grouped_linear",
+    "moe_experts",
+    "gather_pairs",
+    "permute_rows",
 ]

@@ -17,6 +17,7 @@ Out-of-range targets (not ignore_index, outside [0, V)) raise ValueError when th
 host sync (CPU tensors) or when MINIMIND_FAST_DEBUG=1; otherwise the Triton kernel makes that
 row's loss and gradient NaN (and the torch path's gather raises a device-side assert).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def check_targets(op: str, targets: Tensor, num_classes: int, ignore_index: int)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if bool(bad.any()):
         value = int(targets[bad][0])
-        raise ValueError(f"{op}: target {value} is outside [0, {num_classes}) and is not "
-                         f"ignore_index={ignore_index}; fix the labels or the vocabulary size")
+        raise ValueError(
+            f"{op}: target {value} is outside [0, {num_classes}) and is not "
+            f"ignore_index={ignore_index}; fix the labels or the vocabulary size"
+        )
 
 
 def _valid_count(targets: Tensor, ignore_index: int) -> Tensor:
@@ -62,8 +65,7 @@ def _valid_count(targets: Tensor, ignore_index: int) -> Tensor:
     return (targets != ignore_index).sum().clamp(min=1)
 
 
-def reduce_losses(loss_rows: Tensor, targets: Tensor, ignore_index: int,
-                  reduction: str) -> Tensor:
+def reduce_losses(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
     """Per-row losses (N,) reduced as asked (reference.reduce_rows)."""
     return reference.reduce_rows(loss_rows, targets != ignore_index, reduction)
 
@@ -78,11 +80,14 @@ def grad_scale(grad_loss: Tensor, targets: Tensor, ignore_index: int, reduction:
 def flatten_rows(inputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """inputs (..., D), targets (...) -> (rows, D), (rows,)."""
     if inputs.dim() < 1 or targets.shape != inputs.shape[:-1]:
-        raise ValueError(f"{name}: input {tuple(inputs.shape)} must be (..., D) with targets of "
-                         f"shape (...), got targets {tuple(targets.shape)}")
+        raise ValueError(
+            f"{name}: input {tuple(inputs.shape)} must be (..., D) with targets of "
+            f"shape (...), got targets {tuple(targets.shape)}"
+        )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"{name}: targets must be class indices (an integer dtype), "
-                         f"got {targets.dtype}")
+        raise ValueError(
+            f"{name}: targets must be class indices (an integer dtype), got {targets.dtype}"
+        )
     check_floating(name, input=inputs)
     check_same_device(name, input=inputs, targets=targets)
     rows = targets.numel()  # not reshape(-1, D): that is ambiguous when D = 0
@@ -91,15 +96,22 @@ def flatten_rows(inputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Te
 
 # ------------------------------------------------------------------------- cross-entropy op
 @torch.library.custom_op("minimind_fast::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits: Tensor, targets: Tensor, ignore_index: int, reduction: str,
-                      label_smoothing: float, z_loss_scale: float,
-                      compute_grad: bool) -> tuple[Tensor, Tensor]:
+def _cross_entropy_op(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss_scale: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
     """(loss, dlogits): loss reduced as asked; dlogits (N, V) = dloss_rows/dlogits, or empty."""
     from ..kernels.cross_entropy import cross_entropy_forward
 
     check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
-    loss_rows, dlogits = cross_entropy_forward(logits, targets, ignore_index, label_smoothing,
-                                               z_loss_scale, compute_grad)
+    loss_rows, dlogits = cross_entropy_forward(
+        logits, targets, ignore_index, label_smoothing, z_loss_scale, compute_grad
+    )
     if dlogits is None:
         dlogits = logits.new_empty(0)
     return reduce_losses(loss_rows, targets, ignore_index, reduction), dlogits
@@ -135,20 +147,28 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_backward(ctx, grad_loss, _grad_dlogits):
     dlogits, targets = ctx.saved_tensors
     if not ctx.compute_grad:
-        raise RuntimeError("cross_entropy was called with compute_grad=False; "
-                           "no gradient was stored")
+        raise RuntimeError(
+            "cross_entropy was called with compute_grad=False; no gradient was stored"
+        )
     scale = grad_scale(grad_loss, targets, ctx.ignore_index, ctx.reduction)
     grad = torch.ops.minimind_fast.cross_entropy_backward(dlogits, scale)
     return (grad,) + (None,) * 6
 
 
-torch.library.register_autograd("minimind_fast::cross_entropy", _cross_entropy_backward,
-                                setup_context=_cross_entropy_setup)
+torch.library.register_autograd(
+    "minimind_fast::cross_entropy", _cross_entropy_backward, setup_context=_cross_entropy_setup
+)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                  reduction: str = "mean", label_smoothing: float = 0.0,
-                  z_loss_scale: float = 0.0, backend: Optional[str] = None) -> Tensor:
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss_scale: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Cross-entropy of logits (N, V) (or (..., V)) against class indices targets (N,) (or (...)).
 
     Returns a scalar for mean/sum, (N,) (or (...)) for none (0 at ignored rows), in fp32 (fp64
@@ -159,17 +179,26 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_IN
     batch_shape = targets.shape
     logits2d, targets1d = flatten_rows(logits, targets, "cross_entropy")
     if logits2d.shape[1] == 0:
-        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} have V=0 classes; the last "
-                         "dimension must hold one logit per class (at least one)")
+        raise ValueError(
+            f"cross_entropy: logits {tuple(logits.shape)} have V=0 classes; the last "
+            "dimension must hold one logit per class (at least one)"
+        )
     if choose_backend(logits.device, backend) == "torch":
         if not torch.compiler.is_compiling():
             check_targets("cross_entropy", targets1d, logits2d.shape[1], ignore_index)
-        loss = reference.cross_entropy(logits2d, targets1d, ignore_index, reduction,
-                                       label_smoothing, z_loss_scale)
+        loss = reference.cross_entropy(
+            logits2d, targets1d, ignore_index, reduction, label_smoothing, z_loss_scale
+        )
     else:
         check_triton_dtypes("cross_entropy", logits=logits)
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
         loss, _ = torch.ops.minimind_fast.cross_entropy(
-            logits2d, targets1d, int(ignore_index), reduction, float(label_smoothing),
-            float(z_loss_scale), compute_grad)
+            logits2d,
+            targets1d,
+            int(ignore_index),
+            reduction,
+            float(label_smoothing),
+            float(z_loss_scale),
+            compute_grad,
+        )
     return loss.reshape(batch_shape) if reduction == "none" else loss

@@ -26,6 +26,7 @@ Triton kernel treats "triton" as "auto". "triton" off-GPU is only allowed under
 TRITON_INTERPRET=1, which is how the tests run the real kernels on CPU. Model code never
 branches on device: it calls the ops, and the ops ask here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,9 @@ def _requested(op: Optional[str], backend: Optional[str]) -> str:
         return _check(backend, allowed, f"{op} backend" if op else "backend")
     if op in _overrides:
         return _overrides[op]
-    choice = _overrides.get(None) or _check(os.environ.get(BACKEND_ENV, "auto"), BACKENDS,
-                                            BACKEND_ENV)
+    choice = _overrides.get(None) or _check(
+        os.environ.get(BACKEND_ENV, "auto"), BACKENDS, BACKEND_ENV
+    )
     return choice if choice in allowed else "auto"  # "triton" for an op without a Triton kernel
 
 
@@ -83,11 +85,14 @@ def choose_backend(device: torch.device, backend: Optional[str] = None) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' but triton is not installed; "
-                             "pip install 'triton>=3.6,<3.10'")
+            raise ValueError(
+                "backend='triton' but triton is not installed; pip install 'triton>=3.6,<3.10'"
+            )
         if device.type != "cuda" and not triton_interpreted():
-            raise ValueError(f"backend='triton' on device {device.type!r} needs TRITON_INTERPRET=1 "
-                             "(set before triton is imported) or a CUDA tensor")
+            raise ValueError(
+                f"backend='triton' on device {device.type!r} needs TRITON_INTERPRET=1 "
+                "(set before triton is imported) or a CUDA tensor"
+            )
     return choice
 
 
@@ -109,21 +114,25 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype, *dims: int) -> boo
     return dtype in allowed and all(dim * dtype.itemsize % 16 == 0 for dim in dims)
 
 
-def choose_grouped_linear_backend(device: torch.device, dtype: torch.dtype, dims: tuple[int, int],
-                                  backend: Optional[str] = None) -> str:
+def choose_grouped_linear_backend(
+    device: torch.device, dtype: torch.dtype, dims: tuple[int, int], backend: Optional[str] = None
+) -> str:
     """grouped_linear's backend for `dtype` rows of widths dims = (in, out) on `device`."""
     choice = _requested("grouped_linear", backend)
     runs = grouped_mm_runs(device, dtype, *dims)
     if choice == "auto":
         return "grouped_mm" if runs else "torch"
     if choice == "grouped_mm" and not runs:
-        raise ValueError(f"grouped_linear backend 'grouped_mm' cannot run {dtype} rows of widths "
-                         f"{dims} on {device.type} (see grouped_mm_runs); use backend='torch'")
+        raise ValueError(
+            f"grouped_linear backend 'grouped_mm' cannot run {dtype} rows of widths "
+            f"{dims} on {device.type} (see grouped_mm_runs); use backend='torch'"
+        )
     return choice
 
 
-def choose_moe_experts_backend(device: torch.device, dtype: torch.dtype, dims: tuple[int, int],
-                               backend: Optional[str] = None) -> str:
+def choose_moe_experts_backend(
+    device: torch.device, dtype: torch.dtype, dims: tuple[int, int], backend: Optional[str] = None
+) -> str:
     """moe_experts' backend ("grouped" or "torch") for `dtype` rows of widths
     dims = (hidden, intermediate)."""
     choice = _requested("moe_experts", backend)
@@ -140,8 +149,10 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
     if op is None:
         _check(name, BACKENDS, "backend")
     elif op not in OP_BACKENDS:
-        raise ValueError(f"op={op!r} has no backend of its own to force; use one of "
-                         f"{', '.join(OP_BACKENDS)}, or op=None for every op")
+        raise ValueError(
+            f"op={op!r} has no backend of its own to force; use one of "
+            f"{', '.join(OP_BACKENDS)}, or op=None for every op"
+        )
     else:
         _check(name, ("auto", *OP_BACKENDS[op]), f"{op} backend")
     had, previous = op in _overrides, _overrides.get(op)

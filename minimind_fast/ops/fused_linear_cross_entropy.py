@@ -27,6 +27,7 @@ While a CUDA graph is captured, where no sync is allowed, every row runs (same r
 that an ignored row's NaN reaches dW as it would unfused). Cut Cross-Entropy (Wijmans et al.,
 2024) compacts the same way.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -93,10 +94,19 @@ def _kept_rows(targets: Tensor, ignore_index: int) -> Optional[Tensor]:
     return None if kept.numel() == targets.numel() else kept
 
 
-def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                ignore_index: int, label_smoothing: float, z_loss_scale: float, chunk_size: int,
-                backend: str, row_scale: Optional[Tensor], grads: tuple[bool, bool, bool],
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _chunk_loop(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_scale: float,
+    chunk_size: int,
+    backend: str,
+    row_scale: Optional[Tensor],
+    grads: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses (N,), dh (N, H) in hidden's dtype, dW (V, H) and db (V,) summed in the
     math dtype (empty where not asked), holding one (chunk, V) block of logits at a time; only
     the rows whose target is not ignore_index are computed (the others: loss 0, dh 0)."""
@@ -127,18 +137,32 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
             if kept is None:
                 h = hidden[start:end]
             else:
-                h = torch.index_select(hidden, 0, kept[start:end], out=rows_buffer[:end - start])
+                h = torch.index_select(hidden, 0, kept[start:end], out=rows_buffer[: end - start])
             logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
             scale = None if row_scale is None else row_scale[start:end]
             if backend == "triton":
-                cross_entropy_forward(logits, targets[start:end], ignore_index, label_smoothing,
-                                      z_loss_scale, compute_grad, grad_out=logits,
-                                      loss_out=loss_rows[start:end], row_scale=scale)
+                cross_entropy_forward(
+                    logits,
+                    targets[start:end],
+                    ignore_index,
+                    label_smoothing,
+                    z_loss_scale,
+                    compute_grad,
+                    grad_out=logits,
+                    loss_out=loss_rows[start:end],
+                    row_scale=scale,
+                )
                 dlogits = logits
             else:
                 loss_rows[start:end], dlogits = reference.cross_entropy_loss_and_grad(
-                    logits, targets[start:end], ignore_index, label_smoothing, z_loss_scale,
-                    compute_grad, scale)
+                    logits,
+                    targets[start:end],
+                    ignore_index,
+                    label_smoothing,
+                    z_loss_scale,
+                    compute_grad,
+                    scale,
+                )
             if grad_weight:
                 _accumulate(dw, dlogits.t(), h)
             if grad_bias:
@@ -155,24 +179,57 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
 
 @torch.library.custom_op("minimind_fast::fused_linear_cross_entropy", mutates_args=())
 def _fused_linear_cross_entropy_op(
-        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
-        reduction: str, label_smoothing: float, z_loss_scale: float, chunk_size: int,
-        backend: str, grad_hidden: bool, grad_weight: bool,
-        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss_scale: float,
+    chunk_size: int,
+    backend: str,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, dh, dW, db): the gradients of the per-row losses summed, unscaled (mean/sum only;
     dW, db in the math dtype so the backward scales them before any cast)."""
     grads = (grad_hidden, grad_weight, grad_bias)
     if reduction == "none":
         grads = (False, False, False)  # per-row upstream grads: the backward recomputes
-    loss_rows, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, ignore_index,
-                                        label_smoothing, z_loss_scale, chunk_size, backend, None,
-                                        grads)
+    loss_rows, dh, dw, db = _chunk_loop(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index,
+        label_smoothing,
+        z_loss_scale,
+        chunk_size,
+        backend,
+        None,
+        grads,
+    )
     return reduce_losses(loss_rows, targets, ignore_index, reduction), dh, dw, db
 
 
 @_fused_linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss_scale,
-      chunk_size, backend, grad_hidden, grad_weight, grad_bias):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss_scale,
+    chunk_size,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     dtype = reference.math_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=dtype)
     keep = reduction != "none"
@@ -184,29 +241,75 @@ def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z
 
 @torch.library.custom_op("minimind_fast::fused_linear_cross_entropy_backward", mutates_args=())
 def _fused_linear_cross_entropy_backward_op(
-        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, grad_loss: Tensor,
-        ignore_index: int, label_smoothing: float, z_loss_scale: float, chunk_size: int,
-        backend: str, grad_hidden: bool, grad_weight: bool,
-        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    grad_loss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_scale: float,
+    chunk_size: int,
+    backend: str,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dW, db) in the inputs' dtypes for reduction='none': the chunk loop again, each
     row's gradient times grad_loss[row]."""
-    _, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, ignore_index, label_smoothing,
-                                z_loss_scale, chunk_size, backend, grad_loss,
-                                (grad_hidden, grad_weight, grad_bias))
+    _, dh, dw, db = _chunk_loop(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index,
+        label_smoothing,
+        z_loss_scale,
+        chunk_size,
+        backend,
+        grad_loss,
+        (grad_hidden, grad_weight, grad_bias),
+    )
     return dh, dw.to(weight.dtype), db.to(weight.dtype)
 
 
 @_fused_linear_cross_entropy_backward_op.register_fake
-def _(hidden, weight, bias, targets, grad_loss, ignore_index, label_smoothing, z_loss_scale,
-      chunk_size, backend, grad_hidden, grad_weight, grad_bias):
-    return (hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
-            weight.new_empty(tuple(weight.shape) if grad_weight else (0,)),
-            weight.new_empty((weight.shape[0],) if grad_bias else (0,)))
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    grad_loss,
+    ignore_index,
+    label_smoothing,
+    z_loss_scale,
+    chunk_size,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
+    return (
+        hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
+        weight.new_empty(tuple(weight.shape) if grad_weight else (0,)),
+        weight.new_empty((weight.shape[0],) if grad_bias else (0,)),
+    )
 
 
 def _fused_setup(ctx, inputs, output):
-    (hidden, weight, bias, targets, ignore_index, reduction, smoothing, z_loss, chunk, backend,
-     *grads) = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index,
+        reduction,
+        smoothing,
+        z_loss,
+        chunk,
+        backend,
+        *grads,
+    ) = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.options = (ignore_index, smoothing, z_loss, chunk, backend, *grads)
     ctx.reduction = reduction
@@ -221,13 +324,25 @@ def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
     ignore_index, smoothing, z_loss, chunk, backend, *grads = ctx.options
     needed = ctx.needs_input_grad[:3]
     if any(needs and not asked for needs, asked in zip(needed, grads, strict=True)):
-        raise RuntimeError(f"{FLCE}: a gradient is needed that the forward was told to skip "
-                           f"(grad_hidden/grad_weight/grad_bias); call ops.{FLCE} instead")
+        raise RuntimeError(
+            f"{FLCE}: a gradient is needed that the forward was told to skip "
+            f"(grad_hidden/grad_weight/grad_bias); call ops.{FLCE} instead"
+        )
     if ctx.reduction == "none":
         hidden, weight, bias, targets = ctx.saved_tensors
         dh, dw, db = torch.ops.minimind_fast.fused_linear_cross_entropy_backward(
-            hidden, weight, bias, targets, grad_loss, ignore_index, smoothing, z_loss, chunk,
-            backend, *grads)
+            hidden,
+            weight,
+            bias,
+            targets,
+            grad_loss,
+            ignore_index,
+            smoothing,
+            z_loss,
+            chunk,
+            backend,
+            *grads,
+        )
     else:
         dh, dw, db, targets = ctx.saved_tensors
         # the reduction's 1/count and grad_output are applied while dW, db are still fp32:
@@ -236,36 +351,52 @@ def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
         hidden_dtype, weight_dtype = ctx.dtypes
         dh = (dh * scale).to(hidden_dtype)
         dw, db = (dw * scale).to(weight_dtype), (db * scale).to(weight_dtype)
-    results = tuple(grad if asked else None
-                    for grad, asked in zip((dh, dw, db), grads, strict=True))
+    results = tuple(
+        grad if asked else None for grad, asked in zip((dh, dw, db), grads, strict=True)
+    )
     return results + (None,) * 10
 
 
-torch.library.register_autograd("minimind_fast::fused_linear_cross_entropy", _fused_backward,
-                                setup_context=_fused_setup)
+torch.library.register_autograd(
+    "minimind_fast::fused_linear_cross_entropy", _fused_backward, setup_context=_fused_setup
+)
 
 
-def _check_fused_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                        targets: Tensor) -> None:
+def _check_fused_inputs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor
+) -> None:
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{FLCE}: hidden {tuple(hidden.shape)} must be (..., H) and "
-                         f"weight {tuple(weight.shape)} must be (V, H)")
+        raise ValueError(
+            f"{FLCE}: hidden {tuple(hidden.shape)} must be (..., H) and "
+            f"weight {tuple(weight.shape)} must be (V, H)"
+        )
     if weight.shape[0] == 0:
-        raise ValueError(f"{FLCE}: weight {tuple(weight.shape)} has V=0 rows; it needs one row "
-                         "per class (at least one)")
+        raise ValueError(
+            f"{FLCE}: weight {tuple(weight.shape)} has V=0 rows; it needs one row "
+            "per class (at least one)"
+        )
     tensors = dict(hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
     check_floating(FLCE, **tensors)
     check_same_device(FLCE, **tensors, targets=targets)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{FLCE}: bias {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},), "
-                         "one entry per row of weight")
+        raise ValueError(
+            f"{FLCE}: bias {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},), "
+            "one entry per row of weight"
+        )
 
 
-def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                               label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
-                               backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                               bias: Optional[Tensor] = None) -> Tensor:
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss_scale: float = 0.0,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
     """cross_entropy(hidden (N, H) @ weight (V, H).T + bias (V,), targets (N,)) without
     materialising (N, V).
 
@@ -277,8 +408,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
     """
     check_loss_args(reduction, label_smoothing, z_loss_scale)
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows "
-                         "(or None for auto)")
+        raise ValueError(
+            f"chunk_size={chunk_size} must be a positive number of rows (or None for auto)"
+        )
     _check_fused_inputs(hidden, weight, bias, targets)
     if torch.is_autocast_enabled(hidden.device.type):  # cast them all, as F.linear would
         dtype = compute_dtype(hidden)
@@ -286,8 +418,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
         bias = None if bias is None else bias.to(dtype)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype != hidden.dtype:
-            raise ValueError(f"{FLCE}: hidden is {hidden.dtype} but {name} is {tensor.dtype}; "
-                             "cast one of them or run under torch.autocast")
+            raise ValueError(
+                f"{FLCE}: hidden is {hidden.dtype} but {name} is {tensor.dtype}; "
+                "cast one of them or run under torch.autocast"
+            )
     batch_shape = targets.shape
     hidden2d, targets1d = flatten_rows(hidden, targets, FLCE)
     backend = choose_backend(hidden.device, backend)
@@ -295,8 +429,18 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
         check_triton_dtypes(FLCE, hidden=hidden)
     grad_enabled = torch.is_grad_enabled()
     loss = torch.ops.minimind_fast.fused_linear_cross_entropy(
-        hidden2d, weight, bias, targets1d, int(ignore_index), reduction, float(label_smoothing),
-        float(z_loss_scale), int(chunk_size or 0), backend,
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
-        grad_enabled and bias is not None and bias.requires_grad)[0]
+        hidden2d,
+        weight,
+        bias,
+        targets1d,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss_scale),
+        int(chunk_size or 0),
+        backend,
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad,
+    )[0]
     return loss.reshape(batch_shape) if reduction == "none" else loss

@@ -13,6 +13,7 @@ Backends (chosen by ops/dispatch.py):
 Backward: grad_x[rows of g] = grad[rows of g] @ weight[g]; grad_weight[g] = grad[rows of g].T @
 x[rows of g], zero for an empty group.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,8 +42,9 @@ def zero_empty_groups(grad_weight: torch.Tensor, ends: torch.Tensor) -> torch.Te
 
 
 @torch.library.custom_op("minimind_fast::grouped_linear_backward", mutates_args=())
-def grouped_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                            ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_linear_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: (N, M) -> (grad_x (N, K), grad_weight (G, M, K))."""
     grad = grad.contiguous()
     grouped_mm = compat.grouped_mm()
@@ -73,18 +75,23 @@ def _backward(ctx, grad):
 _grouped_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
-                   backend: Optional[str] = None) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
     """x: (N, K), weight: (G, M, K), ends: (G,) int32 -> (N, M); differentiable in x and weight.
 
     backend: None (use_backend / MINIMIND_FAST_BACKEND / "auto"), "grouped_mm" or "torch".
     """
     if x.dim() != 2 or weight.dim() != 3 or weight.shape[2] != x.shape[1]:
-        raise ValueError(f"grouped_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
-                         "must be (N, K) and (G, M, K)")
+        raise ValueError(
+            f"grouped_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
+            "must be (N, K) and (G, M, K)"
+        )
     if ends.shape != weight.shape[:1] or ends.dtype != torch.int32:
-        raise ValueError(f"grouped_linear: ends must be int32 of shape ({weight.shape[0]},), one "
-                         f"end row per group; got {ends.dtype} {tuple(ends.shape)}")
+        raise ValueError(
+            f"grouped_linear: ends must be int32 of shape ({weight.shape[0]},), one "
+            f"end row per group; got {ends.dtype} {tuple(ends.shape)}"
+        )
     dims = (weight.shape[2], weight.shape[1])
     if choose_grouped_linear_backend(x.device, x.dtype, dims, backend) == "torch":
         return grouped_linear_reference(x, weight, ends)

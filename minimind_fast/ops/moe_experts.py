@@ -13,6 +13,7 @@ Backends (chosen by ops/dispatch.py):
     of `split(expert_counts.tolist())`).
 Under autocast the experts compute in the autocast dtype, as nn.Linear would.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -28,17 +29,27 @@ from .moe_reference import moe_experts_reference
 def _check(expert_in, expert_counts, gate_proj, up_proj, down_proj) -> None:
     experts = expert_counts.numel()
     if not len(gate_proj) == len(up_proj) == len(down_proj) == experts:
-        raise ValueError(f"moe_experts: {len(gate_proj)}, {len(up_proj)} and {len(down_proj)} "
-                         f"gate/up/down weights for {experts} experts; pass one of each per expert")
+        raise ValueError(
+            f"moe_experts: {len(gate_proj)}, {len(up_proj)} and {len(down_proj)} "
+            f"gate/up/down weights for {experts} experts; pass one of each per expert"
+        )
     hidden, intermediate = expert_in.shape[-1], gate_proj[0].shape[0]
     if gate_proj[0].shape != (intermediate, hidden) or down_proj[0].shape != (hidden, intermediate):
-        raise ValueError(f"moe_experts: gate_proj {tuple(gate_proj[0].shape)} and down_proj "
-                         f"{tuple(down_proj[0].shape)} must be (I, H) and (H, I) for H = {hidden}")
+        raise ValueError(
+            f"moe_experts: gate_proj {tuple(gate_proj[0].shape)} and down_proj "
+            f"{tuple(down_proj[0].shape)} must be (I, H) and (H, I) for H = {hidden}"
+        )
 
 
-def moe_experts(expert_in: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor,
-                gate_proj: Sequence[torch.Tensor], up_proj: Sequence[torch.Tensor],
-                down_proj: Sequence[torch.Tensor], backend: Optional[str] = None) -> torch.Tensor:
+def moe_experts(
+    expert_in: torch.Tensor,
+    expert_counts: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    gate_proj: Sequence[torch.Tensor],
+    up_proj: Sequence[torch.Tensor],
+    down_proj: Sequence[torch.Tensor],
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """expert_in: (N, H) sorted by expert -> (N, H), same order.
 
     backend: None (use_backend / MINIMIND_FAST_BACKEND / "auto"), "grouped" or "torch".

@@ -4,6 +4,7 @@ Both are autograd Functions whose backward is another gather (index_select with 
 permutation), never an index_add: deterministic, and traced by torch.compile as plain aten ops.
 The permutations come from moe_route (sorted_pairs and its inverse pair_positions).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ class _PermuteRows(torch.autograd.Function):
         return grad_out.index_select(0, inverse), None, None
 
 
-def gather_pairs(rows: torch.Tensor, sorted_pairs: torch.Tensor, pair_positions: torch.Tensor,
-                 k: int) -> torch.Tensor:
+def gather_pairs(
+    rows: torch.Tensor, sorted_pairs: torch.Tensor, pair_positions: torch.Tensor, k: int
+) -> torch.Tensor:
     """rows: (N, H) -> (N*k, H) in expert order: out[i] = rows[sorted_pairs[i] // k].
 
     Backward: grad_rows[t] = sum_j grad_out[pair_positions[t*k + j]] (a gather, then a sum)."""

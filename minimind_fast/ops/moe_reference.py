@@ -15,6 +15,7 @@ Written for clarity, not speed.
 
 The two loops read the group sizes on the host (`.tolist()`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -33,8 +34,13 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
 
 
-def moe_route_reference(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
-                        scoring: str = "softmax", seq_len: int = 0) -> tuple[torch.Tensor, ...]:
+def moe_route_reference(
+    router_logits: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+    scoring: str = "softmax",
+    seq_len: int = 0,
+) -> tuple[torch.Tensor, ...]:
     """router_logits: (T, E) -> the ten outputs of `minimind_fast::moe_route`, in its order:
 
     topk_weight (T, k), topk_idx (T, k) int64, scores (T, E), prob_mean (E,), seq_prob_mean (B, E),
@@ -64,17 +70,32 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, norm_topk_prob:
     expert_offsets = F.pad(expert_counts.cumsum(0), (1, 0))
     pair_positions = torch.empty_like(sorted_pairs)
     pair_positions[sorted_pairs] = torch.arange(T * top_k, device=logits.device)
-    return (topk_weight, topk_idx, scores, prob_mean, seq_prob_mean, expert_counts, seq_counts,
-            sorted_pairs, expert_offsets, pair_positions)
+    return (
+        topk_weight,
+        topk_idx,
+        scores,
+        prob_mean,
+        seq_prob_mean,
+        expert_counts,
+        seq_counts,
+        sorted_pairs,
+        expert_offsets,
+        pair_positions,
+    )
 
 
-def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor],
-                                 grad_scores: Optional[torch.Tensor],
-                                 grad_prob_mean: Optional[torch.Tensor],
-                                 grad_seq_prob_mean: Optional[torch.Tensor],
-                                 scores: torch.Tensor, topk_idx: torch.Tensor, norm_topk_prob: bool,
-                                 scoring: str, seq_len: int,
-                                 logits_dtype: torch.dtype) -> torch.Tensor:
+def moe_route_backward_reference(
+    grad_topk_weight: Optional[torch.Tensor],
+    grad_scores: Optional[torch.Tensor],
+    grad_prob_mean: Optional[torch.Tensor],
+    grad_seq_prob_mean: Optional[torch.Tensor],
+    scores: torch.Tensor,
+    topk_idx: torch.Tensor,
+    norm_topk_prob: bool,
+    scoring: str,
+    seq_len: int,
+    logits_dtype: torch.dtype,
+) -> torch.Tensor:
     """The gradient of router_logits (T, E) from the forward's scores, written out (see the maths
     in csrc/moe_route_backward_cpu.cpp). Any incoming gradient may be None."""
     T, E = scores.shape
@@ -100,22 +121,34 @@ def moe_route_backward_reference(grad_topk_weight: Optional[torch.Tensor],
     return grad.to(logits_dtype)
 
 
-def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor,
-                             ends: torch.Tensor) -> torch.Tensor:
+def grouped_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
     """x: (N, K), weight: (G, M, K), ends: (G,) with ends[-1] == N -> (N, M): rows
     ends[g-1]:ends[g] (from 0 for g = 0) through F.linear with weight[g]."""
     bounds = [0, *ends.tolist()]
-    return torch.cat([F.linear(x[start:end], weight[g])
-                      for g, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
+    return torch.cat(
+        [
+            F.linear(x[start:end], weight[g])
+            for g, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        ]
+    )
 
 
-def moe_experts_reference(expert_in: torch.Tensor, expert_counts: torch.Tensor,
-                          gate_proj: Sequence[torch.Tensor], up_proj: Sequence[torch.Tensor],
-                          down_proj: Sequence[torch.Tensor]) -> torch.Tensor:
+def moe_experts_reference(
+    expert_in: torch.Tensor,
+    expert_counts: torch.Tensor,
+    gate_proj: Sequence[torch.Tensor],
+    up_proj: Sequence[torch.Tensor],
+    down_proj: Sequence[torch.Tensor],
+) -> torch.Tensor:
     """expert_in: (N, H) sorted by expert, expert_counts: (E,) -> (N, H): expert e's SwiGLU
     down(silu(gate(x)) * up(x)) on its expert_counts[e] rows, with weights gate_proj[e] and
     up_proj[e] (I, H), down_proj[e] (H, I)."""
     parts = expert_in.split(expert_counts.tolist())
-    return torch.cat([F.linear(F.silu(F.linear(part, gate)) * F.linear(part, up), down)
-                      for part, gate, up, down in zip(parts, gate_proj, up_proj, down_proj,
-                                                      strict=True)])
+    return torch.cat(
+        [
+            F.linear(F.silu(F.linear(part, gate)) * F.linear(part, up), down)
+            for part, gate, up, down in zip(parts, gate_proj, up_proj, down_proj, strict=True)
+        ]
+    )

@@ -28,6 +28,7 @@ MiniMind-3 and Qwen3-MoE do: a softmax top-1 weight is then exactly 1; MiniMind2
 probability is norm_topk_prob=False). seq_len splits the T rows into
 B = T / seq_len sequences for the per-sequence statistics (0: one sequence).
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -47,14 +48,16 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Must match TORCH_LIBRARY(minimind_fast, m) in csrc/moe_route.cpp.
 FORWARD_SCHEMA = (
-    "moe_route(Tensor router_logits, int top_k, bool norm_topk_prob, str scoring=\"softmax\", "
+    'moe_route(Tensor router_logits, int top_k, bool norm_topk_prob, str scoring="softmax", '
     "int seq_len=0) -> (Tensor topk_weight, Tensor topk_idx, Tensor scores, Tensor prob_mean, "
     "Tensor seq_prob_mean, Tensor expert_counts, Tensor seq_expert_counts, Tensor sorted_pairs, "
-    "Tensor expert_offsets, Tensor pair_positions)")
+    "Tensor expert_offsets, Tensor pair_positions)"
+)
 BACKWARD_SCHEMA = (
     "moe_route_backward(Tensor? grad_topk_weight, Tensor? grad_scores, Tensor? grad_prob_mean, "
     "Tensor? grad_seq_prob_mean, Tensor scores, Tensor topk_idx, bool norm_topk_prob, str scoring, "
-    "int seq_len, ScalarType logits_dtype) -> Tensor")
+    "int seq_len, ScalarType logits_dtype) -> Tensor"
+)
 
 
 class MoERouting(NamedTuple):
@@ -77,8 +80,10 @@ def _validate(router_logits: torch.Tensor, top_k: int, scoring: str, seq_len: in
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be (tokens, experts), got shape {shape}")
     if router_logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"router_logits dtype {router_logits.dtype} is not supported; use "
-                         "float32, float64, bfloat16 or float16")
+        raise ValueError(
+            f"router_logits dtype {router_logits.dtype} is not supported; use "
+            "float32, float64, bfloat16 or float16"
+        )
     T, E = shape
     if E < 1 or T < 1:
         raise ValueError(f"router_logits shape {shape} needs at least one token and one expert")
@@ -87,21 +92,26 @@ def _validate(router_logits: torch.Tensor, top_k: int, scoring: str, seq_len: in
     if scoring not in SCORING_FUNCS:
         raise ValueError(f"scoring={scoring!r} must be 'softmax' or 'sigmoid'")
     if seq_len < 0:
-        raise ValueError(f"seq_len={seq_len} must be >= 0 (the tokens per sequence; 0 means one "
-                         "sequence of all tokens)")
+        raise ValueError(
+            f"seq_len={seq_len} must be >= 0 (the tokens per sequence; 0 means one "
+            "sequence of all tokens)"
+        )
     if seq_len and T % seq_len:
-        raise ValueError(f"seq_len={seq_len} must divide the {T} tokens (tokens = batch * "
-                         "seq_len); 0 means one sequence")
+        raise ValueError(
+            f"seq_len={seq_len} must divide the {T} tokens (tokens = batch * "
+            "seq_len); 0 means one sequence"
+        )
 
 
 # ---- fallback kernels: the reference, registered under the op names where _C has none ----
 
-def _reference_forward_kernel(router_logits, top_k, norm_topk_prob, scoring="softmax",
-                              seq_len=0):
+
+def _reference_forward_kernel(router_logits, top_k, norm_topk_prob, scoring="softmax", seq_len=0):
     """CompositeImplicitAutograd kernel (no _C at all): the reference, differentiable."""
     _validate(router_logits, top_k, scoring, seq_len)
-    outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring,
-                                                seq_len)
+    outputs = moe_reference.moe_route_reference(
+        router_logits, top_k, norm_topk_prob, scoring, seq_len
+    )
     return tuple(out.contiguous() for out in outputs)
 
 
@@ -134,6 +144,7 @@ def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
     library holding those registrations (None when none was needed) and their dispatch keys."""
     try:
         from .. import _C  # noqa: F401  (its static initialisers register the ops)
+
         problem, keys = None, []
         if torch.version.cuda is not None and not _has_kernel("CUDA"):
             problem, keys = "it was built without CUDA kernels", ["CUDA"]
@@ -143,18 +154,27 @@ def _register_fallback() -> tuple[Optional[torch.library.Library], list[str]]:
     if problem is None:
         return None, []
     if os.environ.get(REQUIRE_EXT_ENV, "0") == "1":
-        raise ImportError(f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable "
-                          f"({problem}); build it with `pip install --no-build-isolation -e .`")
-    warnings.warn(f"minimind_fast._C is unusable ({problem}); moe_route falls back to its "
-                  "pure-PyTorch reference (same outputs, slower). Build it with "
-                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+        raise ImportError(
+            f"{REQUIRE_EXT_ENV}=1 but the extension minimind_fast._C is unusable "
+            f"({problem}); build it with `pip install --no-build-isolation -e .`"
+        )
+    warnings.warn(
+        f"minimind_fast._C is unusable ({problem}); moe_route falls back to its "
+        "pure-PyTorch reference (same outputs, slower). Build it with "
+        "`pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     library = torch.library.Library("minimind_fast", "FRAGMENT")
     if keys == ["CompositeImplicitAutograd"]:
         library.define(FORWARD_SCHEMA)
         library.define(BACKWARD_SCHEMA)
         library.impl("moe_route", _reference_forward_kernel, "CompositeImplicitAutograd")
-        library.impl("moe_route_backward", moe_reference.moe_route_backward_reference,
-                     "CompositeImplicitAutograd")
+        library.impl(
+            "moe_route_backward",
+            moe_reference.moe_route_backward_reference,
+            "CompositeImplicitAutograd",
+        )
     else:
         library.impl("moe_route", _reference_forward_device_kernel, "CUDA")
         library.impl("moe_route_backward", _reference_backward_kernel, "CUDA")
@@ -173,14 +193,32 @@ def _moe_route_fake(router_logits, top_k, norm_topk_prob, scoring="softmax", seq
     real = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     new = router_logits.new_empty
     index = dict(dtype=torch.int64)
-    return (new((T, top_k), dtype=real), new((T, top_k), **index), new((T, E), dtype=real),
-            new((E,), dtype=real), new((B, E), dtype=real), new((E,), **index),
-            new((B, E), **index), new((T * top_k,), **index), new((E + 1,), **index),
-            new((T * top_k,), **index))
+    return (
+        new((T, top_k), dtype=real),
+        new((T, top_k), **index),
+        new((T, E), dtype=real),
+        new((E,), dtype=real),
+        new((B, E), dtype=real),
+        new((E,), **index),
+        new((B, E), **index),
+        new((T * top_k,), **index),
+        new((E + 1,), **index),
+        new((T * top_k,), **index),
+    )
 
 
-def _moe_route_backward_fake(grad_topk_weight, grad_scores, grad_prob_mean, grad_seq_prob_mean,
-                             scores, topk_idx, norm_topk_prob, scoring, seq_len, logits_dtype):
+def _moe_route_backward_fake(
+    grad_topk_weight,
+    grad_scores,
+    grad_prob_mean,
+    grad_seq_prob_mean,
+    scores,
+    topk_idx,
+    norm_topk_prob,
+    scoring,
+    seq_len,
+    logits_dtype,
+):
     return scores.new_empty(scores.shape, dtype=logits_dtype)
 
 
@@ -190,9 +228,14 @@ if not _has_kernel("CompositeImplicitAutograd"):
     torch.library.register_fake("minimind_fast::moe_route_backward", _moe_route_backward_fake)
 
 
-def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
-              scoring: str = "softmax", seq_len: int = 0,
-              backend: Optional[str] = None) -> MoERouting:
+def moe_route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    scoring: str = "softmax",
+    seq_len: int = 0,
+    backend: Optional[str] = None,
+) -> MoERouting:
     """Route T tokens to k of E experts. router_logits: (T, E), T = batch * seq_len.
 
     Differentiable w.r.t. router_logits through topk_weight, scores, prob_mean and seq_prob_mean.
@@ -200,9 +243,11 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = Tr
     """
     _validate(router_logits, top_k, scoring, seq_len)
     if dispatch.choose_moe_route_backend(backend) == "torch":
-        outputs = moe_reference.moe_route_reference(router_logits, top_k, norm_topk_prob, scoring,
-                                                    seq_len)
+        outputs = moe_reference.moe_route_reference(
+            router_logits, top_k, norm_topk_prob, scoring, seq_len
+        )
     else:
-        outputs = torch.ops.minimind_fast.moe_route(router_logits.contiguous(), top_k,
-                                                    bool(norm_topk_prob), scoring, seq_len)
+        outputs = torch.ops.minimind_fast.moe_route(
+            router_logits.contiguous(), top_k, bool(norm_topk_prob), scoring, seq_len
+        )
     return MoERouting(*outputs)

@@ -12,6 +12,7 @@ loss 0 and gradient 0 whatever its logits hold. The chunk-level cross-entropy lo
 (`cross_entropy_loss_and_grad`) is the fused linear cross-entropy's PyTorch backend.
 No kernel, no custom op, no dispatch lives here.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,13 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
     return rms_norm(updated, weight, eps), updated
 
 
-YARN_DEFAULTS = {"factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32.0,
-                 "beta_slow": 1.0, "attention_factor": 1.0}  # MiniMind's values for absent keys
+YARN_DEFAULTS = {
+    "factor": 16,
+    "original_max_position_embeddings": 2048,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "attention_factor": 1.0,
+}  # MiniMind's values for absent keys
 
 
 def yarn_params(rope_scaling: dict) -> dict:
@@ -54,18 +60,21 @@ def yarn_params(rope_scaling: dict) -> dict:
     return {key: rope_scaling.get(key, default) for key, default in YARN_DEFAULTS.items()}
 
 
-def yarn_correction_dims(head_dim: int, theta: float, original_max: int, beta_fast: float,
-                         beta_slow: float) -> tuple[int, int]:
+def yarn_correction_dims(
+    head_dim: int, theta: float, original_max: int, beta_fast: float, beta_slow: float
+) -> tuple[int, int]:
     """(low, high): the rotary dims where YaRN's ramp from unscaled to scaled frequencies starts
     and ends, before clamping to [0, head_dim / 2 - 1]."""
+
     def correction_dim(beta: float) -> float:
         return (head_dim * math.log(original_max / (beta * 2 * math.pi))) / (2 * math.log(theta))
 
     return math.floor(correction_dim(beta_fast)), math.ceil(correction_dim(beta_slow))
 
 
-def rope_tables(head_dim: int, end: int, theta: float = 1e6, rope_scaling: Optional[dict] = None,
-                device=None) -> tuple[Tensor, Tensor]:
+def rope_tables(
+    head_dim: int, end: int, theta: float = 1e6, rope_scaling: Optional[dict] = None, device=None
+) -> tuple[Tensor, Tensor]:
     """MiniMind's precompute_freqs_cis: cos, sin tables of shape (end, head_dim), fp32.
 
     With `rope_scaling` (YaRN: factor, original_max_position_embeddings, beta_fast, beta_slow,
@@ -79,8 +88,9 @@ def rope_tables(head_dim: int, end: int, theta: float = 1e6, rope_scaling: Optio
         original_max = yarn["original_max_position_embeddings"]
         attention_factor = yarn["attention_factor"]
         if end / original_max > 1.0:
-            low, high = yarn_correction_dims(head_dim, theta, original_max, yarn["beta_fast"],
-                                             yarn["beta_slow"])
+            low, high = yarn_correction_dims(
+                head_dim, theta, original_max, yarn["beta_fast"], yarn["beta_slow"]
+            )
             low, high = max(low, 0), min(high, head_dim // 2 - 1)
             index = torch.arange(head_dim // 2, device=device).float()
             ramp = torch.clamp((index - low) / max(high - low, 0.001), 0, 1)
@@ -118,10 +128,11 @@ def _logsumexp(x: Tensor) -> Tensor:
     return (row_max + shifted.sum(-1, keepdim=True).log()).squeeze(-1)
 
 
-def _row_losses(x: Tensor, safe_targets: Tensor, valid: Tensor, label_smoothing: float,
-                z_loss_scale: float) -> tuple[Tensor, Tensor]:
+def _row_losses(
+    x: Tensor, safe_targets: Tensor, valid: Tensor, label_smoothing: float, z_loss_scale: float
+) -> tuple[Tensor, Tensor]:
     """(loss (N,), lse (N,)) of logits x (N, V) in the math dtype, ignored rows already zeroed:
-        loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, 0 where ignored."""
+    loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, 0 where ignored."""
     lse = _logsumexp(x)
     loss = lse - x.gather(1, safe_targets[:, None]).squeeze(1)
     if label_smoothing > 0.0:
@@ -147,9 +158,14 @@ def reduce_rows(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none'")
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                  reduction: str = "mean", label_smoothing: float = 0.0,
-                  z_loss_scale: float = 0.0) -> Tensor:
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss_scale: float = 0.0,
+) -> Tensor:
     """Cross-entropy over logits (N, V) with targets (N,), in the math dtype.
 
     mean averages over non-ignored targets (an all-ignored batch gives 0, not NaN); none
@@ -164,10 +180,15 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_IN
 
 
 @torch.no_grad()
-def cross_entropy_loss_and_grad(logits: Tensor, targets: Tensor, ignore_index: int,
-                                label_smoothing: float, z_loss_scale: float, compute_grad: bool,
-                                row_scale: Optional[Tensor] = None,
-                                ) -> tuple[Tensor, Optional[Tensor]]:
+def cross_entropy_loss_and_grad(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_scale: float,
+    compute_grad: bool,
+    row_scale: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
     """One chunk: per-row losses (N,) in the math dtype and, if compute_grad, dloss_r/dlogits
     (N, V) in the logits' dtype, each row times row_scale[r] (N,) when given (any stride):
         dloss/dx_j = p_j * (1 + 2 z lse) - (1 - eps) * [j == t] - eps / V,   p = softmax(x).
@@ -190,11 +211,23 @@ def cross_entropy_loss_and_grad(logits: Tensor, targets: Tensor, ignore_index: i
     return loss, grad.to(logits.dtype)
 
 
-def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                               label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
-                               bias: Optional[Tensor] = None) -> Tensor:
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss_scale: float = 0.0,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
     """cross_entropy(hidden (N, H) @ weight (V, H).T + bias (V,), targets (N,)): the unfused
     oracle (full logits)."""
-    return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index, reduction,
-                         label_smoothing, z_loss_scale)
+    return cross_entropy(
+        F.linear(hidden, weight, bias),
+        targets,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss_scale,
+    )

@@ -16,6 +16,7 @@ supported. Shapes: x, residual: (..., H); weight: (H,); rstd: x.shape[:-1] (fp32
 Precision: normalisation in fp32 for fp32/bf16/fp16 inputs; float64 runs in float64 on the
 "torch" backend (so gradcheck passes) and is refused by "triton" with a one-line ValueError.
 """
+
 from typing import Optional
 
 import torch
@@ -32,8 +33,9 @@ def _kernels():
 
 
 @torch.library.custom_op("minimind_fast::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, rstd = _kernels().rms_norm_forward(x, weight, eps)
     return y, rstd
 
@@ -44,8 +46,9 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("minimind_fast::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     normed, updated, rstd = _kernels().rms_norm_forward(x, weight, eps, residual=residual)
     return normed, updated, rstd
 
@@ -53,14 +56,21 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     dtype = torch.result_type(x, residual)
-    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
-            x.new_empty(x.shape[:-1], dtype=torch.float32))
+    return (
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("minimind_fast::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          rstd: torch.Tensor, dresidual: Optional[torch.Tensor],
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dresidual: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().rms_norm_backward(dy, x, weight, rstd, dresidual)
 
 
@@ -103,15 +113,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tenso
     check_floating(op, **tensors)
     check_same_device(op, **tensors)
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be (H,) with "
-                         f"H = x.shape[-1] (x shape {tuple(x.shape)})")
+        raise ValueError(
+            f"rms_norm: weight shape {tuple(weight.shape)} must be (H,) with "
+            f"H = x.shape[-1] (x shape {tuple(x.shape)})"
+        )
     if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} must equal x "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(
+            f"add_rms_norm: residual shape {tuple(residual.shape)} must equal x "
+            f"shape {tuple(x.shape)}"
+        )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
-             backend: Optional[str] = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: Optional[str] = None
+) -> torch.Tensor:
     """y = normalise(x in fp32).to(x.dtype) * weight, in x.dtype.  x: (..., H), weight: (H,).
 
     fp64 inputs: computed in fp64 on the "torch" backend; the Triton kernel refuses them."""
@@ -122,8 +137,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     return torch.ops.minimind_fast.rms_norm(x, weight, eps)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
-                 backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """updated = residual + x; returns (rms_norm(updated, weight, eps), updated).
 
     x, residual: (..., H), same shape (dtypes may differ: updated takes the promoted dtype, e.g. a

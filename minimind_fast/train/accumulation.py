@@ -9,6 +9,7 @@ different numbers of tokens (padded rows, conversations). For packed pretraining
 micro-batch scores the same count and the weight is exactly 1 / window. The MiniMind recipe
 weights each micro-batch's mean by 1 / window, as MiniMind's trainer does.
 """
+
 from __future__ import annotations
 
 import torch

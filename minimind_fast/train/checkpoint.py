@@ -23,6 +23,7 @@ and no earlier checkpoint is touched. Reading is minimind_fast/checkpoints.py (w
 is newest) and train/resume.py (the resume state). Follows MiniMind's `lm_checkpoint`
 (trainer/trainer_utils.py) for what is saved, torchtitan for atomicity.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoints import (CHECKPOINTS_DIR, CONFIG_FILE, MARKER, RESUME_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
-                           list_checkpoints, read_marker)
+from ..checkpoints import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    MARKER,
+    RESUME_FILE,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    list_checkpoints,
+    read_marker,
+)
 from ..fileio import describe_write_error, fsync_dir, fsync_file, write_json_atomic
 from ..weights import save_safetensors, strip_wrapper_prefixes
 from .resume import FORMAT_VERSION
-
 
 
 class CheckpointError(RuntimeError):
@@ -56,13 +64,20 @@ def minimind_weight_name(save_weight: str, hidden_size: int, use_moe: bool) -> s
     return f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}.pth"
 
 
-def inference_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def inference_state_dict(
+    model: nn.Module, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     """Half-precision CPU copy of the model's weights; tensors shared in the model (a tied
     lm_head) stay shared, so each is converted and stored once."""
     converted: dict[tuple, torch.Tensor] = {}
     result = {}
     for key, tensor in strip_wrapper_prefixes(model.state_dict()).items():
-        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        identity = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+        )
         if identity not in converted:
             converted[identity] = tensor.detach().to("cpu", dtype).contiguous()
         result[key] = converted[identity]
@@ -73,16 +88,22 @@ def _save_safetensors(weights: dict[str, torch.Tensor], path: Path, tied: bool) 
     tensors = dict(weights)
     if tied and "lm_head.weight" in tensors:  # stored once, restored by interop.load_weights
         del tensors["lm_head.weight"]
-    save_safetensors(tensors, path, metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()})
+    save_safetensors(
+        tensors, path, metadata={"format": "pt", "tie_word_embeddings": str(tied).lower()}
+    )
 
 
 def _save_torch(value: Any, path: Path) -> None:
     with open(path, "wb") as handle:
         try:
             torch.save(value, handle)
-        except RuntimeError as error:  # torch's zip writer reports a short write (disk full) this way
-            raise OSError(f"writing {path.name} failed ({error}): the disk is full or a file size limit "
-                          "was reached") from error  # the zip writer loses the errno
+        except (
+            RuntimeError
+        ) as error:  # torch's zip writer reports a short write (disk full) this way
+            raise OSError(
+                f"writing {path.name} failed ({error}): the disk is full or a file size limit "
+                "was reached"
+            ) from error  # the zip writer loses the errno
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -103,8 +124,17 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, config, mirror_name: str,
-                    tokenizer_dir=None, run_id: str = "", healthy: bool = True) -> Path:
+def save_checkpoint(
+    run_dir,
+    step: int,
+    model: nn.Module,
+    resume_state: dict,
+    config,
+    mirror_name: str,
+    tokenizer_dir=None,
+    run_id: str = "",
+    healthy: bool = True,
+) -> Path:
     """Write checkpoint `step` atomically into run_dir/checkpoints and return its directory.
 
     `model` is the unwrapped module; `resume_state` is everything else resume needs (the fp32
@@ -128,16 +158,23 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         _save_safetensors(weights, tmp / WEIGHTS_FILE, bool(config.tie_word_embeddings))
         fsync_file(tmp / WEIGHTS_FILE)
         _save_torch(weights, tmp / mirror_name)
-        state = dict(resume_state, format_version=FORMAT_VERSION, run_id=run_id, config=config.to_dict(),
-                     model=strip_wrapper_prefixes(model.state_dict()))
+        state = dict(
+            resume_state,
+            format_version=FORMAT_VERSION,
+            run_id=run_id,
+            config=config.to_dict(),
+            model=strip_wrapper_prefixes(model.state_dict()),
+        )
         _save_torch(state, tmp / RESUME_FILE)
         write_json_atomic(tmp / CONFIG_FILE, config.to_dict())
         for name in TOKENIZER_FILES:
             if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
                 fsync_file(tmp / name)
-        write_json_atomic(tmp / MARKER, {"step": step, "sequence": sequence, "run_id": run_id,
-                                         "healthy": bool(healthy)})
+        write_json_atomic(
+            tmp / MARKER,
+            {"step": step, "sequence": sequence, "run_id": run_id, "healthy": bool(healthy)},
+        )
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
         if final.exists():  # an unhealthy save of the same step, resumed past: replace it
@@ -146,9 +183,11 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, resume_state: dict, co
         tmp = None
         fsync_dir(root)
     except OSError as error:
-        raise CheckpointError(f"saving checkpoint step {step} to {final} failed: "
-                              f"{describe_write_error(error, root)}; the earlier checkpoints are intact. Free disk space "
-                              "(or fix the cause), then continue with --from_resume 1") from error
+        raise CheckpointError(
+            f"saving checkpoint step {step} to {final} failed: "
+            f"{describe_write_error(error, root)}; the earlier checkpoints are intact. Free disk space "
+            "(or fix the cause), then continue with --from_resume 1"
+        ) from error
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

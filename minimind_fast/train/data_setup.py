@@ -5,6 +5,7 @@ DistributedSampler. `--recipe minimind` reads MiniMind's rows in MiniMind's orde
 EOS with special-token strings kept as their ids (its tokenizer call), one padded document per
 row, and the epoch order `randperm` under seed + epoch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..corpus import build_default_corpus
-from ..data import (DataError, PackedDataset, PaddedDataset, ResumableSampler, build_token_cache, make_dataloader,
-                    split_documents)
+from ..data import (
+    DataError,
+    PackedDataset,
+    PaddedDataset,
+    ResumableSampler,
+    build_token_cache,
+    make_dataloader,
+    split_documents,
+)
 from ..data.tokenizer import default_tokenizer_path, tokenizer_file
 from . import distributed
 
@@ -35,9 +43,11 @@ def check_tokenizer(tokenizer_dir: Path, checkpoint_dir: Optional[Path]) -> None
     saved = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir is not None else None
     current = tokenizer_file(tokenizer_dir)
     if saved is not None and saved.is_file() and saved.read_bytes() != current.read_bytes():
-        raise ValueError(f"the tokenizer {current} is not the one {checkpoint_dir} was trained with, so token ids "
-                         f"would change meaning; pass --tokenizer_path {checkpoint_dir} (its copy), or start a new "
-                         "run in another --save_dir")
+        raise ValueError(
+            f"the tokenizer {current} is not the one {checkpoint_dir} was trained with, so token ids "
+            f"would change meaning; pass --tokenizer_path {checkpoint_dir} (its copy), or start a new "
+            "run in another --save_dir"
+        )
 
 
 def token_cache_modes(args) -> dict[str, str]:
@@ -45,8 +55,10 @@ def token_cache_modes(args) -> dict[str, str]:
     as ids (as MiniMind's tokenizer call reads them) only where they can be: padded rows of the
     minimind recipe (packed rows never hold the pad id)."""
     keep = args.recipe == "minimind" and not args.packing
-    return dict(add_special_tokens=args.add_special_tokens,
-                literal_special_tokens="keep" if keep else "split")
+    return dict(
+        add_special_tokens=args.add_special_tokens,
+        literal_special_tokens="keep" if keep else "split",
+    )
 
 
 def build_data(args, config, context, resumed_from: Optional[Path] = None) -> TrainingData:
@@ -57,32 +69,51 @@ def build_data(args, config, context, resumed_from: Optional[Path] = None) -> Tr
         tokenizer_dir = Path(args.tokenizer_path or default_tokenizer_path(config.vocab_size))
         check_tokenizer(tokenizer_dir, resumed_from)
         if context.is_main:
-            cache = build_token_cache(data_path, tokenizer_dir, progress=True,
-                                      **token_cache_modes(args))
+            cache = build_token_cache(
+                data_path, tokenizer_dir, progress=True, **token_cache_modes(args)
+            )
     digest = distributed.broadcast_object(cache.data_digest if context.is_main else None, context)
     if not context.is_main:  # rank 0's cache on a shared file system; else this node builds its own
-        cache = build_token_cache(data_path, tokenizer_dir, progress=False, data_digest=digest,
-                                  **token_cache_modes(args))
+        cache = build_token_cache(
+            data_path, tokenizer_dir, progress=False, data_digest=digest, **token_cache_modes(args)
+        )
     tokenizer_dir = tokenizer_file(tokenizer_dir).parent
     if cache.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's vocab_size "
-                         f"is {config.vocab_size}; pass --vocab_size {cache.vocab_size} or a smaller tokenizer")
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's vocab_size "
+            f"is {config.vocab_size}; pass --vocab_size {cache.vocab_size} or a smaller tokenizer"
+        )
     train_ids, val_ids = split_documents(cache, args.val_fraction, args.seed)
     dataset_class = PackedDataset if args.packing else PaddedDataset
     train_set = dataset_class(cache, train_ids, args.max_seq_len)
     if len(ResumableSampler(len(train_set), args.seed, 0, 0, context.world_size)) == 0:
-        raise DataError(f"{data_path}: {len(train_set)} training rows cannot feed {context.world_size} ranks; "
-                        "add data or lower --max_seq_len")
+        raise DataError(
+            f"{data_path}: {len(train_set)} training rows cannot feed {context.world_size} ranks; "
+            "add data or lower --max_seq_len"
+        )
     seeding = "sum" if args.recipe == "minimind" else "mixed"  # MiniMind: randperm at seed + epoch
-    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size,
-                               seeding=seeding)
-    loader = make_dataloader(train_set, args.batch_size, sampler, args.num_workers,
-                             pin_memory=context.device.type == "cuda")
+    sampler = ResumableSampler(
+        len(train_set), args.seed, 0, context.rank, context.world_size, seeding=seeding
+    )
+    loader = make_dataloader(
+        train_set,
+        args.batch_size,
+        sampler,
+        args.num_workers,
+        pin_memory=context.device.type == "cuda",
+    )
     # Worker seeds come from this generator, not the global RNG, so creating an iterator never
     # shifts the training RNG stream (exact resume).
     loader.generator = torch.Generator().manual_seed(args.seed + context.rank)
-    return TrainingData(loader, sampler, validation_loader(cache, val_ids, dataset_class, args, context),
-                        tokenizer_dir, data_path, cache.data_digest, len(train_set))
+    return TrainingData(
+        loader,
+        sampler,
+        validation_loader(cache, val_ids, dataset_class, args, context),
+        tokenizer_dir,
+        data_path,
+        cache.data_digest,
+        len(train_set),
+    )
 
 
 def validation_loader(cache, val_ids, dataset_class, args, context) -> Optional[DataLoader]:
@@ -92,7 +123,9 @@ def validation_loader(cache, val_ids, dataset_class, args, context) -> Optional[
         val_set = dataset_class(cache, val_ids, args.max_seq_len)
     except DataError:  # held-out documents too short for one row: evaluate nothing
         return None
-    val_sampler = ResumableSampler(len(val_set), args.seed, 0, context.rank, context.world_size, shuffle=False)
+    val_sampler = ResumableSampler(
+        len(val_set), args.seed, 0, context.rank, context.world_size, shuffle=False
+    )
     if not len(val_sampler):
         return None
     loader = make_dataloader(val_set, args.batch_size, val_sampler)

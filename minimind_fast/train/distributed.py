@@ -8,6 +8,7 @@ on peers), and every collective has a timeout as the last line of defence. With
 `torchrun --max-restarts=N` the restarted workers get a process-group store of their own attempt
 (see `_restart_safe_store`) and continue from the last checkpoint with --from_resume 1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,9 @@ class DistContext:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    control_group: Any = None  # a gloo group for small host-side agreements (None: the default group)
+    control_group: Any = (
+        None  # a gloo group for small host-side agreements (None: the default group)
+    )
 
     @property
     def distributed(self) -> bool:
@@ -46,13 +49,17 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer; launch with torchrun") from None
+        raise ValueError(
+            f"environment variable {name}={value!r} must be an integer; launch with torchrun"
+        ) from None
 
 
 def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
     """--device: None/'auto' -> cuda:<local_rank> when CUDA is available, else cpu."""
     if name in (None, "auto"):
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -64,8 +71,10 @@ def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
             raise ValueError(f"--device {name} but CUDA is not available here; use --device cpu")
         index = local_rank if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
-                             f"(local rank {local_rank}); use --device cuda")
+            raise ValueError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                f"(local rank {local_rank}); use --device cuda"
+            )
         device = torch.device("cuda", index)
     return device
 
@@ -82,8 +91,12 @@ def init_distributed(device_name: Optional[str] = None, timeout_s: float = 1800.
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_safe_store(world_size, timeout)
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-                                **({} if store is None else dict(store=store, rank=rank, world_size=world_size)))
+        dist.init_process_group(
+            backend,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+            **({} if store is None else dict(store=store, rank=rank, world_size=world_size)),
+        )
         if backend != "gloo":  # host-side agreements never wait on the accelerator's stream
             context.control_group = dist.new_group(backend="gloo", timeout=timeout)
     return context
@@ -100,11 +113,21 @@ def _restart_safe_store(world_size: int, timeout: datetime.timedelta) -> Optiona
     a per-attempt prefix isolates the attempts. Across nodes the agents count restarts separately,
     so there torch's default is kept (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun).
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _env_int("GROUP_WORLD_SIZE", 1) != 1:
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or _env_int("GROUP_WORLD_SIZE", 1) != 1
+    ):
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size, is_master=False,
-                          timeout=timeout)
-    return dist.PrefixStore(f"minimind_fast/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 0),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(
+        f"minimind_fast/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store
+    )
 
 
 def teardown(context: DistContext, failed: bool = False) -> None:

@@ -7,6 +7,7 @@ good) and whether `max_bad_steps` consecutive bad steps have been reached. A che
 while unhealthy is marked so; a run that reaches the limit stops with exit code 1, pointing to
 its newest healthy checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ class Health:
 
     def check(self, context) -> HealthReport:
         """One host sync; the worst of all ranks."""
-        values = distributed.all_reduce(torch.stack([self.streak, self.tripped_at]), context, op="max")
+        values = distributed.all_reduce(
+            torch.stack([self.streak, self.tripped_at]), context, op="max"
+        )
         streak, tripped_at = values.tolist()
         return HealthReport(streak, tripped_at if tripped_at >= 0 else None)
 
@@ -54,4 +57,6 @@ class Health:
 def weights_finite(parameters) -> bool:
     """Whether every parameter is finite: one fused max-abs reduction, one host sync."""
     tensors = [p.detach() for p in parameters]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), foreach=True)))
+    return bool(
+        torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), foreach=True))
+    )

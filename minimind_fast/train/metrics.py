@@ -7,6 +7,7 @@ only for MoE; the embedding lookup is free but a tied lm_head matmul is not), pl
 12 * layers * heads * head_dim * T for attention scores and values. MFU divides the achieved rate
 by the dense peak of the GPU in the training dtype (known for A100/H100/H200).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,11 +43,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
     return None
 
 
-def flops_per_token(config, seq_len: int, active_parameters: int, embedding_parameters: int) -> float:
+def flops_per_token(
+    config, seq_len: int, active_parameters: int, embedding_parameters: int
+) -> float:
     """Training FLOPs per token: 6 * N_matmul + 12 * L * heads * head_dim * T."""
     matmul = active_parameters - embedding_parameters  # the lookup is not a matmul ...
-    matmul += config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0  # ... the tied head is
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    matmul += (
+        config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    )  # ... the tied head is
+    attention = (
+        12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    )
     return 6.0 * matmul + attention
 
 
@@ -73,30 +80,52 @@ def format_duration(seconds: float) -> str:
 
 def format_record(record: dict[str, Any], total_steps: int, show_aux: bool = False) -> str:
     """One log line: `epoch 1 step 50/205 | loss 5.1234 | lr 2.95e-03 | grad 0.812 | 7.1k tok/s ...`."""
-    parts = [f"epoch {record['epoch']} step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"
-             + (f" aux {record['aux_loss']:.4f}" if show_aux else ""), f"lr {record['lr']:.2e}",
-             f"grad {record['grad_norm']:.3f}",
-             f"{record['tokens_per_s'] / 1e3:.1f}k tok/s {record['tflops']:.3f} TFLOP/s"
-             + (f" MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""),
-             f"mem {record['peak_mem_gb']:.2f} GB", f"eta {format_duration(record['eta_s'])}"]
+    parts = [
+        f"epoch {record['epoch']} step {record['step']}/{total_steps}",
+        f"loss {record['loss']:.4f}" + (f" aux {record['aux_loss']:.4f}" if show_aux else ""),
+        f"lr {record['lr']:.2e}",
+        f"grad {record['grad_norm']:.3f}",
+        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s {record['tflops']:.3f} TFLOP/s"
+        + (f" MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""),
+        f"mem {record['peak_mem_gb']:.2f} GB",
+        f"eta {format_duration(record['eta_s'])}",
+    ]
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']:.0f}")
     return " | ".join(parts)
 
 
-def train_record(values: dict[str, float], step: int, epoch: int, lr: float, flops_per_token: float,
-                 seq_len: int, peak: Optional[float], context, total_steps: int) -> dict[str, Any]:
+def train_record(
+    values: dict[str, float],
+    step: int,
+    epoch: int,
+    lr: float,
+    flops_per_token: float,
+    seq_len: int,
+    peak: Optional[float],
+    context,
+    total_steps: int,
+) -> dict[str, Any]:
     """One metrics.jsonl record from IntervalMeter.reduce's totals. Throughput counts every token
     processed (tokens_per_s, tflops: padding included, which the model computes on) and the
     tokens that carry loss (scored_tokens_per_s)."""
     elapsed = values["elapsed"]
     flops = flops_per_token * values["rows"] * seq_len / elapsed
-    return {"step": step, "epoch": epoch, "loss": values["loss"], "aux_loss": values["aux_loss"], "lr": lr,
-            "grad_norm": values["grad_norm"], "skipped_steps": values["skipped_steps"],
-            "tokens_per_s": values["tokens"] / elapsed, "scored_tokens_per_s": values["scored_tokens"] / elapsed,
-            "tflops": flops / 1e12, "mfu": flops / (peak * context.world_size) if peak else None,
-            "peak_mem_gb": peak_memory_gb(context.device),
-            "eta_s": (total_steps - step) * elapsed / max(values["steps"], 1)}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": values["loss"],
+        "aux_loss": values["aux_loss"],
+        "lr": lr,
+        "grad_norm": values["grad_norm"],
+        "skipped_steps": values["skipped_steps"],
+        "tokens_per_s": values["tokens"] / elapsed,
+        "scored_tokens_per_s": values["scored_tokens"] / elapsed,
+        "tflops": flops / 1e12,
+        "mfu": flops / (peak * context.world_size) if peak else None,
+        "peak_mem_gb": peak_memory_gb(context.device),
+        "eta_s": (total_steps - step) * elapsed / max(values["steps"], 1),
+    }
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -138,14 +167,28 @@ class IntervalMeter:
         self.start = time.perf_counter()
 
     def add_batch(self, rows: int, tokens: int, scored_tokens: int) -> None:
-        self.rows, self.tokens, self.scored_tokens = self.rows + rows, self.tokens + tokens, \
-            self.scored_tokens + scored_tokens
+        self.rows, self.tokens, self.scored_tokens = (
+            self.rows + rows,
+            self.tokens + tokens,
+            self.scored_tokens + scored_tokens,
+        )
 
-    def add_step(self, loss: torch.Tensor, aux_loss: torch.Tensor, grad_norm: torch.Tensor,
-                 skipped: torch.Tensor) -> None:
+    def add_step(
+        self,
+        loss: torch.Tensor,
+        aux_loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        skipped: torch.Tensor,
+    ) -> None:
         """Per-step 0-d tensors; the norm of a skipped step is not averaged in (it is inf/NaN)."""
-        self.sums += torch.stack([loss.float(), aux_loss.float(), torch.nan_to_num(grad_norm * (1 - skipped)),
-                                  skipped.float()])
+        self.sums += torch.stack(
+            [
+                loss.float(),
+                aux_loss.float(),
+                torch.nan_to_num(grad_norm * (1 - skipped)),
+                skipped.float(),
+            ]
+        )
         self.steps += 1
 
     def pause(self, seconds: float) -> None:
@@ -154,7 +197,9 @@ class IntervalMeter:
 
     def reduce(self, context, distributed) -> dict[str, float]:
         counts = torch.tensor([self.tokens, self.scored_tokens, self.rows], dtype=torch.float64)
-        totals = distributed.all_reduce(torch.cat([self.sums.double(), counts.to(self.device)]), context).tolist()
+        totals = distributed.all_reduce(
+            torch.cat([self.sums.double(), counts.to(self.device)]), context
+        ).tolist()
         ranks, steps = context.world_size, max(self.steps, 1)
         values = dict(zip(self.STEP_FIELDS + ("tokens", "scored_tokens", "rows"), totals))
         values["loss"] /= ranks * steps
@@ -172,9 +217,18 @@ class Reporter:
     tracker (wandb or swanlab) when asked for, and TensorBoard whenever it is installed. On other
     ranks every method is a no-op."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int,
-                 tracker: str = "none", project: str = "minimind_fast", run_id: str = "",
-                 run_name: Optional[str] = None, run_config: Optional[dict] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int,
+        tracker: str = "none",
+        project: str = "minimind_fast",
+        run_id: str = "",
+        run_name: Optional[str] = None,
+        run_config: Optional[dict] = None,
+    ):
         self.enabled = enabled
         self.bar = self.tracker = self.tensorboard = self.jsonl = None
         if not enabled:
@@ -182,24 +236,38 @@ class Reporter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.jsonl = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True
+            )
         if tracker == "wandb":
             import wandb  # checked by the CLI; WANDB_MODE=offline logs without network
 
-            self.tracker = wandb.init(project=project, id=run_id or None, name=run_name or run_id or None,
-                                      resume="allow", dir=str(run_dir), config=run_config or {})
+            self.tracker = wandb.init(
+                project=project,
+                id=run_id or None,
+                name=run_name or run_id or None,
+                resume="allow",
+                dir=str(run_dir),
+                config=run_config or {},
+            )
         elif tracker == "swanlab":
             import swanlab  # checked by the CLI
 
-            self.tracker = swanlab.init(project=project, experiment_name=run_name or run_id or None,
-                                        config=run_config or {}, logdir=str(Path(run_dir) / "swanlog"))
+            self.tracker = swanlab.init(
+                project=project,
+                experiment_name=run_name or run_id or None,
+                config=run_config or {},
+                logdir=str(Path(run_dir) / "swanlog"),
+            )
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the tensorboard package is optional
             SummaryWriter = None
         if SummaryWriter is not None or tracker == "tensorboard":
             if SummaryWriter is None:
-                raise ValueError("--tracker tensorboard needs the tensorboard package: pip install tensorboard")
+                raise ValueError(
+                    "--tracker tensorboard needs the tensorboard package: pip install tensorboard"
+                )
             self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def print(self, message: str) -> None:
@@ -221,10 +289,13 @@ class Reporter:
                 self.jsonl.truncate(position)
             except OSError:
                 pass  # readers skip a line cut short
-            raise MetricsError(f"writing {self.path} failed: {describe_write_error(error, self.path.parent)}"
-                               ) from error
+            raise MetricsError(
+                f"writing {self.path} failed: {describe_write_error(error, self.path.parent)}"
+            ) from error
 
-    def record(self, values: dict[str, Any], line: Optional[str] = None, advance_to: Optional[int] = None) -> None:
+    def record(
+        self, values: dict[str, Any], line: Optional[str] = None, advance_to: Optional[int] = None
+    ) -> None:
         """Append `values` (must hold "step") to the sinks and show `line`."""
         if not self.enabled:
             return

@@ -5,6 +5,7 @@ Follows PyTorch's AMP recipe (torch.amp): fp32 master weights, `torch.autocast(d
 around the forward pass (never the deprecated `torch.cuda.amp`), and `torch.amp.GradScaler`
 only for float16 (bfloat16 has fp32's exponent range and needs no loss scaling).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 run directory -> resume state -> flags -> model config -> model weights -> optimizer state ->
 TrainState and schedule. Every user error is a one-line ValueError (the CLI exits 2 on it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,15 @@ def open_run_dir(args, context, log=print) -> tuple[RunDirectory, list[Path]]:
             run_dir.create()
             stale = run_dir.lock()
             if stale:
-                log(f"note: {run_dir.path} was locked by a run that did not exit cleanly (pid {stale.get('pid')} "
-                    f"on {stale.get('host')}); taking it over")
+                log(
+                    f"note: {run_dir.path} was locked by a run that did not exit cleanly (pid {stale.get('pid')} "
+                    f"on {stale.get('host')}); taking it over"
+                )
             fresh = run_dir.choose_start(args.from_resume) is None
             if fresh and args.from_resume == "auto":
-                log(f"--from_resume auto: nothing to resume in {run_dir.path}; starting a fresh run")
+                log(
+                    f"--from_resume auto: nothing to resume in {run_dir.path}; starting a fresh run"
+                )
             outcome = [] if fresh else [str(p) for p in list_checkpoints(run_dir.path)]
         except ValueError as error:
             run_dir.release(undo=True)
@@ -70,8 +75,9 @@ def config_of_weights(args, explicit: set[str]) -> Optional[MiniMindConfig]:
     return read_config(beside) if beside.is_file() else None
 
 
-def resolve_flags(args, explicit: set[str], saved: Optional[dict], source: Optional[Path], device,
-                  log=print) -> tuple[argparse.Namespace, Optional[MiniMindConfig]]:
+def resolve_flags(
+    args, explicit: set[str], saved: Optional[dict], source: Optional[Path], device, log=print
+) -> tuple[argparse.Namespace, Optional[MiniMindConfig]]:
     """(flags, the model of --from_weight or None). Fresh: the preset's defaults for every flag
     left unset. Resumed: the saved flags, then the command line's (see cli.resume_flags)."""
     if saved is not None:
@@ -89,23 +95,33 @@ def resolve_flags(args, explicit: set[str], saved: Optional[dict], source: Optio
 
 def _same_model(a: MiniMindConfig, b: MiniMindConfig) -> bool:
     ignore = ("dropout", "extra")
-    return {k: v for k, v in a.to_dict().items() if k not in ignore} == \
-        {k: v for k, v in b.to_dict().items() if k not in ignore}
+    return {k: v for k, v in a.to_dict().items() if k not in ignore} == {
+        k: v for k, v in b.to_dict().items() if k not in ignore
+    }
 
 
-def model_config(args, saved: Optional[dict], base: Optional[MiniMindConfig] = None) -> MiniMindConfig:
+def model_config(
+    args, saved: Optional[dict], base: Optional[MiniMindConfig] = None
+) -> MiniMindConfig:
     """The resumed model's config; else --from_weight's (`base`); else the preset's with the flags."""
     if saved is not None:
         return MiniMindConfig.from_dict(saved["config"])
     if base is not None:
         config = base if args.dropout is None else base.replace(dropout=args.dropout)
     else:
-        config = get_preset(args.preset, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                            vocab_size=args.vocab_size, dropout=args.dropout,
-                            use_moe=None if args.use_moe is None else bool(args.use_moe))
+        config = get_preset(
+            args.preset,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            vocab_size=args.vocab_size,
+            dropout=args.dropout,
+            use_moe=None if args.use_moe is None else bool(args.use_moe),
+        )
     if args.max_seq_len > config.max_position_embeddings:
-        raise ValueError(f"--max_seq_len {args.max_seq_len} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}")
+        raise ValueError(
+            f"--max_seq_len {args.max_seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}"
+        )
     return config
 
 
@@ -119,11 +135,15 @@ def resolve_from_weight(args, config) -> Path:
     prefixed = Path(args.save_dir) / name
     if prefixed.is_file():
         return prefixed
-    raise ValueError(f"--from_weight {args.from_weight!r}: neither that path nor {prefixed} exists; pass a "
-                     ".safetensors/.pth file, a checkpoint, run or exported Hugging Face directory, or 'none'")
+    raise ValueError(
+        f"--from_weight {args.from_weight!r}: neither that path nor {prefixed} exists; pass a "
+        ".safetensors/.pth file, a checkpoint, run or exported Hugging Face directory, or 'none'"
+    )
 
 
-def initial_weights(model: nn.Module, args, config, saved: Optional[dict], source, log=print) -> None:
+def initial_weights(
+    model: nn.Module, args, config, saved: Optional[dict], source, log=print
+) -> None:
     """Load the resumed weights, or --from_weight's (validate_state_dict refuses non-finite ones)."""
     if saved is not None:
         weights, origin = validate_state_dict(saved["model"], config, source=str(source)), source
@@ -132,10 +152,15 @@ def initial_weights(model: nn.Module, args, config, saved: Optional[dict], sourc
         found, weights = load_weights(origin, config)  # validated against config's shapes
         log(f"initial weights: {origin}")
         found_values = found.to_dict() if found is not None else {}
-        differ = [f"{k}={v!r} (this run: {getattr(config, k)!r})" for k, v in found_values.items()
-                  if k not in ("dropout", "extra") and v != getattr(config, k)]
+        differ = [
+            f"{k}={v!r} (this run: {getattr(config, k)!r})"
+            for k, v in found_values.items()
+            if k not in ("dropout", "extra") and v != getattr(config, k)
+        ]
         if differ:
-            log(f"warning: {origin} was configured with {', '.join(differ)}; this run uses its own values")
+            log(
+                f"warning: {origin} was configured with {', '.join(differ)}; this run uses its own values"
+            )
     else:
         return
     model.load_state_dict(weights)
@@ -152,37 +177,57 @@ def restore_optimizer(optimizer, scaler, saved: dict, source) -> None:
 def train_state(args, data, saved: Optional[dict], source, context, log=print) -> TrainState:
     """The resumed TrainState (its data checked against this run's), or a fresh one."""
     if saved is None:
-        return TrainState(run_id=checkpoint.new_run_id(), num_samples=data.num_samples, data_digest=data.data_digest)
+        return TrainState(
+            run_id=checkpoint.new_run_id(),
+            num_samples=data.num_samples,
+            data_digest=data.data_digest,
+        )
     state = TrainState.from_state_dict(saved["train_state"], str(source))
     if state.data_digest and state.data_digest != data.data_digest:
-        raise ValueError(f"{data.data_path} changed since {source} was saved (its content differs), so the saved "
-                         "position would point into other data; restore the file, or start a new run (another "
-                         "--save_dir) with --from_weight to continue these weights on the new data")
+        raise ValueError(
+            f"{data.data_path} changed since {source} was saved (its content differs), so the saved "
+            "position would point into other data; restore the file, or start a new run (another "
+            "--save_dir) with --from_weight to continue these weights on the new data"
+        )
     if state.num_samples != data.num_samples:
-        raise ValueError(f"the training split has {data.num_samples} rows but {source} had {state.num_samples}; "
-                         "resume with the data and flags it was trained with, or start a new run")
+        raise ValueError(
+            f"the training split has {data.num_samples} rows but {source} had {state.num_samples}; "
+            "resume with the data and flags it was trained with, or start a new run"
+        )
     state.data_digest = data.data_digest
-    log(f"resumed {source} at step {state.step} (epoch {state.epoch + 1}, {state.consumed} of {state.num_samples} "
-        "samples into it)")
+    log(
+        f"resumed {source} at step {state.step} (epoch {state.epoch + 1}, {state.consumed} of {state.num_samples} "
+        "samples into it)"
+    )
     if saved["world_size"] != context.world_size:
-        log(f"warning: world size changed {saved['world_size']} -> {context.world_size}: continuing from the same "
-            f"{state.consumed} consumed samples; this run is not bit-identical to an uninterrupted one")
+        log(
+            f"warning: world size changed {saved['world_size']} -> {context.world_size}: continuing from the same "
+            f"{state.consumed} consumed samples; this run is not bit-identical to an uninterrupted one"
+        )
     return state
 
 
 def schedule(state: TrainState, args, world_size: int, resumed: bool, log=print) -> None:
     """Set the LR schedule's length (total and warmup steps) for the flags of this invocation; on
     resume, say when that moves the learning rate of the next step."""
-    remaining = state.remaining_steps(args.epochs, args.batch_size, args.accumulation_steps, world_size)
+    remaining = state.remaining_steps(
+        args.epochs, args.batch_size, args.accumulation_steps, world_size
+    )
     total = args.max_steps or state.step + remaining
     warmup = resolve_warmup_steps(total, args.warmup_steps, args.warmup_ratio)
-    if resumed and (total, warmup) != (state.total_steps, state.warmup_steps) and state.step < total:
+    if (
+        resumed
+        and (total, warmup) != (state.total_steps, state.warmup_steps)
+        and state.step < total
+    ):
         before = copy.copy(state)
         state.total_steps, state.warmup_steps = total, warmup
         old = step_learning_rate(args, before, args.accumulation_steps, world_size)
         new = step_learning_rate(args, state, args.accumulation_steps, world_size)
-        log(f"note: the schedule now runs {total} steps with {warmup} warmup (was {before.total_steps}, "
-            f"{before.warmup_steps}): the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}")
+        log(
+            f"note: the schedule now runs {total} steps with {warmup} warmup (was {before.total_steps}, "
+            f"{before.warmup_steps}): the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}"
+        )
     state.total_steps, state.warmup_steps = total, warmup
     if resumed and state.step >= total:
         log(f"note: the run is already at step {state.step} of {total}; nothing left to train")

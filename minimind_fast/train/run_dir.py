@@ -16,6 +16,7 @@ It decides what a directory may be used for and never touches another run's file
 - the MiniMind-style `{save_weight}_{hidden}[_moe].pth` mirror beside the checkpoints, updated
   only from healthy checkpoints.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoints import CHECKPOINTS_DIR, MARKER, RESUME_FILE, STEP_DIR, list_checkpoints, read_marker
+from ..checkpoints import (
+    CHECKPOINTS_DIR,
+    MARKER,
+    RESUME_FILE,
+    STEP_DIR,
+    list_checkpoints,
+    read_marker,
+)
 from ..fileio import copy_file_atomic, describe_write_error, write_json_atomic
 from . import checkpoint
 
@@ -78,16 +86,25 @@ class RunDirectory:
         path, flag = self.path, self.flag
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{flag} {path} is a file, not a directory; pick another path")
-        if (path / MARKER).is_file() or (path / RESUME_FILE).is_file() or (
-                path.parent.name == CHECKPOINTS_DIR and STEP_DIR.match(path.name)):
-            raise RunDirError(f"{flag} {path} is a checkpoint folder, not a run directory; use the run it "
-                              f"belongs to: {flag} {path.parent.parent}")
+        if (
+            (path / MARKER).is_file()
+            or (path / RESUME_FILE).is_file()
+            or (path.parent.name == CHECKPOINTS_DIR and STEP_DIR.match(path.name))
+        ):
+            raise RunDirError(
+                f"{flag} {path} is a checkpoint folder, not a run directory; use the run it "
+                f"belongs to: {flag} {path.parent.parent}"
+            )
         if path.name == CHECKPOINTS_DIR and (path.parent / RUN_FILE).is_file():
-            raise RunDirError(f"{flag} {path} is the checkpoints folder of a run; use {flag} {path.parent}")
+            raise RunDirError(
+                f"{flag} {path} is the checkpoints folder of a run; use {flag} {path.parent}"
+            )
         if _is_hf_export(path):
-            raise RunDirError(f"{flag} {path} holds an exported Hugging Face model, which training would "
-                              "overwrite; pick another directory (pass this one as --from_weight to start "
-                              "from its weights)")
+            raise RunDirError(
+                f"{flag} {path} holds an exported Hugging Face model, which training would "
+                "overwrite; pick another directory (pass this one as --from_weight to start "
+                "from its weights)"
+            )
 
     def create(self) -> None:
         """Make the directory (a fresh run's) and prove it writable."""
@@ -99,7 +116,9 @@ class RunDirectory:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
-            raise RunDirError(f"{self.flag} {path} is not writable ({error.strerror}); pick another directory") from None
+            raise RunDirError(
+                f"{self.flag} {path} is not writable ({error.strerror}); pick another directory"
+            ) from None
 
     # ---- lock --------------------------------------------------------------------------------
     def lock(self) -> Optional[dict]:
@@ -118,9 +137,13 @@ class RunDirectory:
                 holder = _describe_holder(handle.read())
                 handle.close()
                 if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise RunDirError(f"cannot lock {self.flag} {self.path} ({error.strerror})") from None
-                raise RunDirError(f"{self.flag} {self.path} is in use by another run ({holder}); wait for it to "
-                                  "finish or pick another directory") from None
+                    raise RunDirError(
+                        f"cannot lock {self.flag} {self.path} ({error.strerror})"
+                    ) from None
+                raise RunDirError(
+                    f"{self.flag} {self.path} is in use by another run ({holder}); wait for it to "
+                    "finish or pick another directory"
+                ) from None
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -137,8 +160,16 @@ class RunDirectory:
             stale = None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
         handle.flush()
         self._lock_handle = handle
         return stale if isinstance(stale, dict) else None
@@ -197,25 +228,33 @@ class RunDirectory:
                 detail = "only checkpoints marked unhealthy"
             else:
                 detail = f"no complete checkpoint{f' ({existing})' if existing else ''}"
-            raise RunDirError(f"--from_resume 1: {self.flag} {self.path} holds {detail}, so there is nothing to "
-                              "resume; check the path (the --save_dir of the run), or pass --from_resume auto "
-                              "to start fresh when there is nothing to resume")
+            raise RunDirError(
+                f"--from_resume 1: {self.flag} {self.path} holds {detail}, so there is nothing to "
+                "resume; check the path (the --save_dir of the run), or pass --from_resume auto "
+                "to start fresh when there is nothing to resume"
+            )
         if existing and not list_checkpoints(self.path, healthy_only=False):
-            raise RunDirError(f"{self.flag} {self.path} already holds an earlier run with no checkpoint to resume "
-                              f"({existing}); delete those files or start in another directory (nothing was "
-                              "changed)")
+            raise RunDirError(
+                f"{self.flag} {self.path} already holds an earlier run with no checkpoint to resume "
+                f"({existing}); delete those files or start in another directory (nothing was "
+                "changed)"
+            )
         if existing:
-            raise RunDirError(f"{self.flag} {self.path} already holds an earlier run ({existing}); continue it "
-                              "with --from_resume 1, or start a new run in another directory (nothing was "
-                              "changed)")
+            raise RunDirError(
+                f"{self.flag} {self.path} already holds an earlier run ({existing}); continue it "
+                "with --from_resume 1, or start a new run in another directory (nothing was "
+                "changed)"
+            )
         return None
 
     def claim(self, run_id: str, mirror_name: str, fresh: bool) -> None:
         """Record this run as the directory's owner; a fresh run first checks it would not
         overwrite a weights file that is not its own."""
         if fresh and (self.path / mirror_name).exists():
-            raise RunDirError(f"{self.flag} {self.path} already has {mirror_name}, which this run would overwrite; "
-                              "pick another directory or another --save_weight")
+            raise RunDirError(
+                f"{self.flag} {self.path} already has {mirror_name}, which this run would overwrite; "
+                "pick another directory or another --save_weight"
+            )
         self.run_id, self.mirror_name = run_id, mirror_name
         write_json_atomic(self.path / RUN_FILE, {"run_id": run_id, "mirror": mirror_name})
 
@@ -234,7 +273,8 @@ class RunDirectory:
             except OSError as error:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {saved} is saved and complete, but updating {target} from it failed: "
-                    f"{describe_write_error(error, self.path)}; the previous {target.name} is intact") from error
+                    f"{describe_write_error(error, self.path)}; the previous {target.name} is intact"
+                ) from error
         for path in self.rotate(keep):
             log(f"warning: could not delete old checkpoint {path}; delete it by hand")
 

@@ -8,13 +8,16 @@ optimizer or a scheduler object, so a resume or another world size gives the sam
   micro-batch, s = epoch * iters + the 1-based micro-batch of the epoch, S = epochs * iters
   (iters: micro-batches per epoch), and an optimizer step uses the value of its last micro-batch.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Optional
 
 
-def learning_rate_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int = 0) -> float:
+def learning_rate_at(
+    step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int = 0
+) -> float:
     """Learning rate of optimizer step `step` (0-based: the step about to be taken).
 
     - step < warmup_steps: max_lr * (step + 1) / warmup_steps (linear; the last warmup step
@@ -29,7 +32,9 @@ def learning_rate_at(step: int, total_steps: int, max_lr: float, min_lr: float, 
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
         return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # > 0 here: warmup <= step < total
+    progress = (step - warmup_steps) / (
+        total_steps - warmup_steps
+    )  # > 0 here: warmup <= step < total
     return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -53,8 +58,9 @@ def micro_batches_per_epoch(num_samples: int, batch_size: int, world_size: int) 
     return math.ceil(num_samples // world_size / batch_size)
 
 
-def minimind_micro_step(epoch: int, consumed: int, window: int, num_samples: int, batch_size: int,
-                        world_size: int) -> int:
+def minimind_micro_step(
+    epoch: int, consumed: int, window: int, num_samples: int, batch_size: int, world_size: int
+) -> int:
     """MiniMind's s for the window about to be taken: epoch * iters + the 1-based index in the
     epoch of the window's last micro-batch. consumed: samples of the epoch taken by all ranks."""
     iters = micro_batches_per_epoch(num_samples, batch_size, world_size)
@@ -62,8 +68,9 @@ def minimind_micro_step(epoch: int, consumed: int, window: int, num_samples: int
     return epoch * iters + min(done + window, iters)
 
 
-def minimind_total_micro_steps(total_steps: int, num_samples: int, batch_size: int,
-                               accumulation_steps: int, world_size: int) -> int:
+def minimind_total_micro_steps(
+    total_steps: int, num_samples: int, batch_size: int, accumulation_steps: int, world_size: int
+) -> int:
     """MiniMind's S: the micro-batches that `total_steps` optimizer steps cover (epochs * iters
     for a run of whole epochs; windows restart at each epoch, its last one may be short)."""
     iters = micro_batches_per_epoch(num_samples, batch_size, world_size)
@@ -78,10 +85,13 @@ def step_learning_rate(args, state, window: int, world_size: int) -> float:
     window: micro-batches in this step.
     """
     if getattr(args, "recipe", "default") != "minimind":
-        return learning_rate_at(state.step, state.total_steps, args.learning_rate, args.min_lr,
-                                state.warmup_steps)
-    s = minimind_micro_step(state.epoch, state.consumed, window, state.num_samples, args.batch_size,
-                            world_size)
-    total = minimind_total_micro_steps(state.total_steps, state.num_samples, args.batch_size,
-                                       args.accumulation_steps, world_size)
+        return learning_rate_at(
+            state.step, state.total_steps, args.learning_rate, args.min_lr, state.warmup_steps
+        )
+    s = minimind_micro_step(
+        state.epoch, state.consumed, window, state.num_samples, args.batch_size, world_size
+    )
+    total = minimind_total_micro_steps(
+        state.total_steps, state.num_samples, args.batch_size, args.accumulation_steps, world_size
+    )
     return minimind_learning_rate(s, total, args.learning_rate)

@@ -4,6 +4,7 @@ held-out file), the starting model's tokenizer (checked for the chat markers), t
 counterpart of data_setup.build_data, returning the same TrainingData; wires minimind_fast.data's
 SFT modules the way MiniMind's train_full_sft.py wires SFTDataset + DistributedSampler.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from ..data.sft import SFTPackedDataset, SFTPaddedDataset, build_sft_cache, spli
 from ..data.tokenizer import CHAT_TEMPLATE, default_tokenizer_path, load_tokenizer, tokenizer_file
 from ..paths import default_cache_dir
 from . import distributed
-from .data_setup import TrainingData, validation_loader, check_tokenizer
+from .data_setup import TrainingData, check_tokenizer, validation_loader
 from .prepare import resolve_from_weight
 
 CHAT_MARKERS = (SPECIAL_TOKENS[BOS_TOKEN_ID], SPECIAL_TOKENS[EOS_TOKEN_ID])
@@ -49,12 +50,16 @@ def tokenizer_dir(args, config, resumed_from: Optional[Path]) -> Path:
     try:
         origin = resolve_from_weight(args, config)
     except ValueError as error:
-        raise ValueError(f"{error} (SFT fine-tunes a pretrained model: train one first with "
-                         "python -m minimind_fast.pretrain, whose run directory is out)") from None
+        raise ValueError(
+            f"{error} (SFT fine-tunes a pretrained model: train one first with "
+            "python -m minimind_fast.pretrain, whose run directory is out)"
+        ) from None
     folder = origin if origin.is_dir() else origin.parent
     if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"--from_weight {args.from_weight}: no tokenizer.json beside {origin}; "
-                         "pass --tokenizer_path DIR, the tokenizer those weights were trained with")
+        raise ValueError(
+            f"--from_weight {args.from_weight}: no tokenizer.json beside {origin}; "
+            "pass --tokenizer_path DIR, the tokenizer those weights were trained with"
+        )
     return folder
 
 
@@ -65,9 +70,11 @@ def check_chat_tokenizer(directory: Path, log=print) -> None:
     vocab = load_tokenizer_vocab(file)
     missing = [marker for marker in CHAT_MARKERS if vocab is not None and marker not in vocab]
     if missing:
-        raise ValueError(f"the tokenizer {file} has no {' or '.join(missing)}, the chat markers "
-                         "SFT renders conversations with; pass --tokenizer_path with a "
-                         "MiniMind-style tokenizer (python -m minimind_fast.tokenizer trains one)")
+        raise ValueError(
+            f"the tokenizer {file} has no {' or '.join(missing)}, the chat markers "
+            "SFT renders conversations with; pass --tokenizer_path with a "
+            "MiniMind-style tokenizer (python -m minimind_fast.tokenizer trains one)"
+        )
     load_tokenizer(file)  # the markers' ids: the one-line error names any mismatch
     try:
         settings = json.loads((file.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -75,10 +82,12 @@ def check_chat_tokenizer(directory: Path, log=print) -> None:
         return
     template = settings.get("chat_template") if isinstance(settings, dict) else None
     if template is not None and template != CHAT_TEMPLATE:
-        log(f"warning: {file.parent / 'tokenizer_config.json'} has its own chat template; SFT "
+        log(
+            f"warning: {file.parent / 'tokenizer_config.json'} has its own chat template; SFT "
             "trains on plain ChatML (<|im_start|>role\\ncontent<|im_end|>, no default system "
             "prompt, no think tags) and generate --chat renders that too, but transformers' "
-            "apply_chat_template on an export of this run would use the file's template")
+            "apply_chat_template on an export of this run would use the file's template"
+        )
 
 
 def load_tokenizer_vocab(file: Path) -> Optional[dict]:
@@ -94,9 +103,9 @@ def first_question(cache, doc_ids: np.ndarray, tokenizer) -> Optional[str]:
         ids = cache.conversation(doc)[0].tolist()
         for start in (i for i, token in enumerate(ids) if token == BOS_TOKEN_ID):
             end = ids.index(EOS_TOKEN_ID, start) if EOS_TOKEN_ID in ids[start:] else len(ids)
-            text = tokenizer.decode(ids[start + 1:end], skip_special_tokens=False)
+            text = tokenizer.decode(ids[start + 1 : end], skip_special_tokens=False)
             if text.startswith("user\n"):
-                return text[len("user\n"):]
+                return text[len("user\n") :]
     return None
 
 
@@ -115,16 +124,24 @@ def build_sft_data(args, config, context, resumed_from: Optional[Path] = None) -
             cache = build_sft_cache(train_path, directory, progress=True)
             val_cache = build_sft_cache(val_path, directory, progress=False) if val_path else None
     digests = distributed.broadcast_object(
-        (cache.data_digest, val_cache.data_digest if val_cache else None) if context.is_main
-        else None, context)
+        (cache.data_digest, val_cache.data_digest if val_cache else None)
+        if context.is_main
+        else None,
+        context,
+    )
     if not context.is_main:  # rank 0's caches on a shared file system; else built again here
         cache = build_sft_cache(train_path, directory, progress=False, data_digest=digests[0])
-        val_cache = build_sft_cache(val_path, directory, progress=False,
-                                    data_digest=digests[1]) if val_path else None
+        val_cache = (
+            build_sft_cache(val_path, directory, progress=False, data_digest=digests[1])
+            if val_path
+            else None
+        )
     if cache.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer in {directory} has {cache.vocab_size} tokens but the "
-                         f"model's vocab_size is {config.vocab_size}; pass --vocab_size "
-                         f"{cache.vocab_size} or the starting model's tokenizer")
+        raise ValueError(
+            f"the tokenizer in {directory} has {cache.vocab_size} tokens but the "
+            f"model's vocab_size is {config.vocab_size}; pass --vocab_size "
+            f"{cache.vocab_size} or the starting model's tokenizer"
+        )
     if val_cache is None:
         train_ids, val_ids = split_documents(cache, args.val_fraction, args.seed)
     else:
@@ -132,13 +149,21 @@ def build_sft_data(args, config, context, resumed_from: Optional[Path] = None) -
     rows = SFTPackedDataset if args.packing else SFTPaddedDataset
     train_set = rows(cache, train_ids, args.max_seq_len)
     if len(ResumableSampler(len(train_set), args.seed, 0, 0, context.world_size)) == 0:
-        raise DataError(f"{train_path}: {len(train_set)} training rows cannot feed "
-                        f"{context.world_size} ranks; add conversations or lower --max_seq_len")
+        raise DataError(
+            f"{train_path}: {len(train_set)} training rows cannot feed "
+            f"{context.world_size} ranks; add conversations or lower --max_seq_len"
+        )
     seeding = "sum" if args.recipe == "minimind" else "mixed"  # MiniMind: randperm at seed + epoch
-    sampler = ResumableSampler(len(train_set), args.seed, 0, context.rank, context.world_size,
-                               seeding=seeding)
-    loader = make_dataloader(train_set, args.batch_size, sampler, args.num_workers,
-                             pin_memory=context.device.type == "cuda")
+    sampler = ResumableSampler(
+        len(train_set), args.seed, 0, context.rank, context.world_size, seeding=seeding
+    )
+    loader = make_dataloader(
+        train_set,
+        args.batch_size,
+        sampler,
+        args.num_workers,
+        pin_memory=context.device.type == "cuda",
+    )
     # Worker seeds from this generator, not the global RNG: iterators never shift the training
     # RNG stream (exact resume).
     loader.generator = torch.Generator().manual_seed(args.seed + context.rank)
@@ -146,7 +171,11 @@ def build_sft_data(args, config, context, resumed_from: Optional[Path] = None) -
     val_loader = validation_loader(held_out, val_ids, rows, args, context)
     if args.sample_prompt is None:  # the final sample answers a question it was not trained on
         tokenizer = load_tokenizer(directory)
-        args.sample_prompt = (first_question(held_out, val_ids, tokenizer)
-                              or first_question(cache, train_set.doc_ids, tokenizer) or "Hello")
-    return TrainingData(loader, sampler, val_loader, directory, train_path, cache.data_digest,
-                        len(train_set))
+        args.sample_prompt = (
+            first_question(held_out, val_ids, tokenizer)
+            or first_question(cache, train_set.doc_ids, tokenizer)
+            or "Hello"
+        )
+    return TrainingData(
+        loader, sampler, val_loader, directory, train_path, cache.data_digest, len(train_set)
+    )

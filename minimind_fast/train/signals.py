@@ -8,6 +8,7 @@ Under torchrun every rank receives the signal from its agent; the ranks agree on
 through one small all-reduce per optimizer step on a CPU (gloo) group, which never waits on the
 accelerator.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,18 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if self.signal is not None:
-            print(f"{name} again: exiting now (the newest complete checkpoint is intact)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{name} again: exiting now (the newest complete checkpoint is intact)",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_CODES[signum])
         self.signal = signum
-        print(f"{name}: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def exit_code(self) -> int:

@@ -6,6 +6,7 @@ data it saw (the token cache's content digest). The checkpoint stores `state_dic
 goes through `load_state_dict()`, which validates every field before anything is used. Follows
 torchtitan's TrainState (one stateful progress object that the checkpointer saves and loads).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,9 @@ class TrainState:
     def next_epoch(self) -> None:
         self.epoch, self.consumed, self.step_in_epoch = self.epoch + 1, 0, 0
 
-    def remaining_steps(self, epochs: int, batch_size: int, accumulation_steps: int, world_size: int) -> int:
+    def remaining_steps(
+        self, epochs: int, batch_size: int, accumulation_steps: int, world_size: int
+    ) -> int:
         """Optimizer steps left in epochs [epoch, epochs) from `consumed` samples into `epoch`."""
         steps = 0
         for epoch in range(self.epoch, epochs):
@@ -82,9 +85,13 @@ class TrainState:
         if not state.run_id:
             raise StateError(f"{source}: train_state.run_id is empty")
         if state.consumed > state.num_samples:
-            raise StateError(f"{source}: train_state.consumed={state.consumed} exceeds the epoch's "
-                             f"num_samples={state.num_samples}")
+            raise StateError(
+                f"{source}: train_state.consumed={state.consumed} exceeds the epoch's "
+                f"num_samples={state.num_samples}"
+            )
         if state.step_in_epoch > state.step or state.warmup_steps > max(state.total_steps, 0):
-            raise StateError(f"{source}: train_state is inconsistent (step {state.step}, step_in_epoch "
-                             f"{state.step_in_epoch}, warmup {state.warmup_steps} of {state.total_steps})")
+            raise StateError(
+                f"{source}: train_state is inconsistent (step {state.step}, step_in_epoch "
+                f"{state.step_in_epoch}, warmup {state.warmup_steps} of {state.total_steps})"
+            )
         return state

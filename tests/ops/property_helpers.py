@@ -17,6 +17,7 @@ from the same input values):
   bfloat16  2e-2     2e-2                  idem in bf16; the Triton interpreter also converts
                                            fp32 -> bf16 by truncation, up to 1 ulp off a GPU
 """
+
 from __future__ import annotations
 
 import os
@@ -28,18 +29,23 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 PROFILE_ENV = "MINIMIND_FAST_HYPOTHESIS_PROFILE"
-_COMMON = dict(database=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.function_scoped_fixture])
+_COMMON = dict(
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 # A generous per-example deadline: it bounds a runaway case without failing on a busy machine.
-settings.register_profile("ci", max_examples=12, derandomize=True,
-                          deadline=timedelta(seconds=60), **_COMMON)
-settings.register_profile("thorough", max_examples=300, deadline=timedelta(seconds=120),
-                          **_COMMON)
+settings.register_profile(
+    "ci", max_examples=12, derandomize=True, deadline=timedelta(seconds=60), **_COMMON
+)
+settings.register_profile("thorough", max_examples=300, deadline=timedelta(seconds=120), **_COMMON)
 settings.load_profile(os.environ.get(PROFILE_ENV, "ci"))
 
-TOLERANCES = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-3,
-              torch.bfloat16: 2e-2}
+TOLERANCES = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 HALF_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
 BACKENDS = ("triton", "torch")
 
@@ -84,8 +90,8 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
         return x.t().contiguous().t()
     if layout == "row_slice":  # row stride > cols, unit column stride
         padded = x.new_zeros(rows, cols + 5)
-        padded[:, 2:2 + cols] = x
-        return padded[:, 2:2 + cols]
+        padded[:, 2 : 2 + cols] = x
+        return padded[:, 2 : 2 + cols]
     if layout == "column_step":
         wide = x.new_zeros(rows, 2 * cols)
         wide[:, ::2] = x
@@ -93,8 +99,13 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def check_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
-                what: str, magnitude: torch.Tensor | None = None) -> None:
+def check_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    magnitude: torch.Tensor | None = None,
+) -> None:
     """Values within the table's row for `dtype`; inf and NaN must sit at the same places.
     magnitude: the size of the terms `expected` sums (e.g. |A| @ |B| for A @ B), for atol."""
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)

@@ -11,6 +11,7 @@ Tolerance table (gradients: atol is relative to the largest reference gradient e
 Edge rows (masked -inf blocks, +inf, ignored non-finite rows) and float64 are checked against
 F.cross_entropy and gradcheck below; tests/ops/test_property_cross_entropy.py fuzzes the rest.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,9 @@ DTYPES = list(TOLERANCES)
 def assert_loss_close(actual, expected, dtype):
     rtol = TOLERANCES[dtype][0]
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert_close(actual, expected, atol=rtol * max(expected.abs().max().item(), 1e-3), rtol=rtol,
-                 what="loss")
+    assert_close(
+        actual, expected, atol=rtol * max(expected.abs().max().item(), 1e-3), rtol=rtol, what="loss"
+    )
 
 
 def assert_grad_close(actual, expected, dtype):
@@ -61,8 +63,10 @@ def make_case(rows, vocab, dtype, ignore="some", device=DEVICE, ignore_index=-10
 def run_both(logits, targets, upstream=None, backend="triton", **kwargs):
     """(loss, grad) of ops.cross_entropy on `backend` and of the reference, same upstream grad."""
     results = []
-    for fn in (lambda x: ops.cross_entropy(x, targets, backend=backend, **kwargs),
-               lambda x: reference.cross_entropy(x, targets, **kwargs)):
+    for fn in (
+        lambda x: ops.cross_entropy(x, targets, backend=backend, **kwargs),
+        lambda x: reference.cross_entropy(x, targets, **kwargs),
+    ):
         x = logits.detach().clone().requires_grad_()
         loss = fn(x)
         loss.backward(torch.ones_like(loss) if upstream is None else upstream)
@@ -76,7 +80,11 @@ def run_both(logits, targets, upstream=None, backend="triton", **kwargs):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference(rows, vocab, dtype, reduction):
     logits, targets = make_case(rows, vocab, dtype)
-    upstream = torch.rand(rows, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(1.7, device=DEVICE)
+    upstream = (
+        torch.rand(rows, device=DEVICE) + 0.5
+        if reduction == "none"
+        else torch.tensor(1.7, device=DEVICE)
+    )
     (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets, upstream, reduction=reduction)
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert_loss_close(loss, ref_loss, dtype)
@@ -88,8 +96,13 @@ def test_matches_reference(rows, vocab, dtype, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_label_smoothing_and_z_loss(label_smoothing, z_loss_scale, reduction, dtype):
     logits, targets = make_case(37, 100, dtype)
-    (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets, reduction=reduction,
-                                                  label_smoothing=label_smoothing, z_loss_scale=z_loss_scale)
+    (loss, grad), (ref_loss, ref_grad) = run_both(
+        logits,
+        targets,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss_scale=z_loss_scale,
+    )
     assert_loss_close(loss, ref_loss, dtype)
     assert_grad_close(grad, ref_grad, dtype)
     if reduction == "mean":  # the extra terms really change the result
@@ -101,7 +114,9 @@ def test_label_smoothing_and_z_loss(label_smoothing, z_loss_scale, reduction, dt
 def test_long_rows_loop_over_vocab(vocab):
     """V above one register block: the kernel's looped online softmax (and smoothing, z-loss)."""
     logits, targets = make_case(3, vocab, torch.float32)
-    (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets, label_smoothing=0.1, z_loss_scale=1e-3)
+    (loss, grad), (ref_loss, ref_grad) = run_both(
+        logits, targets, label_smoothing=0.1, z_loss_scale=1e-3
+    )
     assert_loss_close(loss, ref_loss, torch.float32)
     assert_grad_close(grad, ref_grad, torch.float32)
 
@@ -159,14 +174,21 @@ def test_kernel_looped_path_masked_blocks(masked, label_smoothing):
     from minimind_fast.kernels.cross_entropy import cross_entropy_forward
 
     logits, targets = make_case(4, 1000, torch.float32, ignore="none")
-    spans = {"start": [(0, 256)], "middle": [(320, 640)], "end": [(896, 1000)],
-             "start+end": [(0, 128), (960, 1000)]}[masked]
+    spans = {
+        "start": [(0, 256)],
+        "middle": [(320, 640)],
+        "end": [(896, 1000)],
+        "start+end": [(0, 128), (960, 1000)],
+    }[masked]
     for lo, hi in spans:
         logits[:, lo:hi] = -INF
     targets[:] = torch.tensor([300, 700, 800, 310])
-    loss, grad = cross_entropy_forward(logits, targets, -100, label_smoothing, 0.0, True, block_v=64)
-    expected_loss, expected_grad = torch_cross_entropy(logits, targets,
-                                                       label_smoothing=label_smoothing)
+    loss, grad = cross_entropy_forward(
+        logits, targets, -100, label_smoothing, 0.0, True, block_v=64
+    )
+    expected_loss, expected_grad = torch_cross_entropy(
+        logits, targets, label_smoothing=label_smoothing
+    )
     # smoothing spreads eps/V over -inf classes too: loss +inf there, as in F.cross_entropy
     assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5, what="loss")
     assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5, what="grad")
@@ -223,8 +245,9 @@ def test_float64_torch_backend_passes_gradcheck(reduction):
     targets = torch.tensor([1, -100, 3, 10, 0, 5])
 
     def loss_fn(x):
-        return ops.cross_entropy(x, targets, reduction=reduction, label_smoothing=0.1,
-                                 z_loss_scale=1e-2, backend="torch")
+        return ops.cross_entropy(
+            x, targets, reduction=reduction, label_smoothing=0.1, z_loss_scale=1e-2, backend="torch"
+        )
 
     assert loss_fn(logits).dtype == torch.float64
     assert torch.autograd.gradcheck(loss_fn, (logits,))
@@ -232,8 +255,11 @@ def test_float64_torch_backend_passes_gradcheck(reduction):
 
 def test_float64_triton_is_refused():
     logits, targets = make_case(4, 10, torch.float32)
-    with pytest.raises(ValueError, match="the Triton kernel takes float32/bfloat16/float16, but "
-                                         "logits is torch.float64; use backend='torch'"):
+    with pytest.raises(
+        ValueError,
+        match="the Triton kernel takes float32/bfloat16/float16, but "
+        "logits is torch.float64; use backend='torch'",
+    ):
         ops.cross_entropy(logits.double(), targets, backend="triton")
 
 
@@ -247,7 +273,9 @@ def test_zero_classes_is_a_clear_error(backend):
 @pytest.mark.parametrize("ignore", ["none", "some", "all"])
 def test_ignore_index(ignore, reduction):
     logits, targets = make_case(11, 50, torch.float32, ignore=ignore)
-    (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets, reduction=reduction, label_smoothing=0.1)
+    (loss, grad), (ref_loss, ref_grad) = run_both(
+        logits, targets, reduction=reduction, label_smoothing=0.1
+    )
     assert_loss_close(loss, ref_loss, torch.float32)
     assert_grad_close(grad, ref_grad, torch.float32)
     ignored = targets == -100
@@ -298,9 +326,13 @@ def test_expanded_upstream_gradients(dtype):
 
 def test_batched_leading_dims():
     logits, targets = make_case(12, 25, torch.float32)
-    loss = ops.cross_entropy(logits.view(3, 4, 25), targets.view(3, 4), reduction="none", backend="triton")
+    loss = ops.cross_entropy(
+        logits.view(3, 4, 25), targets.view(3, 4), reduction="none", backend="triton"
+    )
     assert loss.shape == (3, 4)
-    assert_loss_close(loss.view(-1), reference.cross_entropy(logits, targets, reduction="none"), torch.float32)
+    assert_loss_close(
+        loss.view(-1), reference.cross_entropy(logits, targets, reduction="none"), torch.float32
+    )
 
 
 def test_retain_graph_backward_twice_is_stable():
@@ -318,7 +350,9 @@ def test_no_grad_forward_only():
         loss = ops.cross_entropy(logits.clone().requires_grad_(), targets, backend="triton")
     assert not loss.requires_grad
     assert_loss_close(loss, reference.cross_entropy(logits, targets), torch.float32)
-    out, dlogits = torch.ops.minimind_fast.cross_entropy(logits, targets, -100, "mean", 0.0, 0.0, False)
+    out, dlogits = torch.ops.minimind_fast.cross_entropy(
+        logits, targets, -100, "mean", 0.0, 0.0, False
+    )
     assert dlogits.numel() == 0
     assert_loss_close(out, reference.cross_entropy(logits, targets), torch.float32)
 
@@ -352,7 +386,9 @@ def test_kernel_poisons_out_of_range_rows():
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     keep = torch.tensor([0, 1, 3, 4], device=DEVICE)
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
-    torch.testing.assert_close(loss[keep], reference.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    torch.testing.assert_close(
+        loss[keep], reference.cross_entropy(logits[keep], targets[keep], reduction="none")
+    )
 
 
 def test_invalid_arguments():
@@ -374,27 +410,37 @@ def test_invalid_arguments():
 def test_opcheck(reduction, compute_grad):
     logits, targets = make_case(7, 19, torch.float32)
     logits.requires_grad_(compute_grad)
-    torch.library.opcheck(torch.ops.minimind_fast.cross_entropy.default,
-                          (logits, targets, -100, reduction, 0.1, 1e-3, compute_grad))
+    torch.library.opcheck(
+        torch.ops.minimind_fast.cross_entropy.default,
+        (logits, targets, -100, reduction, 0.1, 1e-3, compute_grad),
+    )
 
 
 @pytest.mark.parametrize("scale_shape", ["scalar", "rows", "expanded"])
 def test_opcheck_backward(scale_shape):
     dlogits = torch.randn(7, 19, device=DEVICE)
-    scale = {"scalar": torch.tensor(0.3, device=DEVICE), "rows": torch.randn(7, device=DEVICE),
-             "expanded": torch.tensor(0.3, device=DEVICE).expand(7)}[scale_shape]
+    scale = {
+        "scalar": torch.tensor(0.3, device=DEVICE),
+        "rows": torch.randn(7, device=DEVICE),
+        "expanded": torch.tensor(0.3, device=DEVICE).expand(7),
+    }[scale_shape]
     torch.library.opcheck(torch.ops.minimind_fast.cross_entropy_backward.default, (dlogits, scale))
     out = torch.ops.minimind_fast.cross_entropy_backward(dlogits, scale)
     torch.testing.assert_close(out, dlogits * (scale if scale.dim() == 0 else scale[:, None]))
 
 
-@pytest.mark.parametrize("backend,compiler", [("triton", "aot_eager"), ("torch", "aot_eager"), ("triton", "inductor")])
+@pytest.mark.parametrize(
+    "backend,compiler", [("triton", "aot_eager"), ("torch", "aot_eager"), ("triton", "inductor")]
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(backend, compiler, reduction):
     logits, targets = make_case(9, 23, torch.float32)
 
     def step(x, t):
-        return ops.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, backend=backend).sum() * 2.0
+        return (
+            ops.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, backend=backend).sum()
+            * 2.0
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend=compiler)
     x = logits.clone().requires_grad_()
@@ -413,10 +459,16 @@ def test_compile_fullgraph(backend, compiler, reduction):
 def test_module_matches_torch_cross_entropy_loss(backend, layout, reduction):
     kwargs = dict(ignore_index=-100, reduction=reduction, label_smoothing=0.05)
     if layout == "2d":
-        logits, targets = torch.randn(10, 21, device=DEVICE), torch.randint(0, 21, (10,), device=DEVICE)
+        logits, targets = (
+            torch.randn(10, 21, device=DEVICE),
+            torch.randint(0, 21, (10,), device=DEVICE),
+        )
         targets[1] = -100
     elif layout == "3d":  # torch layout (N, C, d)
-        logits, targets = torch.randn(2, 21, 5, device=DEVICE), torch.randint(0, 21, (2, 5), device=DEVICE)
+        logits, targets = (
+            torch.randn(2, 21, 5, device=DEVICE),
+            torch.randint(0, 21, (2, 5), device=DEVICE),
+        )
         targets[0, 1] = -100
     else:
         logits, targets = torch.randn(21, device=DEVICE), torch.tensor(4, device=DEVICE)
@@ -439,9 +491,14 @@ def test_module_z_loss_and_repr():
     logits, targets = make_case(6, 11, torch.float32)
     module = CrossEntropyLoss(z_loss_scale=1e-2, backend="triton")
     assert "z_loss_scale=0.01" in repr(module)
-    assert_loss_close(module(logits, targets), reference.cross_entropy(logits, targets, z_loss_scale=1e-2),
-                      torch.float32)
-    assert_loss_close(CrossEntropyLoss()(logits, targets), F.cross_entropy(logits, targets), torch.float32)
+    assert_loss_close(
+        module(logits, targets),
+        reference.cross_entropy(logits, targets, z_loss_scale=1e-2),
+        torch.float32,
+    )
+    assert_loss_close(
+        CrossEntropyLoss()(logits, targets), F.cross_entropy(logits, targets), torch.float32
+    )
 
 
 # ------------------------------------------------------------------------- CUDA-only shapes
@@ -452,8 +509,9 @@ def test_module_z_loss_and_repr():
 def test_cuda_large_shapes(vocab, dtype, reduction):
     logits, targets = make_case(4097, vocab, dtype, device="cuda")
     upstream = torch.rand(4097, device="cuda") if reduction == "none" else None
-    (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets, upstream, reduction=reduction,
-                                                  label_smoothing=0.1, z_loss_scale=1e-4)
+    (loss, grad), (ref_loss, ref_grad) = run_both(
+        logits, targets, upstream, reduction=reduction, label_smoothing=0.1, z_loss_scale=1e-4
+    )
     assert_loss_close(loss, ref_loss, dtype)
     assert_grad_close(grad, ref_grad, dtype)
 
@@ -465,7 +523,9 @@ def test_cuda_max_vocab_and_no_fp32_buffer():
     (loss, grad), (ref_loss, ref_grad) = run_both(logits, targets)
     assert_loss_close(loss, ref_loss, torch.bfloat16)
     assert_grad_close(grad, ref_grad, torch.bfloat16)
-    _, dlogits = torch.ops.minimind_fast.cross_entropy(logits, targets, -100, "mean", 0.0, 0.0, True)
+    _, dlogits = torch.ops.minimind_fast.cross_entropy(
+        logits, targets, -100, "mean", 0.0, 0.0, True
+    )
     assert dlogits.dtype == torch.bfloat16
 
 

@@ -10,6 +10,7 @@ Tolerance table (gradients: atol is relative to the largest reference gradient e
   bfloat16  1e-2        2e-2        2e-2                      chunk GEMMs round logits/dW partials
   float16   2e-3        4e-3        4e-3                      differently from one big GEMM
 """
+
 from __future__ import annotations
 
 import pytest
@@ -59,8 +60,10 @@ def run_both(hidden, weight, targets, upstream=None, **kwargs):
     """[(loss, dhidden, dweight) of ops.fused_linear_cross_entropy, same of the reference]."""
     options = {k: kwargs.pop(k) for k in ("backend", "chunk_size") if k in kwargs}
     results = []
-    for fn in (lambda h, w: ops.fused_linear_cross_entropy(h, w, targets, **kwargs, **options),
-               lambda h, w: reference.fused_linear_cross_entropy(h, w, targets, **kwargs)):
+    for fn in (
+        lambda h, w: ops.fused_linear_cross_entropy(h, w, targets, **kwargs, **options),
+        lambda h, w: reference.fused_linear_cross_entropy(h, w, targets, **kwargs),
+    ):
         h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         loss = fn(h, w)
         loss.backward(torch.ones_like(loss) if upstream is None else upstream)
@@ -81,9 +84,20 @@ def check_against_reference(hidden, weight, targets, dtype=torch.float32, upstre
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference(backend, chunk_size, reduction):
     hidden, weight, targets = make_case(37, 24, 61)  # 37 rows: 7 and 16 do not divide it, 64 > N
-    upstream = torch.rand(37, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(0.7, device=DEVICE)
-    check_against_reference(hidden, weight, targets, upstream=upstream, reduction=reduction,
-                            backend=backend, chunk_size=chunk_size)
+    upstream = (
+        torch.rand(37, device=DEVICE) + 0.5
+        if reduction == "none"
+        else torch.tensor(0.7, device=DEVICE)
+    )
+    check_against_reference(
+        hidden,
+        weight,
+        targets,
+        upstream=upstream,
+        reduction=reduction,
+        backend=backend,
+        chunk_size=chunk_size,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,8 +112,16 @@ def test_half_precision(backend, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_label_smoothing_and_z_loss(backend, label_smoothing, z_loss_scale, reduction):
     hidden, weight, targets = make_case(21, 16, 33)
-    check_against_reference(hidden, weight, targets, reduction=reduction, label_smoothing=label_smoothing,
-                            z_loss_scale=z_loss_scale, backend=backend, chunk_size=8)
+    check_against_reference(
+        hidden,
+        weight,
+        targets,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss_scale=z_loss_scale,
+        backend=backend,
+        chunk_size=8,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,8 +129,9 @@ def test_label_smoothing_and_z_loss(backend, label_smoothing, z_loss_scale, redu
 @pytest.mark.parametrize("ignore", ["none", "all"])
 def test_ignore_index(backend, reduction, ignore):
     hidden, weight, targets = make_case(10, 8, 19, ignore=ignore)
-    loss, dhidden, dweight = check_against_reference(hidden, weight, targets, reduction=reduction,
-                                                     backend=backend, chunk_size=4)
+    loss, dhidden, dweight = check_against_reference(
+        hidden, weight, targets, reduction=reduction, backend=backend, chunk_size=4
+    )
     if ignore == "all":  # documented: loss 0 and zero gradients, never NaN
         assert torch.all(loss == 0) and torch.all(dhidden == 0) and torch.all(dweight == 0)
 
@@ -120,7 +143,12 @@ def test_partial_requires_grad(backend, needs):
     h = hidden.clone().requires_grad_(needs == "hidden")
     w = weight.clone().requires_grad_(needs == "weight")
     loss = ops.fused_linear_cross_entropy(h, w, targets, backend=backend, chunk_size=5)
-    check_close(loss.detach(), reference.fused_linear_cross_entropy(hidden, weight, targets), torch.float32, "loss")
+    check_close(
+        loss.detach(),
+        reference.fused_linear_cross_entropy(hidden, weight, targets),
+        torch.float32,
+        "loss",
+    )
     if needs == "neither":
         assert not loss.requires_grad
         return
@@ -128,22 +156,29 @@ def test_partial_requires_grad(backend, needs):
     (grad,) = torch.autograd.grad(loss, leaf)
     ref_h = hidden.clone().requires_grad_(needs == "hidden")
     ref_w = weight.clone().requires_grad_(needs == "weight")
-    (ref_grad,) = torch.autograd.grad(reference.fused_linear_cross_entropy(ref_h, ref_w, targets),
-                                      ref_h if needs == "hidden" else ref_w)
+    (ref_grad,) = torch.autograd.grad(
+        reference.fused_linear_cross_entropy(ref_h, ref_w, targets),
+        ref_h if needs == "hidden" else ref_w,
+    )
     check_close(grad, ref_grad, torch.float32, "grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_batched_inputs(backend):
     batch, seq, hidden_size, vocab = 2, 9, 16, 29
-    hidden = torch.randn(hidden_size, seq, batch, device=DEVICE).permute(2, 1, 0)  # (B, T, H), not contiguous
+    hidden = torch.randn(hidden_size, seq, batch, device=DEVICE).permute(
+        2, 1, 0
+    )  # (B, T, H), not contiguous
     weight = (torch.randn(2 * vocab, hidden_size, device=DEVICE) / 4)[::2]  # row stride 2H
     targets = torch.randint(0, vocab, (batch, 2 * seq), device=DEVICE)[:, ::2]
     assert not (hidden.is_contiguous() or weight.is_contiguous() or targets.is_contiguous())
-    ours = ops.fused_linear_cross_entropy(hidden, weight, targets, reduction="none", backend=backend, chunk_size=5)
+    ours = ops.fused_linear_cross_entropy(
+        hidden, weight, targets, reduction="none", backend=backend, chunk_size=5
+    )
     assert ours.shape == (batch, seq)
-    (loss, dhidden, dweight), expected = run_both(hidden.reshape(-1, hidden_size), weight, targets.reshape(-1),
-                                                  backend=backend, chunk_size=5)
+    (loss, dhidden, dweight), expected = run_both(
+        hidden.reshape(-1, hidden_size), weight, targets.reshape(-1), backend=backend, chunk_size=5
+    )
     for actual, ref, kind in zip((loss, dhidden, dweight), expected, ("loss", "grad", "grad")):
         check_close(actual, ref, torch.float32, kind)
 
@@ -153,8 +188,9 @@ def test_expanded_upstream_gradient(backend):
     hidden, weight, targets = make_case(11, 8, 17)
     upstream = torch.tensor(1.5, device=DEVICE).expand(11)
     assert upstream.stride() == (0,)
-    check_against_reference(hidden, weight, targets, upstream=upstream, reduction="none", backend=backend,
-                            chunk_size=4)
+    check_against_reference(
+        hidden, weight, targets, upstream=upstream, reduction="none", backend=backend, chunk_size=4
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -227,23 +263,39 @@ def test_opcheck(backend, reduction):
     bias = torch.randn(17, device=DEVICE, requires_grad=True)
     for b in (None, bias):
         flags = (True, True, b is not None)
-        torch.library.opcheck(torch.ops.minimind_fast.fused_linear_cross_entropy.default,
-                              (hidden, weight, b, targets, -100, reduction, 0.1, 1e-3, 4, backend,
-                               *flags))
-        torch.library.opcheck(torch.ops.minimind_fast.fused_linear_cross_entropy_backward.default,
-                              (hidden.detach(), weight.detach(), None if b is None else b.detach(),
-                               targets, torch.rand(9, device=DEVICE), -100, 0.1, 1e-3, 4, backend,
-                               *flags))
+        torch.library.opcheck(
+            torch.ops.minimind_fast.fused_linear_cross_entropy.default,
+            (hidden, weight, b, targets, -100, reduction, 0.1, 1e-3, 4, backend, *flags),
+        )
+        torch.library.opcheck(
+            torch.ops.minimind_fast.fused_linear_cross_entropy_backward.default,
+            (
+                hidden.detach(),
+                weight.detach(),
+                None if b is None else b.detach(),
+                targets,
+                torch.rand(9, device=DEVICE),
+                -100,
+                0.1,
+                1e-3,
+                4,
+                backend,
+                *flags,
+            ),
+        )
 
 
-@pytest.mark.parametrize("backend,compiler", [("triton", "aot_eager"), ("torch", "aot_eager"), ("torch", "inductor")])
+@pytest.mark.parametrize(
+    "backend,compiler", [("triton", "aot_eager"), ("torch", "aot_eager"), ("torch", "inductor")]
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(backend, compiler, reduction):
     hidden, weight, targets = make_case(12, 8, 19)
 
     def step(h, w, t):
-        return ops.fused_linear_cross_entropy(h.tanh(), w, t, reduction=reduction, backend=backend,
-                                              chunk_size=5).sum()
+        return ops.fused_linear_cross_entropy(
+            h.tanh(), w, t, reduction=reduction, backend=backend, chunk_size=5
+        ).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend=compiler)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -262,8 +314,9 @@ def test_module_with_bias_matches_torch(backend):
     hidden, weight, targets = make_case(12, 16, 27)
     bias = torch.randn(27, device=DEVICE)
     module = FusedLinearCrossEntropyLoss(reduction="sum", chunk_size=5, backend=backend)
-    got = with_torch_grads(lambda h, w, b: module(h.view(3, 4, 16), w, targets.view(3, 4), b),
-                           hidden, weight, bias)
+    got = with_torch_grads(
+        lambda h, w, b: module(h.view(3, 4, 16), w, targets.view(3, 4), b), hidden, weight, bias
+    )
     expected_fn = torch_linear_cross_entropy("sum")
     expected = with_torch_grads(lambda h, w, b: expected_fn(h, w, b, targets), hidden, weight, bias)
     for actual, ref, kind in zip(got, expected, ("loss", "grad", "grad", "grad")):
@@ -274,7 +327,9 @@ def test_module_with_bias_matches_torch(backend):
 def test_module_matches_torch(backend):
     hidden, weight, targets = make_case(3 * 5, 16, 27)
     h, w = hidden.view(3, 5, 16).clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = FusedLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4, backend=backend)(h, w, targets.view(3, 5))
+    loss = FusedLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4, backend=backend)(
+        h, w, targets.view(3, 5)
+    )
     loss.backward()
     ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     expected = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(F.linear(ref_h, ref_w), targets)
@@ -295,9 +350,11 @@ def with_torch_grads(fn, *tensors, upstream=None):
 
 def torch_linear_cross_entropy(reduction="mean", **kwargs):
     """Ground truth: F.linear, then F.cross_entropy on fp32 logits."""
+
     def fn(hidden, weight, bias, targets):
         logits = F.linear(hidden, weight, bias).float()
         return F.cross_entropy(logits, targets, reduction=reduction, **kwargs)
+
     return fn
 
 
@@ -310,13 +367,22 @@ def test_bias_matches_torch(backend, chunk_size, reduction):
     upstream = torch.rand(23, device=DEVICE) + 0.5 if reduction == "none" else None
 
     def ours(h, w, b):
-        return ops.fused_linear_cross_entropy(h, w, targets, reduction=reduction, backend=backend,
-                                              chunk_size=chunk_size, label_smoothing=0.1, bias=b)
+        return ops.fused_linear_cross_entropy(
+            h,
+            w,
+            targets,
+            reduction=reduction,
+            backend=backend,
+            chunk_size=chunk_size,
+            label_smoothing=0.1,
+            bias=b,
+        )
 
     expected_fn = torch_linear_cross_entropy(reduction, label_smoothing=0.1)
     got = with_torch_grads(ours, hidden, weight, bias, upstream=upstream)
-    expected = with_torch_grads(lambda h, w, b: expected_fn(h, w, b, targets), hidden, weight,
-                                bias, upstream=upstream)
+    expected = with_torch_grads(
+        lambda h, w, b: expected_fn(h, w, b, targets), hidden, weight, bias, upstream=upstream
+    )
     for actual, ref, kind in zip(got, expected, ("loss", "grad", "grad", "grad")):
         check_close(actual, ref, torch.float32, kind)
 
@@ -326,10 +392,20 @@ def test_bias_matches_torch(backend, chunk_size, reduction):
 def test_bias_half_precision(backend, dtype):
     hidden, weight, targets = make_case(30, 16, 41, dtype)
     bias = torch.randn(41, device=DEVICE).to(dtype)
-    got = with_torch_grads(lambda h, w, b: ops.fused_linear_cross_entropy(
-        h, w, targets, backend=backend, chunk_size=8, bias=b), hidden, weight, bias)
-    expected = with_torch_grads(lambda h, w, b: reference.fused_linear_cross_entropy(
-        h, w, targets, bias=b), hidden, weight, bias)
+    got = with_torch_grads(
+        lambda h, w, b: ops.fused_linear_cross_entropy(
+            h, w, targets, backend=backend, chunk_size=8, bias=b
+        ),
+        hidden,
+        weight,
+        bias,
+    )
+    expected = with_torch_grads(
+        lambda h, w, b: reference.fused_linear_cross_entropy(h, w, targets, bias=b),
+        hidden,
+        weight,
+        bias,
+    )
     for actual, ref, kind in zip(got, expected, ("loss", "grad", "grad", "grad")):
         check_close(actual, ref, dtype, kind)
 
@@ -344,8 +420,12 @@ def test_bias_masks_a_leading_vocabulary_block(backend):
     bias = torch.zeros(vocab, device=DEVICE)
     bias[:8192] = -float("inf")
     targets[:] = torch.tensor([vocab - 1, 8192, 20000])
-    got = with_torch_grads(lambda h, w, b: ops.fused_linear_cross_entropy(
-        h, w, targets, backend=backend, bias=b), hidden, weight, bias)
+    got = with_torch_grads(
+        lambda h, w, b: ops.fused_linear_cross_entropy(h, w, targets, backend=backend, bias=b),
+        hidden,
+        weight,
+        bias,
+    )
     expected_fn = torch_linear_cross_entropy()
     expected = with_torch_grads(lambda h, w, b: expected_fn(h, w, b, targets), hidden, weight, bias)
     for actual, ref, kind in zip(got, expected, ("loss", "grad", "grad", "grad")):
@@ -367,12 +447,23 @@ def test_float16_mean_weight_gradient_does_not_overflow(backend, upstream):
     weight = (0.01 * torch.randn(vocab, 30, device=DEVICE) * 30 / value).half()
     targets = torch.zeros(rows, dtype=torch.long, device=DEVICE)
     scale = torch.tensor(upstream, device=DEVICE)
-    got = with_torch_grads(lambda h, w: ops.fused_linear_cross_entropy(
-        h, w, targets, backend=backend, chunk_size=rows // 4), hidden, weight, upstream=scale)
-    stock = with_torch_grads(lambda h, w: F.cross_entropy(F.linear(h, w), targets), hidden, weight,
-                             upstream=scale.half())
-    oracle = with_torch_grads(lambda h, w: F.cross_entropy(F.linear(h, w), targets),
-                              hidden.float(), weight.float(), upstream=scale)
+    got = with_torch_grads(
+        lambda h, w: ops.fused_linear_cross_entropy(
+            h, w, targets, backend=backend, chunk_size=rows // 4
+        ),
+        hidden,
+        weight,
+        upstream=scale,
+    )
+    stock = with_torch_grads(
+        lambda h, w: F.cross_entropy(F.linear(h, w), targets), hidden, weight, upstream=scale.half()
+    )
+    oracle = with_torch_grads(
+        lambda h, w: F.cross_entropy(F.linear(h, w), targets),
+        hidden.float(),
+        weight.float(),
+        upstream=scale,
+    )
     assert torch.isfinite(stock[2]).all() and stock[2].float().min() < -0.5 * value * upstream
     subnormal = 2.0**-24  # dh is about 1e-5 / rows here: fp16 subnormals, absolute steps
     for name, actual, ref, expected in zip(("dh", "dW"), got[1:], stock[1:], oracle[1:]):
@@ -390,9 +481,17 @@ def test_float64_torch_backend_passes_gradcheck(reduction):
     targets = torch.tensor([1, -100, 3, 8, 0, 5, 2])
 
     def loss_fn(h, w, b):
-        return ops.fused_linear_cross_entropy(h, w, targets, reduction=reduction, backend="torch",
-                                              label_smoothing=0.1, z_loss_scale=1e-2,
-                                              chunk_size=3, bias=b)
+        return ops.fused_linear_cross_entropy(
+            h,
+            w,
+            targets,
+            reduction=reduction,
+            backend="torch",
+            label_smoothing=0.1,
+            z_loss_scale=1e-2,
+            chunk_size=3,
+            bias=b,
+        )
 
     assert loss_fn(hidden, weight, bias).dtype == torch.float64
     assert torch.autograd.gradcheck(loss_fn, (hidden, weight, bias))
@@ -400,8 +499,11 @@ def test_float64_torch_backend_passes_gradcheck(reduction):
 
 def test_float64_triton_is_refused():
     hidden, weight, targets = make_case(4, 8, 10, torch.float64)
-    with pytest.raises(ValueError, match="the Triton kernel takes float32/bfloat16/float16, but "
-                                         "hidden is torch.float64; use backend='torch'"):
+    with pytest.raises(
+        ValueError,
+        match="the Triton kernel takes float32/bfloat16/float16, but "
+        "hidden is torch.float64; use backend='torch'",
+    ):
         ops.fused_linear_cross_entropy(hidden, weight, targets, backend="triton")
 
 
@@ -413,11 +515,13 @@ def test_input_errors_name_the_fused_op(backend):
         ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
     targets[2] = 0
     with pytest.raises(ValueError, match=r"bias \(9,\) must be \(V,\) = \(10,\)"):
-        ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend,
-                                       bias=torch.zeros(9, device=DEVICE))
+        ops.fused_linear_cross_entropy(
+            hidden, weight, targets, backend=backend, bias=torch.zeros(9, device=DEVICE)
+        )
     with pytest.raises(ValueError, match="hidden is torch.float32 but bias is torch.float16"):
-        ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend,
-                                       bias=torch.zeros(10, device=DEVICE).half())
+        ops.fused_linear_cross_entropy(
+            hidden, weight, targets, backend=backend, bias=torch.zeros(10, device=DEVICE).half()
+        )
     with pytest.raises(ValueError, match=r"weight \(0, 8\) has V=0 rows"):
         ops.fused_linear_cross_entropy(hidden, weight[:0], targets, backend=backend)
 
@@ -427,8 +531,10 @@ def peak_cpu_bytes(step) -> int:
     """Peak of live CPU allocator bytes while `step` runs (the profiler's allocation events)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
     current = peak = 0
     for event in events:
         if event.device_type() == torch.autograd.DeviceType.CPU:
@@ -442,8 +548,10 @@ def loss_step_peaks(rows, hidden_size, vocab, backend="torch", device="cpu"):
     hidden, weight, targets = make_case(rows, hidden_size, vocab, device=device)
     hidden.requires_grad_()
     weight.requires_grad_()
-    steps = [lambda: reference.fused_linear_cross_entropy(hidden, weight, targets).backward(),
-             lambda: ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend).backward()]
+    steps = [
+        lambda: reference.fused_linear_cross_entropy(hidden, weight, targets).backward(),
+        lambda: ops.fused_linear_cross_entropy(hidden, weight, targets, backend=backend).backward(),
+    ]
     peaks = []
     for step in steps:
         hidden.grad = weight.grad = None
@@ -463,7 +571,9 @@ def test_peak_memory_cpu_quarter_of_unfused():
     """N=16k, V=6400, H=768 scaled by 1/4 in N, V and H (same V/H, same chunking)."""
     unfused, fused = loss_step_peaks(4096, 192, 1600)
     assert unfused > 4096 * 1600 * 4 * 2  # it did hold the fp32 logits and their gradient
-    assert fused * 4 <= unfused, f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    assert fused * 4 <= unfused, (
+        f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    )
 
 
 @pytest.mark.parametrize("fraction", [8 / 4096, 0.25, 0.6, 1.0])
@@ -474,9 +584,13 @@ def test_peak_memory_cpu_skipped_rows_hold_no_more(fraction):
     hidden.requires_grad_()
     weight.requires_grad_()
     ignored = targets.clone()
-    ignored[torch.randperm(4096)[:round(fraction * 4096)]] = -100
-    every_row, skipped = (peak_cpu_bytes(lambda t=t: ops.fused_linear_cross_entropy(
-        hidden, weight, t, backend="torch")) for t in (targets, ignored))
+    ignored[torch.randperm(4096)[: round(fraction * 4096)]] = -100
+    every_row, skipped = (
+        peak_cpu_bytes(
+            lambda t=t: ops.fused_linear_cross_entropy(hidden, weight, t, backend="torch")
+        )
+        for t in (targets, ignored)
+    )
     assert skipped <= every_row, f"{skipped / 2**20:.2f} MiB vs {every_row / 2**20:.2f} MiB"
 
 
@@ -484,7 +598,9 @@ def test_peak_memory_cpu_skipped_rows_hold_no_more(fraction):
 def test_peak_memory_cpu_n16384():
     """The full shape, N=16384, V=6400, H=768 in fp32 on CPU."""
     unfused, fused = loss_step_peaks(16384, 768, 6400)
-    assert fused * 4 <= unfused, f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    assert fused * 4 <= unfused, (
+        f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    )
 
 
 # ------------------------------------------------------------------------- CUDA-only shapes
@@ -498,4 +614,6 @@ def test_cuda_large_shapes(dtype):
 @pytest.mark.cuda
 def test_cuda_peak_memory_quarter_of_unfused():
     unfused, fused = loss_step_peaks(16384, 768, 6400, backend="triton", device="cuda")
-    assert fused * 4 <= unfused, f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    assert fused * 4 <= unfused, (
+        f"fused peak {fused / 2**20:.1f} MiB vs unfused {unfused / 2**20:.1f} MiB"
+    )

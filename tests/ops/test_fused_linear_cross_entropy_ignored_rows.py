@@ -7,6 +7,7 @@ The truth runs F.linear in the inputs' dtype (the logits rounded there, as each 
 F.cross_entropy (plus z * logsumexp^2 for the z-loss) in float64; tolerances and the
 magnitude-scaled atol of the GEMM sums are those of tests/ops/property_helpers.py.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,10 @@ flce_module = importlib.import_module("minimind_fast.ops.fused_linear_cross_entr
 ROWS, HIDDEN, VOCAB = 40, 16, 37
 FRACTIONS = (0.0, 0.6, 1.0)
 BACKENDS = ("triton", "torch")
-DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16),
-          "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+DTYPES = {
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+}
 
 
 def make_case(fraction, dtype=torch.float32, rows=ROWS, seed=0):
@@ -37,7 +40,7 @@ def make_case(fraction, dtype=torch.float32, rows=ROWS, seed=0):
     weight = (torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5).to(dtype)
     bias = torch.randn(VOCAB, generator=gen).to(dtype)
     targets = torch.randint(0, VOCAB, (rows,), generator=gen)
-    targets[torch.randperm(rows, generator=gen)[:round(fraction * rows)]] = IGNORE_INDEX
+    targets[torch.randperm(rows, generator=gen)[: round(fraction * rows)]] = IGNORE_INDEX
     return hidden, weight, bias, targets
 
 
@@ -53,8 +56,9 @@ def ours(hidden, weight, bias, targets, upstream, **kwargs):
     return loss.detach(), h.grad, w.grad, b.grad
 
 
-def truth(hidden, weight, bias, targets, upstream, reduction="mean", label_smoothing=0.0,
-          z_loss_scale=0.0):
+def truth(
+    hidden, weight, bias, targets, upstream, reduction="mean", label_smoothing=0.0, z_loss_scale=0.0
+):
     """(loss, dh, dW, db) in float64 from logits rounded to the inputs' dtype, and the sizes of
     the terms dh, dW and db sum (|dlogits| @ |W|, |dlogits|.T @ |h|, sum |dlogits|)."""
     h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
@@ -75,8 +79,9 @@ def truth(hidden, weight, bias, targets, upstream, reduction="mean", label_smoot
 def check_against_truth(got, hidden, weight, bias, targets, upstream, dtype, **kwargs):
     expected, magnitudes = truth(hidden, weight, bias, targets, upstream, **kwargs)
     check_close(got[0], expected[0], dtype, "loss")
-    for name, actual, ref, magnitude in zip(("dh", "dW", "db"), got[1:], expected[1:],
-                                            magnitudes, strict=True):
+    for name, actual, ref, magnitude in zip(
+        ("dh", "dW", "db"), got[1:], expected[1:], magnitudes, strict=True
+    ):
         assert actual.dtype == dtype, name
         check_close(actual, ref, dtype, name, magnitude)
 
@@ -89,26 +94,46 @@ def test_matches_torch(backend, fraction, reduction, chunk_size):
     hidden, weight, bias, targets = make_case(fraction)
     upstream = upstream_for(reduction)
     options = dict(reduction=reduction, label_smoothing=0.1, z_loss_scale=1e-3)
-    got = ours(hidden, weight, bias, targets, upstream, backend=backend, chunk_size=chunk_size,
-               **options)
+    got = ours(
+        hidden, weight, bias, targets, upstream, backend=backend, chunk_size=chunk_size, **options
+    )
     check_against_truth(got, hidden, weight, bias, targets, upstream, torch.float32, **options)
     if fraction == 1.0:  # documented: loss 0 and zero gradients, never NaN
         assert all(torch.all(t == 0) for t in got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", sorted({d for ds in DTYPES.values() for d in ds}, key=str),
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", sorted({d for ds in DTYPES.values() for d in ds}, key=str), ids=str
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_dtypes_with_60_percent_ignored(backend, dtype, reduction):
     if dtype not in DTYPES[backend]:
         pytest.skip(f"the {backend} backend takes no {dtype}")
     hidden, weight, bias, targets = make_case(0.6, dtype)
     upstream = upstream_for(reduction)
-    got = ours(hidden, weight, bias, targets, upstream, backend=backend, chunk_size=8,
-               reduction=reduction, label_smoothing=0.1)
-    check_against_truth(got, hidden, weight, bias, targets, upstream, dtype,
-                        reduction=reduction, label_smoothing=0.1)
+    got = ours(
+        hidden,
+        weight,
+        bias,
+        targets,
+        upstream,
+        backend=backend,
+        chunk_size=8,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
+    check_against_truth(
+        got,
+        hidden,
+        weight,
+        bias,
+        targets,
+        upstream,
+        dtype,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -117,9 +142,17 @@ def test_float64_gradcheck_with_60_percent_ignored(reduction):
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
 
     def loss_fn(h, w, b):
-        return ops.fused_linear_cross_entropy(h, w, targets, reduction=reduction,
-                                              label_smoothing=0.1, z_loss_scale=1e-2,
-                                              backend="torch", chunk_size=3, bias=b)
+        return ops.fused_linear_cross_entropy(
+            h,
+            w,
+            targets,
+            reduction=reduction,
+            label_smoothing=0.1,
+            z_loss_scale=1e-2,
+            backend="torch",
+            chunk_size=3,
+            bias=b,
+        )
 
     assert torch.autograd.gradcheck(loss_fn, leaves)
 
@@ -145,8 +178,18 @@ def test_ignored_rows_cost_no_lm_head_work(backend, reduction, fraction):
     kept = int((targets != IGNORE_INDEX).sum())
     upstream = upstream_for(reduction)
     passes = 2 if reduction == "none" else 1  # none: the backward runs the chunk loop again
-    rows = logits_gemm_rows(lambda: ours(hidden, weight, bias, targets, upstream,
-                                         backend=backend, chunk_size=7, reduction=reduction))
+    rows = logits_gemm_rows(
+        lambda: ours(
+            hidden,
+            weight,
+            bias,
+            targets,
+            upstream,
+            backend=backend,
+            chunk_size=7,
+            reduction=reduction,
+        )
+    )
     assert rows == passes * kept
 
 
@@ -186,8 +229,11 @@ def test_every_row_path_matches(backend, reduction, monkeypatch):
     hidden, weight, bias, targets = make_case(0.6)
     upstream = upstream_for(reduction)
     options = dict(reduction=reduction, label_smoothing=0.1, z_loss_scale=1e-3)
-    rows = logits_gemm_rows(lambda: ours(hidden, weight, bias, targets, upstream,
-                                         backend=backend, chunk_size=7, **options))
+    rows = logits_gemm_rows(
+        lambda: ours(
+            hidden, weight, bias, targets, upstream, backend=backend, chunk_size=7, **options
+        )
+    )
     assert rows == ROWS * (2 if reduction == "none" else 1)
     got = ours(hidden, weight, bias, targets, upstream, backend=backend, chunk_size=7, **options)
     check_against_truth(got, hidden, weight, bias, targets, upstream, torch.float32, **options)
@@ -200,9 +246,35 @@ def test_opcheck(backend, fraction):
     for b in (None, bias):
         flags = (True, True, b is not None)
         for reduction in ("mean", "none"):
-            torch.library.opcheck(torch.ops.minimind_fast.fused_linear_cross_entropy.default,
-                                  (hidden.requires_grad_(), weight.requires_grad_(), b, targets,
-                                   IGNORE_INDEX, reduction, 0.1, 1e-3, 4, backend, *flags))
-        torch.library.opcheck(torch.ops.minimind_fast.fused_linear_cross_entropy_backward.default,
-                              (hidden.detach(), weight.detach(), b, targets, torch.rand(9),
-                               IGNORE_INDEX, 0.1, 1e-3, 4, backend, *flags))
+            torch.library.opcheck(
+                torch.ops.minimind_fast.fused_linear_cross_entropy.default,
+                (
+                    hidden.requires_grad_(),
+                    weight.requires_grad_(),
+                    b,
+                    targets,
+                    IGNORE_INDEX,
+                    reduction,
+                    0.1,
+                    1e-3,
+                    4,
+                    backend,
+                    *flags,
+                ),
+            )
+        torch.library.opcheck(
+            torch.ops.minimind_fast.fused_linear_cross_entropy_backward.default,
+            (
+                hidden.detach(),
+                weight.detach(),
+                b,
+                targets,
+                torch.rand(9),
+                IGNORE_INDEX,
+                0.1,
+                1e-3,
+                4,
+                backend,
+                *flags,
+            ),
+        )

@@ -2,13 +2,14 @@
 their references: forward and gradients in fp32 and bf16, empty groups, opcheck and
 torch.compile(fullgraph=True) of the registered grouped_linear ops, the input checks.
 """
+
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_close
+
 from minimind_fast import compat
 from minimind_fast.ops import gather_pairs, grouped_linear, moe_experts, permute_rows, use_backend
 from minimind_fast.ops.grouped_linear import zero_empty_groups
@@ -56,8 +57,9 @@ def per_group_loop(x, weight, sizes):
 @pytest.mark.parametrize("backend", ["grouped_mm", "torch"])
 def test_grouped_linear_matches_per_group_loop(backend, dtype, atol, grad_atol):
     x, weight, ends = make_inputs(SIZES, 32, 48, dtype)
-    got, got_grads = forward_and_grads(lambda a, b: grouped_linear(a, b, ends, backend=backend),
-                                       x, weight)
+    got, got_grads = forward_and_grads(
+        lambda a, b: grouped_linear(a, b, ends, backend=backend), x, weight
+    )
     want, want_grads = forward_and_grads(lambda a, b: per_group_loop(a, b, SIZES), x, weight)
     torch.testing.assert_close(got, want, atol=atol, rtol=atol)
     for name, a, b in zip(("x", "weight"), got_grads, want_grads, strict=True):
@@ -79,8 +81,9 @@ def test_grouped_linear_auto_runs_grouped_mm_where_it_can(monkeypatch):
     grouped_linear(x, weight, ends).sum().backward()
     assert len(calls) == 3  # forward, then grad_x and grad_weight
     x, weight, ends = make_inputs(SIZES, 30, 48, torch.float32)  # 120-byte rows: not aligned
-    torch.testing.assert_close(grouped_linear(x, weight, ends),
-                               grouped_linear_reference(x, weight, ends))
+    torch.testing.assert_close(
+        grouped_linear(x, weight, ends), grouped_linear_reference(x, weight, ends)
+    )
     x64, weight64, ends = make_inputs(SIZES, 32, 48, torch.float64)  # no fp64 grouped_mm
     grouped_linear(x64, weight64, ends)
     assert len(calls) == 3
@@ -111,24 +114,42 @@ def test_grouped_linear_compiles_fullgraph():
         return grouped_linear(a, b, ends).square().sum()
 
     eager, eager_grads = forward_and_grads(fn, x, weight)
-    compiled, compiled_grads = forward_and_grads(torch.compile(fn, fullgraph=True,
-                                                               backend="aot_eager"), x, weight)
+    compiled, compiled_grads = forward_and_grads(
+        torch.compile(fn, fullgraph=True, backend="aot_eager"), x, weight
+    )
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([2, 4])),
-     "must be \\(N, K\\) and \\(G, M, K\\)"),
-    (lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([2, 4])),
-     "ends must be int32 of shape \\(2,\\)"),
-    (lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 6, 8),
-                            torch.tensor([4], dtype=torch.int32)), "got torch.int32 \\(1,\\)"),
-    (lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 6, 8),
-                            torch.tensor([2, 4], dtype=torch.int32), backend="cuda"),
-     "grouped_linear backend='cuda' is not a backend"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([2, 4])),
+            "must be \\(N, K\\) and \\(G, M, K\\)",
+        ),
+        (
+            lambda: grouped_linear(torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([2, 4])),
+            "ends must be int32 of shape \\(2,\\)",
+        ),
+        (
+            lambda: grouped_linear(
+                torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([4], dtype=torch.int32)
+            ),
+            "got torch.int32 \\(1,\\)",
+        ),
+        (
+            lambda: grouped_linear(
+                torch.randn(4, 8),
+                torch.randn(2, 6, 8),
+                torch.tensor([2, 4], dtype=torch.int32),
+                backend="cuda",
+            ),
+            "grouped_linear backend='cuda' is not a backend",
+        ),
+    ],
+)
 def test_grouped_linear_rejects_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -136,18 +157,29 @@ def test_grouped_linear_rejects_bad_input(call, message):
 
 # ---------------------------------------------------------------------------------- moe_experts
 
+
 def make_experts(counts, hidden, inter, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     expert_in = torch.randn(sum(counts), hidden, generator=g).to(dtype).requires_grad_()
 
     def weights(out_features, in_features):
-        return [(torch.randn(out_features, in_features, generator=g) / in_features**0.5)
-                .to(dtype).requires_grad_() for _ in counts]
+        return [
+            (torch.randn(out_features, in_features, generator=g) / in_features**0.5)
+            .to(dtype)
+            .requires_grad_()
+            for _ in counts
+        ]
 
     expert_counts = torch.tensor(counts)
     offsets = F.pad(expert_counts.cumsum(0), (1, 0))
-    return (expert_in, expert_counts, offsets, weights(inter, hidden), weights(inter, hidden),
-            weights(hidden, inter))
+    return (
+        expert_in,
+        expert_counts,
+        offsets,
+        weights(inter, hidden),
+        weights(inter, hidden),
+        weights(hidden, inter),
+    )
 
 
 def swiglu_mask_loop(expert_in, expert_counts, gate, up, down):
@@ -156,8 +188,9 @@ def swiglu_mask_loop(expert_in, expert_counts, gate, up, down):
     out = torch.zeros_like(expert_in)
     for e in range(len(gate)):
         rows = expert_in[expert_of_row == e]
-        out[expert_of_row == e] = F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]),
-                                           down[e])
+        out[expert_of_row == e] = F.linear(
+            F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]
+        )
     return out
 
 
@@ -194,8 +227,11 @@ def test_moe_experts_grouped_under_compile_split_in_eager(monkeypatch):
     inputs = make_experts([3, 4, 0, 5], 32, 16, torch.float32)
     calls = []
     module = importlib.import_module("minimind_fast.ops.moe_experts")  # not the function
-    monkeypatch.setattr(module, "moe_experts_reference",
-                        lambda *args: calls.append(1) or moe_experts_reference(*args))
+    monkeypatch.setattr(
+        module,
+        "moe_experts_reference",
+        lambda *args: calls.append(1) or moe_experts_reference(*args),
+    )
     eager = moe_experts(*inputs)
     assert calls == [1]
     compiled = torch.compile(moe_experts, fullgraph=True, backend="aot_eager")(*inputs)
@@ -209,8 +245,9 @@ def test_moe_experts_autocast_computes_in_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend, op="moe_experts"):
             out = moe_experts(*inputs)
         assert out.dtype == torch.bfloat16, backend
-        torch.testing.assert_close(out.float(), swiglu_mask_loop(inputs[0], inputs[1], *inputs[3:]),
-                                   atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(
+            out.float(), swiglu_mask_loop(inputs[0], inputs[1], *inputs[3:]), atol=3e-2, rtol=3e-2
+        )
 
 
 def test_moe_experts_rejects_mismatched_weights():
@@ -223,15 +260,18 @@ def test_moe_experts_rejects_mismatched_weights():
 
 # ------------------------------------------------------------------------------- permutations
 
+
 def test_gather_pairs_and_permute_rows_gradients():
     k, rows = 2, torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     sorted_pairs = torch.tensor([3, 0, 8, 5, 1, 9, 2, 4, 7, 6])
     pair_positions = torch.argsort(sorted_pairs)
     out = gather_pairs(rows, sorted_pairs, pair_positions, k)
     assert torch.equal(out, rows[sorted_pairs // k])
-    assert torch.autograd.gradcheck(lambda r: gather_pairs(r, sorted_pairs, pair_positions, k),
-                                    (rows,))
+    assert torch.autograd.gradcheck(
+        lambda r: gather_pairs(r, sorted_pairs, pair_positions, k), (rows,)
+    )
     pairs = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
     assert torch.equal(permute_rows(pairs, pair_positions, sorted_pairs), pairs[pair_positions])
-    assert torch.autograd.gradcheck(lambda p: permute_rows(p, pair_positions, sorted_pairs),
-                                    (pairs,))
+    assert torch.autograd.gradcheck(
+        lambda p: permute_rows(p, pair_positions, sorted_pairs), (pairs,)
+    )

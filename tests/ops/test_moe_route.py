@@ -4,6 +4,7 @@ Indices, counts and the permutation must be identical; weights, scores and means
 gradients against the reference's autograd, gradcheck in fp64, opcheck, torch.compile, the
 input checks, and the fallback when the extension is missing.
 """
+
 import importlib
 import importlib.machinery
 import os
@@ -23,8 +24,10 @@ moe_route_module = importlib.import_module("minimind_fast.ops.moe_route")
 
 OP = torch.ops.minimind_fast.moe_route.default
 BACKWARD_OP = torch.ops.minimind_fast.moe_route_backward.default
-needs_extension = pytest.mark.skipif(not moe_route_module.EXTENSION_LOADED,
-                                     reason="the C++ op's checks and kernels need the extension")
+needs_extension = pytest.mark.skipif(
+    not moe_route_module.EXTENSION_LOADED,
+    reason="the C++ op's checks and kernels need the extension",
+)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 FLOAT_OUTPUTS = ("topk_weight", "scores", "prob_mean", "seq_prob_mean")
 
@@ -52,7 +55,8 @@ def make_logits(T, E, pattern, dtype=torch.float32, device="cpu"):
 def assert_routing_equal(got: MoERouting, want: tuple, tol=1e-6):
     for name, a, b in zip(MoERouting._fields, got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, (
-            f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}")
+            f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        )
         if name in FLOAT_OUTPUTS:
             try:
                 torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=tol, equal_nan=True)
@@ -87,8 +91,9 @@ PATTERNS = ["random", "ties", "all_equal", "one_hot", "neg_inf", "signed_zero"]
 def test_forward_matches_reference(case, pattern, device):
     T, E, k, seq_len, scoring, norm = case
     x = make_logits(T, E, pattern, device=device)
-    assert_routing_equal(moe_route(x, k, norm, scoring, seq_len),
-                         moe_route_reference(x, k, norm, scoring, seq_len))
+    assert_routing_equal(
+        moe_route(x, k, norm, scoring, seq_len), moe_route_reference(x, k, norm, scoring, seq_len)
+    )
 
 
 def minimind3_weights(x, k, norm, scoring):
@@ -150,23 +155,29 @@ def test_permutation_invariants():
     experts = r.topk_idx.reshape(-1)[pairs]
     assert bool((experts[1:] >= experts[:-1]).all())
     for e in range(6):  # stable: ascending pair ids inside each expert's run
-        run = pairs[r.expert_offsets[e]:r.expert_offsets[e + 1]]
+        run = pairs[r.expert_offsets[e] : r.expert_offsets[e + 1]]
         assert bool((run[1:] > run[:-1]).all())
-        assert bool((experts[r.expert_offsets[e]:r.expert_offsets[e + 1]] == e).all())
+        assert bool((experts[r.expert_offsets[e] : r.expert_offsets[e + 1]] == e).all())
     assert torch.equal(r.expert_counts, r.seq_expert_counts.sum(0))
     assert int(r.expert_counts.sum()) == 3000 and int(r.expert_offsets[-1]) == 3000
     torch.testing.assert_close(r.prob_mean, r.seq_prob_mean.mean(0), rtol=0, atol=1e-6)
 
 
 def _all_outputs_loss(r, weights):
-    return sum((getattr(r, name) * w).sum()
-               for name, w in zip(FLOAT_OUTPUTS, weights, strict=True))
+    return sum((getattr(r, name) * w).sum() for name, w in zip(FLOAT_OUTPUTS, weights, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 2),
-                                            ("sigmoid", True, 3), ("sigmoid", False, 1),
-                                            ("softmax", True, 1)])
+@pytest.mark.parametrize(
+    "scoring,norm,k",
+    [
+        ("softmax", True, 2),
+        ("softmax", False, 2),
+        ("sigmoid", True, 3),
+        ("sigmoid", False, 1),
+        ("softmax", True, 1),
+    ],
+)
 def test_backward_matches_reference_autograd(scoring, norm, k, device):
     x = make_logits(96, 6, "random", device=device).requires_grad_()
     g = torch.Generator().manual_seed(1)
@@ -178,8 +189,9 @@ def test_backward_matches_reference_autograd(scoring, norm, k, device):
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
     # the written-out backward of the reference (the fallback kernel) agrees too
     r = moe_route(x.detach(), k, norm, scoring, 24)
-    explicit = moe_route_backward_reference(*weights, r.scores, r.topk_idx, norm, scoring, 24,
-                                            x.dtype)
+    explicit = moe_route_backward_reference(
+        *weights, r.scores, r.topk_idx, norm, scoring, 24, x.dtype
+    )
     torch.testing.assert_close(explicit, want, rtol=1e-5, atol=1e-6)
 
 
@@ -195,9 +207,17 @@ def test_backward_accepts_expanded_and_missing_gradients():
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scoring,norm,k", [("softmax", True, 2), ("softmax", False, 3),
-                                            ("sigmoid", True, 2), ("sigmoid", False, 1),
-                                            ("softmax", True, 1), ("sigmoid", True, 1)])
+@pytest.mark.parametrize(
+    "scoring,norm,k",
+    [
+        ("softmax", True, 2),
+        ("softmax", False, 3),
+        ("sigmoid", True, 2),
+        ("sigmoid", False, 1),
+        ("softmax", True, 1),
+        ("sigmoid", True, 1),
+    ],
+)
 def test_gradcheck_fp64(scoring, norm, k):
     x = make_logits(8, 5, "random", dtype=torch.float64).requires_grad_()
 
@@ -208,18 +228,26 @@ def test_gradcheck_fp64(scoring, norm, k):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("args", [
-    (make_logits(40, 4, "random"), 2, True, "softmax", 10),
-    (make_logits(33, 7, "ties", dtype=torch.bfloat16), 3, False, "sigmoid", 0),
-    (make_logits(6, 5, "random", dtype=torch.float64), 1, True, "softmax", 2),
-], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (make_logits(40, 4, "random"), 2, True, "softmax", 10),
+        (make_logits(33, 7, "ties", dtype=torch.bfloat16), 3, False, "sigmoid", 0),
+        (make_logits(6, 5, "random", dtype=torch.float64), 1, True, "softmax", 2),
+    ],
+    ids=["fp32", "bf16", "fp64"],
+)
 def test_opcheck(args):
     x, *rest = args
     torch.library.opcheck(OP, (x.requires_grad_(x.dtype != torch.bfloat16), *rest))
     r = OP(x.detach(), *rest)
     real = r[0].dtype
-    grads = (torch.randn(r[0].shape, dtype=real), torch.randn(r[2].shape, dtype=real), None,
-             torch.randn(r[4].shape, dtype=real))
+    grads = (
+        torch.randn(r[0].shape, dtype=real),
+        torch.randn(r[2].shape, dtype=real),
+        None,
+        torch.randn(r[4].shape, dtype=real),
+    )
     torch.library.opcheck(BACKWARD_OP, (*grads, r[2], r[1], rest[1], rest[2], rest[3], x.dtype))
 
 
@@ -253,33 +281,43 @@ def test_torch_backend_runs_the_reference():
         assert type(moe_route(x, 2, True).topk_weight.grad_fn).__name__ == "DivBackward0"
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: moe_route(torch.randn(8), 1), "must be \\(tokens, experts\\)"),
-    (lambda: moe_route(torch.ones(8, 4, dtype=torch.int32), 1),
-     "dtype torch.int32 is not supported"),
-    (lambda: moe_route(torch.randn(8, 4), 5), "top_k=5 must be in \\[1, 4\\]"),
-    (lambda: moe_route(torch.randn(8, 0), 1), "needs at least one token and one expert"),
-    (lambda: moe_route(torch.randn(8, 4), 1, scoring="relu"), "scoring='relu'"),
-    (lambda: moe_route(torch.randn(8, 4), 1, seq_len=3), "seq_len=3 must divide the 8 tokens"),
-    (lambda: moe_route(torch.randn(8, 4), 1, seq_len=-1), "seq_len=-1 must be >= 0 \\("),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: moe_route(torch.randn(8), 1), "must be \\(tokens, experts\\)"),
+        (
+            lambda: moe_route(torch.ones(8, 4, dtype=torch.int32), 1),
+            "dtype torch.int32 is not supported",
+        ),
+        (lambda: moe_route(torch.randn(8, 4), 5), "top_k=5 must be in \\[1, 4\\]"),
+        (lambda: moe_route(torch.randn(8, 0), 1), "needs at least one token and one expert"),
+        (lambda: moe_route(torch.randn(8, 4), 1, scoring="relu"), "scoring='relu'"),
+        (lambda: moe_route(torch.randn(8, 4), 1, seq_len=3), "seq_len=3 must divide the 8 tokens"),
+        (lambda: moe_route(torch.randn(8, 4), 1, seq_len=-1), "seq_len=-1 must be >= 0 \\("),
+    ],
+)
 def test_wrapper_rejects_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
 
 @needs_extension
-@pytest.mark.parametrize("args,message", [
-    ((torch.randn(8), 1, True), "must be 2-D"),
-    ((torch.ones(8, 4, dtype=torch.int64), 1, True),
-     "must be float32, float64, bfloat16 or float16"),
-    ((torch.randn(8, 4), 5, True), "top_k=5 must be in \\[1, 4\\]"),
-    ((torch.randn(8, 0), 1, True), "0 expert columns"),
-    ((torch.randn(4, 8).t(), 1, True), "must be contiguous"),
-    ((torch.randn(8, 4), 1, True, "relu"), "scoring must be 'softmax' or 'sigmoid'"),
-    ((torch.randn(8, 4), 1, True, "softmax", 3), "does not divide"),
-    ((torch.randn(8, 4), 1, True, "softmax", -1), "seq_len=-1 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((torch.randn(8), 1, True), "must be 2-D"),
+        (
+            (torch.ones(8, 4, dtype=torch.int64), 1, True),
+            "must be float32, float64, bfloat16 or float16",
+        ),
+        ((torch.randn(8, 4), 5, True), "top_k=5 must be in \\[1, 4\\]"),
+        ((torch.randn(8, 0), 1, True), "0 expert columns"),
+        ((torch.randn(4, 8).t(), 1, True), "must be contiguous"),
+        ((torch.randn(8, 4), 1, True, "relu"), "scoring must be 'softmax' or 'sigmoid'"),
+        ((torch.randn(8, 4), 1, True, "softmax", 3), "does not divide"),
+        ((torch.randn(8, 4), 1, True, "softmax", -1), "seq_len=-1 must be >= 0"),
+    ],
+)
 def test_op_rejects_bad_input(args, message):
     with pytest.raises(RuntimeError, match=message):
         OP(*args)
@@ -300,19 +338,33 @@ def test_backward_op_rejects_expert_ids_out_of_range(E, bad_id):
     topk_idx = r.topk_idx.clone()
     topk_idx[17, 1] = bad_id
     with pytest.raises(RuntimeError, match=f"topk_idx holds an expert id outside \\[0, {E}\\)"):
-        BACKWARD_OP(torch.ones(40, 2), None, None, None, r.scores, topk_idx, True, "softmax", 0,
-                    torch.float32)
+        BACKWARD_OP(
+            torch.ones(40, 2),
+            None,
+            None,
+            None,
+            r.scores,
+            topk_idx,
+            True,
+            "softmax",
+            0,
+            torch.float32,
+        )
     # without grad_topk_weight the ids are not read
-    assert BACKWARD_OP(None, torch.ones(40, E), None, None, r.scores, topk_idx, True, "softmax", 0,
-                       torch.float32).shape == (40, E)
+    assert BACKWARD_OP(
+        None, torch.ones(40, E), None, None, r.scores, topk_idx, True, "softmax", 0, torch.float32
+    ).shape == (40, E)
 
 
-@pytest.mark.skipif(os.environ.get(moe_route_module.REQUIRE_EXT_ENV) == "0",
-                    reason=f"{moe_route_module.REQUIRE_EXT_ENV}=0 allows the pure-PyTorch fallback")
+@pytest.mark.skipif(
+    os.environ.get(moe_route_module.REQUIRE_EXT_ENV) == "0",
+    reason=f"{moe_route_module.REQUIRE_EXT_ENV}=0 allows the pure-PyTorch fallback",
+)
 def test_extension_is_built():
     assert moe_route_module.EXTENSION_LOADED, (
         "minimind_fast._C did not load: moe_route runs its slow fallback. Rebuild with "
-        "`pip install --no-build-isolation -e .`, or set MINIMIND_FAST_REQUIRE_EXT=0 to allow it")
+        "`pip install --no-build-isolation -e .`, or set MINIMIND_FAST_REQUIRE_EXT=0 to allow it"
+    )
 
 
 _BLOCK_EXTENSION = textwrap.dedent("""
@@ -355,8 +407,13 @@ _BLOCK_EXTENSION = textwrap.dedent("""
 
 def _run_without_extension(require: str):
     env = dict(os.environ, **{moe_route_module.REQUIRE_EXT_ENV: require})
-    return subprocess.run([sys.executable, "-c", _BLOCK_EXTENSION], capture_output=True, text=True,
-                          env=env, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_EXTENSION],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
 
 
 def test_fallback_warns_once_matches_reference_and_is_differentiable():
@@ -375,23 +432,38 @@ def test_require_ext_turns_fallback_into_error():
 def test_import_problem_says_whether_the_extension_was_built(tmp_path):
     error = ImportError("cannot import name '_C' (most likely due to a circular import)")
     assert moe_route_module._import_problem(error, tmp_path) == (
-        f"it is not built: {tmp_path} holds no _C extension file")
+        f"it is not built: {tmp_path} holds no _C extension file"
+    )
     (tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
     assert moe_route_module._import_problem(ImportError("undefined symbol: foo"), tmp_path) == (
-        "it failed to import: undefined symbol: foo")
+        "it failed to import: undefined symbol: foo"
+    )
 
 
 # MINIMIND_FAST_CPU_ISA caps; above the CPU's best it runs its best
 CPU_ISAS = ["avx512", "avx2", "baseline"]
-CPU_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                                     ids=["fp32", "bf16", "fp16"])
+CPU_DTYPES = pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 
 
 # Every top-k path of the CPU forward: compile-time (E, k) blocks, the bubble (branch-free, and
 # with skips for k in 9..16), (key, id) chains, sorting networks (a padded group, two groups, 8),
 # the per-token partial sort; E below, at and above the block width.
-ISA_CASES = [(4, 1), (4, 2), (8, 1), (8, 2), (10, 3), (12, 6), (12, 10), (16, 4), (16, 8), (64, 1),
-             (64, 8), (40, 20)]
+ISA_CASES = [
+    (4, 1),
+    (4, 2),
+    (8, 1),
+    (8, 2),
+    (10, 3),
+    (12, 6),
+    (12, 10),
+    (16, 4),
+    (16, 8),
+    (64, 1),
+    (64, 8),
+    (40, 20),
+]
 
 
 @needs_extension
@@ -427,13 +499,15 @@ def test_top1_renormalised_on_every_cpu_path(E, isa, dtype, monkeypatch):
         r = moe_route(x, 1, True, scoring, 29)
         want = minimind3_weights(x, 1, True, scoring)
         torch.testing.assert_close(r.topk_weight, want, rtol=1e-6, atol=1e-7)
-        got = BACKWARD_OP(grad_weight, None, None, None, r.scores, r.topk_idx, True, scoring, 29,
-                          torch.float32)
+        got = BACKWARD_OP(
+            grad_weight, None, None, None, r.scores, r.topk_idx, True, scoring, 29, torch.float32
+        )
         if scoring == "softmax":
             assert bool((r.topk_weight == 1.0).all())
             assert float(got.abs().max()) < 1e-6
-        want = moe_route_backward_reference(grad_weight, None, None, None, r.scores, r.topk_idx,
-                                            True, scoring, 29, torch.float32)
+        want = moe_route_backward_reference(
+            grad_weight, None, None, None, r.scores, r.topk_idx, True, scoring, 29, torch.float32
+        )
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -446,8 +520,22 @@ def test_cpu_isa_cap_rejects_unknown_names(monkeypatch):
 @needs_extension
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @CPU_DTYPES
-@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2), (6, 3), (10, 3), (15, 12), (16, 4),
-                                 (37, 5), (64, 8), (256, 3)])
+@pytest.mark.parametrize(
+    "E,k",
+    [
+        (4, 1),
+        (4, 2),
+        (8, 1),
+        (8, 2),
+        (6, 3),
+        (10, 3),
+        (15, 12),
+        (16, 4),
+        (37, 5),
+        (64, 8),
+        (256, 3),
+    ],
+)
 def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
     """Every CPU backward path (compile-time (E, k) blocks, run-time blocks, the per-token path
     for E >= 16 with and without a vector tail) against the written-out reference backward, for
@@ -464,8 +552,9 @@ def test_backward_kernel_paths_match_reference(E, k, dtype, isa, monkeypatch):
             for subset in subsets:
                 given = [grad if i in subset else None for i, grad in enumerate(grads)]
                 got = BACKWARD_OP(*given, r.scores, r.topk_idx, norm, scoring, seq_len, dtype)
-                want = moe_route_backward_reference(*given, r.scores, r.topk_idx, norm, scoring,
-                                                    seq_len, dtype)
+                want = moe_route_backward_reference(
+                    *given, r.scores, r.topk_idx, norm, scoring, seq_len, dtype
+                )
                 tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
                 try:
                     torch.testing.assert_close(got, want, **tol)

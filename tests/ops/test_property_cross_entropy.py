@@ -9,6 +9,7 @@ rows (vocabulary masks) and the logits' memory layout. Documented differences fr
 ignored row's gradient is 0 (F: NaN for an ignored row of only -inf) and an all-ignored mean
 is 0 (F: NaN). Tolerances: tests/ops/property_helpers.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,18 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given
 from hypothesis import strategies as st
-from property_helpers import (BACKENDS, DEVICE, LABEL_SMOOTHING, LAYOUTS, check_close,
-                              dtypes_for, laid_out, rand, randint, randn)
+from property_helpers import (
+    BACKENDS,
+    DEVICE,
+    LABEL_SMOOTHING,
+    LAYOUTS,
+    check_close,
+    dtypes_for,
+    laid_out,
+    rand,
+    randint,
+    randn,
+)
 
 from minimind_fast import ops
 from minimind_fast.kernels.cross_entropy import MAX_SINGLE_BLOCK_V
@@ -32,15 +43,22 @@ def cases(draw, backend: str) -> dict:
     event("looped vocabulary" if vocab > MAX_SINGLE_BLOCK_V else "one-block vocabulary")
     rows = draw(st.integers(1, 9 if vocab <= 300 else 3))
     return dict(
-        vocab=vocab, rows=rows, dtype=draw(dtypes_for(backend)),
+        vocab=vocab,
+        rows=rows,
+        dtype=draw(dtypes_for(backend)),
         reduction=draw(st.sampled_from(("mean", "sum", "none"))),
         ignore_index=draw(st.sampled_from((-100, -1, vocab - 1))),
         ignored=draw(st.lists(st.booleans(), min_size=rows, max_size=rows)),
         label_smoothing=draw(LABEL_SMOOTHING),
         z_loss_scale=draw(st.sampled_from((0.0, 0.0, 1e-3))),
-        masks=draw(st.lists(st.sampled_from(("none", "start", "middle", "end")),
-                            min_size=rows, max_size=rows)),
-        layout=draw(st.sampled_from(LAYOUTS)), seed=draw(st.integers(0, 2**31 - 1)))
+        masks=draw(
+            st.lists(
+                st.sampled_from(("none", "start", "middle", "end")), min_size=rows, max_size=rows
+            )
+        ),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def make_inputs(case: dict):
@@ -51,7 +69,7 @@ def make_inputs(case: dict):
         span = max(vocab // 4, 1)
         starts = {"none": vocab, "start": 0, "middle": (vocab - span) // 2, "end": vocab - span}
         start = starts[mask]
-        logits[row, start:start + span] = -float("inf")
+        logits[row, start : start + span] = -float("inf")
         if not torch.isfinite(logits[row]).any():  # keep one class possible in the row
             logits[row, -1] = 0.0
     targets[torch.tensor(case["ignored"], device=DEVICE)] = case["ignore_index"]
@@ -64,8 +82,13 @@ def truth(logits, targets, upstream, case):
     """(loss, dlogits) from F.cross_entropy in float64, reduced by its documented rule."""
     x = logits.detach().double().requires_grad_()
     valid = targets != case["ignore_index"]
-    loss = F.cross_entropy(x, targets, ignore_index=case["ignore_index"], reduction="none",
-                           label_smoothing=case["label_smoothing"])
+    loss = F.cross_entropy(
+        x,
+        targets,
+        ignore_index=case["ignore_index"],
+        reduction="none",
+        label_smoothing=case["label_smoothing"],
+    )
     if case["z_loss_scale"]:
         lse = torch.logsumexp(torch.where(valid[:, None], x, 0.0), dim=-1)
         loss = loss + torch.where(valid, case["z_loss_scale"] * lse.square(), 0.0)
@@ -84,8 +107,15 @@ def test_cross_entropy_matches_torch(backend, data):
     case = data.draw(cases(backend))
     logits, targets, upstream = make_inputs(case)
     x = logits.detach().requires_grad_()
-    loss = ops.cross_entropy(x, targets, case["ignore_index"], case["reduction"],
-                             case["label_smoothing"], case["z_loss_scale"], backend=backend)
+    loss = ops.cross_entropy(
+        x,
+        targets,
+        case["ignore_index"],
+        case["reduction"],
+        case["label_smoothing"],
+        case["z_loss_scale"],
+        backend=backend,
+    )
     loss.backward(upstream.double())
     expected_loss, expected_grad = truth(logits, targets, upstream, case)
     loss_dtype = torch.float64 if case["dtype"] == torch.float64 else torch.float32

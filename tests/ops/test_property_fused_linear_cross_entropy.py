@@ -9,6 +9,7 @@ The truth runs F.linear in the inputs' dtype (the logits are rounded there, as t
 each chunk) and F.cross_entropy on those logits in float64; dh, dW and db are sums over V or N
 terms, so their atol scales with the terms. Tolerances: tests/ops/property_helpers.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given
 from hypothesis import strategies as st
-from property_helpers import (BACKENDS, DEVICE, LABEL_SMOOTHING, check_close, dtypes_for,
-                              laid_out, rand, randint, randn)
+from property_helpers import (
+    BACKENDS,
+    DEVICE,
+    LABEL_SMOOTHING,
+    check_close,
+    dtypes_for,
+    laid_out,
+    rand,
+    randint,
+    randn,
+)
 
 from minimind_fast import ops
 from minimind_fast.kernels.cross_entropy import MAX_SINGLE_BLOCK_V
@@ -32,7 +42,9 @@ def cases(draw, backend: str) -> dict:
     small = vocab <= 80
     rows = draw(st.integers(1, 24 if small else 2))
     return dict(
-        vocab=vocab, rows=rows, hidden=draw(st.integers(1, 24 if small else 4)),
+        vocab=vocab,
+        rows=rows,
+        hidden=draw(st.integers(1, 24 if small else 4)),
         dtype=draw(dtypes_for(backend)),
         chunk_size=draw(st.one_of(st.none(), st.integers(1, rows + 3))),
         reduction=draw(st.sampled_from(("mean", "sum", "none"))),
@@ -43,7 +55,8 @@ def cases(draw, backend: str) -> dict:
         batched=draw(st.booleans()),
         hidden_layout=draw(st.sampled_from(("contiguous", "transposed", "row_slice"))),
         weight_layout=draw(st.sampled_from(("contiguous", "transposed", "column_step"))),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def make_inputs(case: dict):
@@ -75,8 +88,13 @@ def truth(hidden, weight, bias, targets, upstream, case):
     valid = targets != case["ignore_index"]
     logits = F.linear(h, w, b).double()
     logits.retain_grad()
-    loss = F.cross_entropy(logits, targets, ignore_index=case["ignore_index"], reduction="none",
-                           label_smoothing=case["label_smoothing"])
+    loss = F.cross_entropy(
+        logits,
+        targets,
+        ignore_index=case["ignore_index"],
+        reduction="none",
+        label_smoothing=case["label_smoothing"],
+    )
     if case["reduction"] == "sum":
         loss = loss.sum()
     elif case["reduction"] == "mean":  # F's mean; 0 for an all-ignored batch where F gives NaN
@@ -107,9 +125,16 @@ def test_fused_linear_cross_entropy_matches_torch(backend, data):
     h, w, b = leaves(hidden, weight, bias)
     batch = (1, case["rows"]) if case["batched"] else (case["rows"],)
     loss = ops.fused_linear_cross_entropy(
-        h.view(*batch, case["hidden"]), w, targets.view(batch), case["ignore_index"],
-        case["reduction"], case["label_smoothing"], backend=backend,
-        chunk_size=case["chunk_size"], bias=b)
+        h.view(*batch, case["hidden"]),
+        w,
+        targets.view(batch),
+        case["ignore_index"],
+        case["reduction"],
+        case["label_smoothing"],
+        backend=backend,
+        chunk_size=case["chunk_size"],
+        bias=b,
+    )
     loss = loss.view(-1) if case["reduction"] == "none" else loss
     loss.backward(upstream.to(loss.dtype))
     expected, magnitudes = truth(hidden, weight, bias, targets, upstream, case)
@@ -118,8 +143,9 @@ def test_fused_linear_cross_entropy_matches_torch(backend, data):
     assert loss.dtype == loss_dtype
     check_close(loss, expected[0], dtype, "loss")  # from logits rounded to `dtype`
     grads = (h.grad, w.grad, None if b is None else b.grad)
-    for name, actual, ref, magnitude in zip(("dh", "dW", "db"), grads, expected[1:], magnitudes,
-                                            strict=True):
+    for name, actual, ref, magnitude in zip(
+        ("dh", "dW", "db"), grads, expected[1:], magnitudes, strict=True
+    ):
         if ref is not None:
             assert actual.dtype == dtype, name
             check_close(actual, ref, dtype, name, magnitude)

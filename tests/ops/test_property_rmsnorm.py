@@ -9,6 +9,7 @@ LlamaRMSNorm (normalise in fp32, round to x's dtype, times the weight), cast to 
 output dtype; gradient truth: autograd of F.rms_norm on the same values in float64.
 Tolerances: tests/ops/property_helpers.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,14 +29,16 @@ def cases(draw, backend: str) -> dict:
     dtype = draw(dtypes_for(backend))
     hidden = draw(st.one_of(st.integers(1, 300), st.sampled_from((4096, 16384))))
     return dict(
-        dtype=dtype, hidden=hidden,
+        dtype=dtype,
+        hidden=hidden,
         lead=draw(st.sampled_from(((1,), (3,), (2, 5), (9,)) if hidden <= 300 else ((1,), (2,)))),
         weight_fp32=dtype != torch.float64 and draw(st.booleans()),
         residual_fp32=dtype != torch.float64 and draw(st.booleans()),
         scale=draw(st.sampled_from((1e-3, 1.0, 30.0))),
         eps=draw(st.sampled_from((1e-6, 1e-5, 1e-2))),
         layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def make_x(case: dict, offset: int, dtype: torch.dtype) -> torch.Tensor:
@@ -63,8 +66,14 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
         return norm(x)
 
 
-def check_forward(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  dtype: torch.dtype, name: str) -> None:
+def check_forward(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    name: str,
+) -> None:
     """y against LlamaRMSNorm (which normalises in fp32, float64 inputs too) and against
     F.rms_norm in float64."""
     hf_dtype = torch.float32 if dtype == torch.float64 else dtype
@@ -107,7 +116,8 @@ def test_rms_norm_matches_transformers_and_torch(backend, data):
     assert w_leaf.grad.dtype == weight.dtype
     check_forward(y, x, weight, eps, x.dtype, "y")
     expected_dx, expected_dw = grads_in_float64(
-        lambda a, w: F.rms_norm(a, (case["hidden"],), w, eps), (x, weight), [upstream])
+        lambda a, w: F.rms_norm(a, (case["hidden"],), w, eps), (x, weight), [upstream]
+    )
     dx_size, dw_size = term_sizes(x, weight, upstream, eps)
     check_close(x_leaf.grad, expected_dx, x.dtype, "dx", dx_size)
     check_close(w_leaf.grad, expected_dw, x.dtype, "dweight", dw_size)  # x-dtype products
@@ -123,8 +133,7 @@ def test_add_rms_norm_matches_transformers_and_torch(backend, data):
     leaves = [t.detach().requires_grad_() for t in (x, residual, weight)]
     normed, updated = ops.add_rms_norm(*leaves, eps, backend=backend)
     out_dtype = torch.result_type(x, residual)
-    grads = [randn(*normed.shape, seed=case["seed"] + i).to(out_dtype)
-             for i in (5, 6)]
+    grads = [randn(*normed.shape, seed=case["seed"] + i).to(out_dtype) for i in (5, 6)]
     torch.autograd.backward((normed, updated), grads)
     expected_updated = residual + x  # PyTorch's own add, rounded to the promoted dtype
     assert normed.dtype == updated.dtype == out_dtype
@@ -138,7 +147,8 @@ def test_add_rms_norm_matches_transformers_and_torch(backend, data):
     expected = grads_in_float64(fused, (x, residual, weight), grads)
     dx_size, dw_size = term_sizes(expected_updated, weight, grads[0], eps)
     sizes = (dx_size + grads[1].double().abs(),) * 2 + (dw_size,)
-    for name, leaf, ref, size in zip(("dx", "dresidual", "dweight"), leaves, expected, sizes,
-                                     strict=True):
+    for name, leaf, ref, size in zip(
+        ("dx", "dresidual", "dweight"), leaves, expected, sizes, strict=True
+    ):
         assert leaf.grad.dtype == leaf.dtype, name
         check_close(leaf.grad, ref, case["dtype"], name, size)

@@ -12,6 +12,7 @@ Tolerance table: |actual - reference| <= rtol * |reference| + atol * max|referen
                                     rounds to nearest)
 float64 runs on the reference only (in float64: gradcheck below); the kernel refuses it.
 """
+
 import pytest
 import torch
 from helpers import HAS_CUDA, assert_close
@@ -22,16 +23,27 @@ from minimind_fast.ops import reference
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_SHAPES = [(rows, hidden) for rows in (1, 3, 123) for hidden in (64, 123, 512, 768)] + [(3, 4096), (2, 16384)]
-CUDA_SHAPES = CPU_SHAPES + [(4097, hidden) for hidden in (64, 123, 512, 768, 4096)] + [(123, 4096), (257, 16384)]
+CPU_SHAPES = [(rows, hidden) for rows in (1, 3, 123) for hidden in (64, 123, 512, 768)] + [
+    (3, 4096),
+    (2, 16384),
+]
+CUDA_SHAPES = (
+    CPU_SHAPES
+    + [(4097, hidden) for hidden in (64, 123, 512, 768, 4096)]
+    + [(123, 4096), (257, 16384)]
+)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 EPS = 1e-5
 
 
 def _cases():
-    cases = [pytest.param("cpu", rows, hidden, id=f"cpu-{rows}x{hidden}") for rows, hidden in CPU_SHAPES]
-    cases += [pytest.param("cuda", rows, hidden, id=f"cuda-{rows}x{hidden}", marks=pytest.mark.cuda)
-              for rows, hidden in CUDA_SHAPES]
+    cases = [
+        pytest.param("cpu", rows, hidden, id=f"cpu-{rows}x{hidden}") for rows, hidden in CPU_SHAPES
+    ]
+    cases += [
+        pytest.param("cuda", rows, hidden, id=f"cuda-{rows}x{hidden}", marks=pytest.mark.cuda)
+        for rows, hidden in CUDA_SHAPES
+    ]
     return cases
 
 
@@ -62,8 +74,12 @@ def test_rms_norm_matches_reference(device, rows, hidden, dtype):
     x = torch.randn(rows, hidden, device=device, dtype=dtype) * 3
     weight = (1 + 0.5 * torch.randn(hidden, device=device)).to(dtype)
     dy = torch.randn(rows, hidden, device=device, dtype=dtype)
-    (y,), (dx, dw) = _run(lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,))
-    (y_ref,), (dx_ref, dw_ref) = _run(lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,))
+    (y,), (dx, dw) = _run(
+        lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,)
+    )
+    (y_ref,), (dx_ref, dw_ref) = _run(
+        lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,)
+    )
     assert_matches(y, y_ref, dtype)
     assert_matches(dx, dx_ref, dtype)
     assert_matches(dw, dw_ref, dtype)
@@ -75,8 +91,12 @@ def test_rms_norm_leading_dims_and_fp32_weight_with_bf16_input(device):
     x = torch.randn(2, 5, 96, device=device, dtype=torch.bfloat16)
     weight = 1 + 0.5 * torch.randn(96, device=device)
     dy = torch.randn_like(x)
-    (y,), (dx, dw) = _run(lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,))
-    (y_ref,), (dx_ref, dw_ref) = _run(lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,))
+    (y,), (dx, dw) = _run(
+        lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), (x, weight), (dy,)
+    )
+    (y_ref,), (dx_ref, dw_ref) = _run(
+        lambda a, w: reference.rms_norm(a, w, EPS), (x, weight), (dy,)
+    )
     assert y.dtype == torch.bfloat16 and dw.dtype == torch.float32
     assert_matches(y, y_ref, torch.bfloat16)
     assert_matches(dx, dx_ref, torch.bfloat16)
@@ -85,10 +105,10 @@ def test_rms_norm_leading_dims_and_fp32_weight_with_bf16_input(device):
 
 def _non_contiguous_inputs(device):
     base = torch.randn(7, 4, 80, device=device)
-    yield "transposed", base.transpose(0, 1)                                   # (4, 7, 80), strided rows
-    yield "hidden-sliced", torch.randn(6, 5, 101, device=device)[..., 3:83]    # row stride 101
-    yield "row-expanded", torch.randn(1, 80, device=device).expand(9, 80)      # stride-0 rows
-    yield "row-strided", torch.randn(12, 80, device=device)[::3]               # every third row
+    yield "transposed", base.transpose(0, 1)  # (4, 7, 80), strided rows
+    yield "hidden-sliced", torch.randn(6, 5, 101, device=device)[..., 3:83]  # row stride 101
+    yield "row-expanded", torch.randn(1, 80, device=device).expand(9, 80)  # stride-0 rows
+    yield "row-strided", torch.randn(12, 80, device=device)[::3]  # every third row
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,7 +117,10 @@ def test_rms_norm_non_contiguous_inputs_and_expanded_grad(device):
     for name, x in _non_contiguous_inputs(device):
         weight = weight_base[::2]  # non-contiguous weight too
         results = []
-        for fn in (lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"), lambda a, w: reference.rms_norm(a, w, EPS)):
+        for fn in (
+            lambda a, w: ops.rms_norm(a, w, EPS, backend="triton"),
+            lambda a, w: reference.rms_norm(a, w, EPS),
+        ):
             xl, wl = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
             y = fn(xl, wl)
             (y * 2).sum().backward()  # the upstream gradient is a stride-0 expanded tensor
@@ -107,14 +130,25 @@ def test_rms_norm_non_contiguous_inputs_and_expanded_grad(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("device,rows,hidden", [c for c in _cases() if c.values[2] in (64, 123, 768, 4096)])
+@pytest.mark.parametrize(
+    "device,rows,hidden", [c for c in _cases() if c.values[2] in (64, 123, 768, 4096)]
+)
 def test_add_rms_norm_matches_reference(device, rows, hidden, dtype):
     x = torch.randn(rows, hidden, device=device, dtype=dtype)
     residual = torch.randn(rows, hidden, device=device, dtype=dtype) * 2
     weight = (1 + 0.5 * torch.randn(hidden, device=device)).to(dtype)
-    grads = (torch.randn(rows, hidden, device=device, dtype=dtype), torch.randn(rows, hidden, device=device, dtype=dtype))
-    fused = _run(lambda a, r, w: ops.add_rms_norm(a, r, w, EPS, backend="triton"), (x, residual, weight), grads)
-    expected = _run(lambda a, r, w: reference.add_rms_norm(a, r, w, EPS), (x, residual, weight), grads)
+    grads = (
+        torch.randn(rows, hidden, device=device, dtype=dtype),
+        torch.randn(rows, hidden, device=device, dtype=dtype),
+    )
+    fused = _run(
+        lambda a, r, w: ops.add_rms_norm(a, r, w, EPS, backend="triton"),
+        (x, residual, weight),
+        grads,
+    )
+    expected = _run(
+        lambda a, r, w: reference.add_rms_norm(a, r, w, EPS), (x, residual, weight), grads
+    )
     for actual, ref in zip([*fused[0], *fused[1]], [*expected[0], *expected[1]]):
         assert_matches(actual, ref, dtype)
 
@@ -127,8 +161,10 @@ def test_add_rms_norm_mixed_dtypes_and_unused_residual_output(device):
     residual = torch.randn(3, 7, 123, device=device)
     weight = 1 + 0.5 * torch.randn(123, device=device)
     results = []
-    for fn in (lambda a, r, w: ops.add_rms_norm(a, r, w, EPS, backend="triton"),
-               lambda a, r, w: reference.add_rms_norm(a, r, w, EPS)):
+    for fn in (
+        lambda a, r, w: ops.add_rms_norm(a, r, w, EPS, backend="triton"),
+        lambda a, r, w: reference.add_rms_norm(a, r, w, EPS),
+    ):
         leaves = [_leaf(t) for t in (x, residual, weight)]
         normed, updated = fn(*leaves)
         assert normed.dtype == updated.dtype == torch.float32
@@ -159,8 +195,12 @@ def test_opcheck(device):
     rstd = torch.rand(2, 5, device=device) + 0.5
     torch.library.opcheck(torch.ops.minimind_fast.rms_norm, (x, weight, EPS))
     torch.library.opcheck(torch.ops.minimind_fast.add_rms_norm, (x, residual, weight, EPS))
-    torch.library.opcheck(torch.ops.minimind_fast.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, None))
-    torch.library.opcheck(torch.ops.minimind_fast.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, dy))
+    torch.library.opcheck(
+        torch.ops.minimind_fast.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, None)
+    )
+    torch.library.opcheck(
+        torch.ops.minimind_fast.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, dy)
+    )
 
 
 def _block(x, residual, weight):
@@ -168,15 +208,26 @@ def _block(x, residual, weight):
     return (ops.rms_norm(normed, weight) * updated).sum()
 
 
-@pytest.mark.parametrize("backend,compile_backend,device", [
-    ("triton", "aot_eager", "cpu"),   # traced through the fake impls, runs the interpreted kernels
-    ("torch", "aot_eager", "cpu"),
-    pytest.param("triton", "inductor", "cuda", marks=pytest.mark.cuda),
-    pytest.param("torch", "inductor", "cuda", marks=pytest.mark.cuda),
-])
+@pytest.mark.parametrize(
+    "backend,compile_backend,device",
+    [
+        (
+            "triton",
+            "aot_eager",
+            "cpu",
+        ),  # traced through the fake impls, runs the interpreted kernels
+        ("torch", "aot_eager", "cpu"),
+        pytest.param("triton", "inductor", "cuda", marks=pytest.mark.cuda),
+        pytest.param("torch", "inductor", "cuda", marks=pytest.mark.cuda),
+    ],
+)
 def test_compile_fullgraph(backend, compile_backend, device):
     torch._dynamo.reset()
-    inputs = (torch.randn(2, 3, 64, device=device), torch.randn(2, 3, 64, device=device), torch.randn(64, device=device))
+    inputs = (
+        torch.randn(2, 3, 64, device=device),
+        torch.randn(2, 3, 64, device=device),
+        torch.randn(64, device=device),
+    )
     with ops.use_backend(backend):
         compiled = torch.compile(_block, fullgraph=True, backend=compile_backend)
         loss, grads = _run(compiled, inputs, None)
@@ -190,7 +241,9 @@ def test_compile_fullgraph(backend, compile_backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_matches_reference(device):
     norm = RMSNorm(123).to(device)
-    assert list(norm.state_dict()) == ["weight"] and torch.equal(norm.weight, torch.ones(123, device=device))
+    assert list(norm.state_dict()) == ["weight"] and torch.equal(
+        norm.weight, torch.ones(123, device=device)
+    )
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(2, 3, 123, device=device)
@@ -206,7 +259,9 @@ def test_module_matches_reference(device):
 
 def test_torch_backend_is_the_reference_and_bad_input_raises():
     x, weight = torch.randn(3, 64), torch.randn(64)
-    assert torch.equal(ops.rms_norm(x, weight, backend="torch"), reference.rms_norm(x, weight, 1e-5))
+    assert torch.equal(
+        ops.rms_norm(x, weight, backend="torch"), reference.rms_norm(x, weight, 1e-5)
+    )
     with pytest.raises(ValueError, match="weight shape"):
         ops.rms_norm(x, torch.randn(63), backend="triton")
     with pytest.raises(ValueError, match="residual shape"):
@@ -223,20 +278,27 @@ def test_float64_reference_passes_gradcheck_and_triton_refuses(fused):
     residual = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, dtype=torch.float64, requires_grad=True)
     if fused:
+
         def fn(a, r, w):
             return ops.add_rms_norm(a, r, w, EPS, backend="torch")
+
         inputs = (x, residual, weight)
     else:
+
         def fn(a, w):
             return ops.rms_norm(a, w, EPS, backend="torch")
+
         inputs = (x, weight)
     assert all(out.dtype == torch.float64 for out in (fn(*inputs) if fused else (fn(*inputs),)))
     assert torch.autograd.gradcheck(fn, inputs)
     name = "add_rms_norm" if fused else "rms_norm"
     device = "cuda" if HAS_CUDA else "cpu"  # where the Triton backend runs
     x, residual, weight = (t.detach().to(device) for t in (x, residual, weight))
-    with pytest.raises(ValueError, match=f"^{name}: the Triton kernel takes float32/bfloat16/"
-                                         "float16, but x is torch.float64; use backend='torch'"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{name}: the Triton kernel takes float32/bfloat16/"
+        "float16, but x is torch.float64; use backend='torch'",
+    ):
         if fused:
             ops.add_rms_norm(x, residual, weight, EPS, backend="triton")
         else:

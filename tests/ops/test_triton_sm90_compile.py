@@ -20,6 +20,7 @@ backend or ptxas, or where this compile path does not work at all (a trivial ker
 The Triton counterpart of tests/test_cuda_sources.py (nvcc for csrc/cuda); the specialisation
 follows triton/runtime/jit.py (`JITFunction._pack_args`).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,34 @@ BATCH, SEQ = 16, 512  # rows = B*T of a MiniMind pretraining step
 Q_HEADS, KV_HEADS = 8, 2  # MiniMind2's attention (GQA)
 
 DTYPES = ("fp32", "bf16", "fp16")
-RMS_NORM_OPS = ("rms_norm_forward", "add_rms_norm_forward", "rms_norm_backward",
-                "add_rms_norm_backward")
+RMS_NORM_OPS = (
+    "rms_norm_forward",
+    "add_rms_norm_forward",
+    "rms_norm_backward",
+    "add_rms_norm_backward",
+)
 ROPE_OPS = ("rope_forward", "rope_backward")
 # loss only / loss + dlogits / every option (label smoothing, z-loss, per-row gradient scale)
-CROSS_ENTROPY_FORWARD_OPS = ("cross_entropy_forward_loss", "cross_entropy_forward_grad",
-                             "cross_entropy_forward_all")
+CROSS_ENTROPY_FORWARD_OPS = (
+    "cross_entropy_forward_loss",
+    "cross_entropy_forward_grad",
+    "cross_entropy_forward_all",
+)
 CASES = (
-    [(op, dtype, hidden) for op in RMS_NORM_OPS for dtype in DTYPES for hidden in (512, 768, 4096, 16384)]
+    [
+        (op, dtype, hidden)
+        for op in RMS_NORM_OPS
+        for dtype in DTYPES
+        for hidden in (512, 768, 4096, 16384)
+    ]
     + [(op, dtype, head_dim) for op in ROPE_OPS for dtype in DTYPES for head_dim in (64, 128)]
     # 6400: MiniMind's vocab; 32000: Llama's; 151936: Qwen's, above one block: the looped path
-    + [(op, dtype, vocab) for op in CROSS_ENTROPY_FORWARD_OPS for dtype in DTYPES
-       for vocab in (6400, 32000, 151936)]
+    + [
+        (op, dtype, vocab)
+        for op in CROSS_ENTROPY_FORWARD_OPS
+        for dtype in DTYPES
+        for vocab in (6400, 32000, 151936)
+    ]
     + [("cross_entropy_backward", dtype, vocab) for dtype in DTYPES for vocab in (6400, 32000)]
 )
 KERNEL_MODULES = ("rmsnorm", "rope", "cross_entropy")
@@ -65,6 +82,7 @@ def case_id(case) -> str:
 
 
 # --------------------------------------------------------------------------- child process side
+
 
 def _launch(op: str, dtype_name: str, size: int) -> None:
     """Call the launcher of one case on meta tensors (the kernel globals are recorders by now)."""
@@ -84,8 +102,12 @@ def _launch(op: str, dtype_name: str, size: int) -> None:
             rstd = torch.empty(BATCH, SEQ, dtype=torch.float32, **meta)
             rmsnorm.rms_norm_backward(torch.empty_like(x), x, weight, rstd, dresidual=residual)
     elif op in ROPE_OPS:
-        q = torch.empty(BATCH, SEQ, Q_HEADS * size, dtype=dtype, **meta).view(BATCH, SEQ, Q_HEADS, size)
-        k = torch.empty(BATCH, SEQ, KV_HEADS * size, dtype=dtype, **meta).view(BATCH, SEQ, KV_HEADS, size)
+        q = torch.empty(BATCH, SEQ, Q_HEADS * size, dtype=dtype, **meta).view(
+            BATCH, SEQ, Q_HEADS, size
+        )
+        k = torch.empty(BATCH, SEQ, KV_HEADS * size, dtype=dtype, **meta).view(
+            BATCH, SEQ, KV_HEADS, size
+        )
         cos = torch.empty(SEQ, size, dtype=torch.float32, **meta)
         launcher = rope.rope_forward if op == "rope_forward" else rope.rope_backward
         launcher(q, k, cos, torch.empty_like(cos))
@@ -98,9 +120,16 @@ def _launch(op: str, dtype_name: str, size: int) -> None:
         targets = torch.empty(BATCH * SEQ, dtype=torch.int64, **meta)
         every_option = op == "cross_entropy_forward_all"
         cross_entropy.cross_entropy_forward(
-            logits, targets, -100, 0.1 if every_option else 0.0, 1e-4 if every_option else 0.0,
+            logits,
+            targets,
+            -100,
+            0.1 if every_option else 0.0,
+            1e-4 if every_option else 0.0,
             compute_grad=op != "cross_entropy_forward_loss",
-            row_scale=torch.empty(BATCH * SEQ, dtype=torch.float32, **meta) if every_option else None)
+            row_scale=torch.empty(BATCH * SEQ, dtype=torch.float32, **meta)
+            if every_option
+            else None,
+        )
 
 
 def _record_launches(case):
@@ -147,15 +176,22 @@ def _specialise(kernel, args, kwargs, backend):
     options = {key: value for key, value in kwargs.items() if key not in names}
     unknown = set(options) - set(vars(backend.parse_options(dict(options))))
     if unknown:  # JITFunction.run raises on these too
-        raise KeyError(f"{kernel.__name__}: launch keywords {sorted(unknown)} are neither parameters nor options")
+        raise KeyError(
+            f"{kernel.__name__}: launch keywords {sorted(unknown)} are neither parameters nor options"
+        )
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = bound[param.name] if param.name in bound else param.default
         if param.is_constexpr:
             signature[param.name], constexprs[(index,)] = "constexpr", value
             continue
-        kind, key = native_specialize_impl(backend, value, param.is_const, not param.do_not_specialize,
-                                           not param.do_not_specialize_on_alignment)
+        kind, key = native_specialize_impl(
+            backend,
+            value,
+            param.is_const,
+            not param.do_not_specialize,
+            not param.do_not_specialize_on_alignment,
+        )
         signature[param.name] = kind
         if kind == "constexpr":
             constexprs[(index,)] = value
@@ -168,9 +204,11 @@ def _tool(name: str):
     """Path of a tool bundled with triton's nvidia backend (ptxas, cuobjdump), or None."""
     try:
         from triton import knobs
+
         return getattr(knobs.nvidia, name.replace("-", "_")).path
     except Exception:
         import triton
+
         path = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
         return str(path) if os.access(path, os.X_OK) else None
 
@@ -187,24 +225,41 @@ def _compile(kernel, signature, constexprs, attrs, options, workdir: pathlib.Pat
 
     ptxas_log = io.StringIO()  # TRITON_DUMP_PTXAS_LOG=1 makes triton print `ptxas -v`'s report
     with contextlib.redirect_stdout(ptxas_log):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options=options,
+        )
     ptx, cubin, metadata = compiled.asm["ptx"], compiled.asm["cubin"], compiled.metadata
     target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
-    result = dict(name=metadata.name, num_warps=metadata.num_warps, shared=metadata.shared,
-                  ptx_entries=re.findall(r"\.visible\s+\.entry\s+(\w+)", ptx),
-                  ptx_target=target.group(1) if target else None,
-                  cubin_bytes=len(cubin), cubin_is_elf=cubin[:4] == b"\x7fELF", ptxas_log=ptxas_log.getvalue())
-    for field, pattern in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
-                           ("spill_loads", r"(\d+) bytes spill loads"), ("stack", r"(\d+) bytes stack frame")):
+    result = dict(
+        name=metadata.name,
+        num_warps=metadata.num_warps,
+        shared=metadata.shared,
+        ptx_entries=re.findall(r"\.visible\s+\.entry\s+(\w+)", ptx),
+        ptx_target=target.group(1) if target else None,
+        cubin_bytes=len(cubin),
+        cubin_is_elf=cubin[:4] == b"\x7fELF",
+        ptxas_log=ptxas_log.getvalue(),
+    )
+    for field, pattern in (
+        ("registers", r"Used (\d+) registers"),
+        ("spill_stores", r"(\d+) bytes spill stores"),
+        ("spill_loads", r"(\d+) bytes spill loads"),
+        ("stack", r"(\d+) bytes stack frame"),
+    ):
         found = re.search(pattern, result["ptxas_log"])
-        result[field] = int(found.group(1)) if found else None  # None: no log (a cache hit, an older triton)
+        result[field] = (
+            int(found.group(1)) if found else None
+        )  # None: no log (a cache hit, an older triton)
     cuobjdump = _tool("cuobjdump")
     if cuobjdump:
         path = workdir / f"{metadata.name}.cubin"
         path.write_bytes(cubin)
-        runs = [subprocess.run([cuobjdump, flag, str(path)], capture_output=True, text=True)
-                for flag in ("-lelf", "-res-usage")]  # -lelf names the cubin's arch; -res-usage its functions
+        runs = [
+            subprocess.run([cuobjdump, flag, str(path)], capture_output=True, text=True)
+            for flag in ("-lelf", "-res-usage")
+        ]  # -lelf names the cubin's arch; -res-usage its functions
         result["cuobjdump"] = "".join(run.stdout + run.stderr for run in runs)
         found = re.search(rf"Function {metadata.name}:\s*REG:(\d+)", result["cuobjdump"])
         if result["registers"] is None and found:
@@ -214,7 +269,9 @@ def _compile(kernel, signature, constexprs, attrs, options, workdir: pathlib.Pat
 
 def _worker_main(cases_path: str, out_path: str) -> None:
     """Child process: compile the cases listed in cases_path, write {case_id: result} to out_path."""
-    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the compile worker must run without the interpreter"
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", (
+        "the compile worker must run without the interpreter"
+    )
     import traceback
 
     import triton
@@ -235,6 +292,7 @@ def _worker_main(cases_path: str, out_path: str) -> None:
     try:  # is this compile path there at all? (nvidia backend, ptxas, a trivial kernel compiles)
         from triton.backends import backends
         from triton.backends.nvidia.compiler import CUDABackend
+
         try:  # the specialisation JITFunction.run uses (triton >= 3.5)
             from triton.runtime.jit import native_specialize_impl  # noqa: F401
         except ImportError:
@@ -256,8 +314,11 @@ def _worker_main(cases_path: str, out_path: str) -> None:
             entry["launches"] = len(calls)
             kernel, args, kwargs = calls[0]
             signature, constexprs, attrs, options = _specialise(kernel, args, kwargs, backend)
-            entry.update(kernel=kernel.__name__, options=options,
-                         constexprs={kernel.params[i].name: v for (i,), v in constexprs.items()})
+            entry.update(
+                kernel=kernel.__name__,
+                options=options,
+                constexprs={kernel.params[i].name: v for (i,), v in constexprs.items()},
+            )
             entry.update(_compile(kernel, signature, constexprs, attrs, options, workdir))
         except Exception:  # noqa: BLE001 - the parent fails this case with the traceback
             entry["error"] = traceback.format_exc()
@@ -266,10 +327,14 @@ def _worker_main(cases_path: str, out_path: str) -> None:
         from triton.runtime.jit import JITFunction
 
         import minimind_fast.kernels as kernels_package
+
         for module_name in KERNEL_MODULES:
             module = __import__(f"{kernels_package.__name__}.{module_name}", fromlist=["_"])
-            report["kernels"][module_name] = sorted(name for name, value in vars(module).items()
-                                                    if isinstance(value, JITFunction) and name.endswith("_kernel"))
+            report["kernels"][module_name] = sorted(
+                name
+                for name, value in vars(module).items()
+                if isinstance(value, JITFunction) and name.endswith("_kernel")
+            )
 
         @triton.jit
         def _negative_control_kernel(out_ptr):  # a non-power-of-two arange: no target compiles this
@@ -284,6 +349,7 @@ def _worker_main(cases_path: str, out_path: str) -> None:
 
 # --------------------------------------------------------------------------- pytest side
 
+
 @pytest.fixture(scope="module")
 def sm90(tmp_path_factory):
     """Compile every case in child processes (2 at once); {"cases": {case_id: result}, ...}."""
@@ -291,17 +357,36 @@ def sm90(tmp_path_factory):
     workers = max(1, min(2, os.cpu_count() or 1))
     base = tmp_path_factory.mktemp("triton_sm90")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    (base / "tmp").mkdir()  # TMPDIR: triton's ptxas temporaries (left behind when ptxas fails) stay in here
-    env.update(TRITON_CACHE_DIR=str(base / "cache"), TRITON_HOME=str(base), TRITON_DUMP_PTXAS_LOG="1",
-               TMPDIR=str(base / "tmp"))
+    (
+        base / "tmp"
+    ).mkdir()  # TMPDIR: triton's ptxas temporaries (left behind when ptxas fails) stay in here
+    env.update(
+        TRITON_CACHE_DIR=str(base / "cache"),
+        TRITON_HOME=str(base),
+        TRITON_DUMP_PTXAS_LOG="1",
+        TMPDIR=str(base / "tmp"),
+    )
     running = []
     for index in range(workers):
         workdir = base / f"worker{index}"
         workdir.mkdir()
-        (workdir / "cases.json").write_text(json.dumps({"cases": CASES[index::workers], "inventory": index == 0}))
+        (workdir / "cases.json").write_text(
+            json.dumps({"cases": CASES[index::workers], "inventory": index == 0})
+        )
         command = [sys.executable, __file__, str(workdir / "cases.json"), str(workdir / "out.json")]
-        running.append((workdir, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True)))
+        running.append(
+            (
+                workdir,
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+            )
+        )
     finished = []
     for workdir, process in running:
         try:
@@ -315,7 +400,8 @@ def sm90(tmp_path_factory):
     for workdir, process, log in finished:
         out = workdir / "out.json"
         assert process.returncode == 0 and out.exists(), (
-            f"sm_90 compile worker died (exit {process.returncode}):\n{log[-4000:]}")
+            f"sm_90 compile worker died (exit {process.returncode}):\n{log[-4000:]}"
+        )
         report = json.loads(out.read_text())
         if report["unavailable"]:
             pytest.skip(f"ahead-of-time compile for sm_90 unavailable: {report['unavailable']}")
@@ -330,19 +416,31 @@ def test_kernel_compiles_for_sm90(sm90, case):
     result = sm90["cases"][case_id(case)]
     assert "error" not in result, f"{case_id(case)} does not compile for sm_90:\n{result['error']}"
     name = result["kernel"]
-    context = f"{case_id(case)}: {name} constexprs={result['constexprs']} options={result['options']}"
+    context = (
+        f"{case_id(case)}: {name} constexprs={result['constexprs']} options={result['options']}"
+    )
     assert result["launches"] == 1, context
     assert result["name"] == name and result["ptx_entries"] == [name], context
-    assert result["ptx_target"] in ("sm_90", "sm_90a"), f"{context}: PTX targets {result['ptx_target']}"
+    assert result["ptx_target"] in ("sm_90", "sm_90a"), (
+        f"{context}: PTX targets {result['ptx_target']}"
+    )
     assert result["cubin_is_elf"] and result["cubin_bytes"] > 0, context
-    if "cuobjdump" in result:  # an independent reader of the cubin finds the kernel, built for sm_90
-        assert f"Function {name}:" in result["cuobjdump"] and "sm_90" in result["cuobjdump"], result["cuobjdump"]
+    if (
+        "cuobjdump" in result
+    ):  # an independent reader of the cubin finds the kernel, built for sm_90
+        assert f"Function {name}:" in result["cuobjdump"] and "sm_90" in result["cuobjdump"], (
+            result["cuobjdump"]
+        )
     # fits one block of an sm_90 SM (otherwise the launch, not the compile, fails on the GPU)
     threads = result["num_warps"] * 32
     assert threads <= SM90_MAX_THREADS, f"{context}: {threads} threads"
-    assert result["shared"] <= SM90_MAX_SHARED, f"{context}: {result['shared']} bytes of shared memory"
+    assert result["shared"] <= SM90_MAX_SHARED, (
+        f"{context}: {result['shared']} bytes of shared memory"
+    )
     if result["registers"] is not None:
-        assert result["registers"] * threads <= SM90_REGISTERS_PER_SM, f"{context}:\n{result['ptxas_log']}"
+        assert result["registers"] * threads <= SM90_REGISTERS_PER_SM, (
+            f"{context}:\n{result['ptxas_log']}"
+        )
 
 
 def test_every_kernel_has_a_case(sm90):
@@ -358,7 +456,9 @@ def test_every_kernel_has_a_case(sm90):
 def test_compile_errors_are_caught(sm90):
     """The harness reports a kernel that does not compile (so the cases above can fail)."""
     assert sm90["negative_control"] is not None, "a kernel with tl.arange(0, 3) compiled"
-    assert "power of 2" in sm90["negative_control"] or "arange" in sm90["negative_control"], sm90["negative_control"]
+    assert "power of 2" in sm90["negative_control"] or "arange" in sm90["negative_control"], sm90[
+        "negative_control"
+    ]
 
 
 if __name__ == "__main__":
