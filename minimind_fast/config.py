@@ -61,7 +61,8 @@ class MiniMindConfig:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; pick a head count that divides it (or set head_dim)"
+                    f"{self.num_attention_heads}; pick a head count that divides it "
+                    "(or set head_dim)"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None and self.hidden_size > 0:
@@ -69,11 +70,6 @@ class MiniMindConfig:
         self.validate()
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-
         for name in (
             "vocab_size",
             "hidden_size",
@@ -84,11 +80,12 @@ class MiniMindConfig:
             "intermediate_size",
             "max_position_embeddings",
         ):
-            positive(name)
+            self._require_positive(name)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads}; pick KV heads that divide the query heads"
+                f"num_key_value_heads={self.num_key_value_heads}; "
+                "pick KV heads that divide the query heads"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
@@ -105,21 +102,27 @@ class MiniMindConfig:
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"{name}={token} is outside the vocabulary [0, {self.vocab_size})")
         if self.use_moe:
-            positive("n_routed_experts")
-            positive("num_experts_per_tok")
-            if self.num_experts_per_tok > self.n_routed_experts:
-                raise ValueError(
-                    f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts="
-                    f"{self.n_routed_experts}; route each token to at most that many experts"
-                )
-            if self.n_shared_experts < 0:
-                raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
-            if self.scoring_func not in ("softmax", "sigmoid"):
-                raise ValueError(
-                    f"scoring_func={self.scoring_func!r} must be 'softmax' or 'sigmoid'"
-                )
-            if self.aux_loss_alpha < 0:
-                raise ValueError(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
+            self._validate_moe()
+
+    def _require_positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+    def _validate_moe(self) -> None:
+        self._require_positive("n_routed_experts")
+        self._require_positive("num_experts_per_tok")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts="
+                f"{self.n_routed_experts}; route each token to at most that many experts"
+            )
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func={self.scoring_func!r} must be 'softmax' or 'sigmoid'")
+        if self.aux_loss_alpha < 0:
+            raise ValueError(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import NoReturn, Optional, Union
 
 import torch
 
@@ -242,57 +242,8 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         raise ValueError(
             f"model_type={model_type!r} is not importable; supported: {', '.join(HF_ARCHITECTURES)}"
         )
-
-    def refuse(field: str, why: str):
-        raise ValueError(f"cannot import {model_type} config: {field}={hf.get(field)!r} {why}")
-
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "is not supported; MiniMind uses silu")
-    for field in ("attention_bias", "mlp_bias", "use_sliding_window"):
-        if hf.get(field):
-            refuse(field, "has no MiniMind counterpart")
-    if model_type == "mixtral" and hf.get("sliding_window") is not None:
-        refuse("sliding_window", "has no MiniMind counterpart (full attention only)")
-    if model_type == "qwen2_moe" and not hf.get("qkv_bias", True):
-        refuse("qkv_bias", "is not what export_hf writes (zero biases with qkv_bias=True)")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        refuse("partial_rotary_factor", "is not supported; MiniMind rotates the whole head")
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        refuse(
-            "mlp_only_layers",
-            "(or decoder_sparse_step) mixes dense and MoE layers; MiniMind does not",
-        )
-
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    rope_scaling = None
-    if rope_type == "yarn":
-        if not rope.get("truncate", True):
-            refuse("rope_parameters", "uses YaRN with truncate=False; MiniMind truncates")
-        factor = float(rope["factor"])
-        attention_factor = rope.get("attention_factor")
-        if attention_factor is None:
-            if rope.get("mscale") and rope.get("mscale_all_dim"):
-                refuse(
-                    "rope_parameters",
-                    "derives attention_factor from mscale; MiniMind needs it explicit",
-                )
-            attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0  # HF's default
-        original = int(rope["original_max_position_embeddings"])
-        rope_scaling = {
-            "type": "yarn",
-            "factor": factor,
-            "original_max_position_embeddings": original,
-            "beta_fast": float(rope.get("beta_fast") or 32.0),
-            "beta_slow": float(rope.get("beta_slow") or 1.0),
-            "attention_factor": float(attention_factor),
-        }
-    elif rope_type != "default":
-        refuse(
-            "rope_parameters",
-            f"uses rope_type {rope_type!r}; MiniMind has plain RoPE and YaRN only",
-        )
+    _check_importable(hf, model_type)
+    theta, rope_scaling = _import_rope(hf, model_type)
 
     eos = hf.get("eos_token_id", 2)
     values = dict(
@@ -318,29 +269,7 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
     )
     if model_type in ("qwen3_moe", "qwen2_moe", "mixtral"):
-        top_k = hf.get("num_experts_per_tok", 2)
-        normalised = True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False))
-        n_shared = 0
-        if model_type == "qwen2_moe":
-            shared = hf.get("shared_expert_intermediate_size", 0)
-            if shared % values["intermediate_size"]:
-                refuse(
-                    "shared_expert_intermediate_size",
-                    "is not a multiple of "
-                    f"moe_intermediate_size={values['intermediate_size']}, so it is not a set "
-                    "of MiniMind shared experts",
-                )
-            n_shared = shared // values["intermediate_size"]
-        experts = hf.get("num_experts") or hf.get("num_local_experts")
-        values.update(
-            use_moe=True,
-            n_routed_experts=experts,
-            num_experts_per_tok=top_k,
-            n_shared_experts=n_shared,
-            scoring_func="softmax",
-            norm_topk_prob=normalised,
-            aux_loss_alpha=float(hf.get("router_aux_loss_coef", 0.01)),
-        )
+        values.update(_import_moe(hf, model_type, values["intermediate_size"]))
     config = MiniMindConfig(**values)
     if rope_scaling is not None:  # the export rules backwards: HF's YaRN must be MiniMind's
         try:
@@ -348,13 +277,122 @@ def from_hf_config(hf: dict) -> MiniMindConfig:
         except ValueError as error:
             raise ValueError(f"cannot import {model_type} config: {error}") from None
         if (back["factor"] if back else 1.0) != rope_scaling["factor"]:
-            refuse(
+            _refuse(
+                hf,
+                model_type,
                 "rope_parameters",
                 f"uses YaRN factor {rope_scaling['factor']} with "
                 f"max_position_embeddings={config.max_position_embeddings}, which MiniMind's "
                 "YaRN does not reproduce",
             )
     return config
+
+
+def _refuse(hf: dict, model_type: str, field: str, why: str) -> NoReturn:
+    raise ValueError(f"cannot import {model_type} config: {field}={hf.get(field)!r} {why}")
+
+
+def _check_importable(hf: dict, model_type: str) -> None:
+    """Refuse the HF options that MiniMind's model has no counterpart for."""
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(hf, model_type, "hidden_act", "is not supported; MiniMind uses silu")
+    for field in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(field):
+            _refuse(hf, model_type, field, "has no MiniMind counterpart")
+    if model_type == "mixtral" and hf.get("sliding_window") is not None:
+        _refuse(
+            hf, model_type, "sliding_window", "has no MiniMind counterpart (full attention only)"
+        )
+    if model_type == "qwen2_moe" and not hf.get("qkv_bias", True):
+        _refuse(
+            hf,
+            model_type,
+            "qkv_bias",
+            "is not what export_hf writes (zero biases with qkv_bias=True)",
+        )
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(
+            hf,
+            model_type,
+            "partial_rotary_factor",
+            "is not supported; MiniMind rotates the whole head",
+        )
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        _refuse(
+            hf,
+            model_type,
+            "mlp_only_layers",
+            "(or decoder_sparse_step) mixes dense and MoE layers; MiniMind does not",
+        )
+
+
+def _import_rope(hf: dict, model_type: str) -> tuple[float, Optional[dict]]:
+    """(rope_theta, MiniMind's rope_scaling) from the 4.x or 5.x keys: plain RoPE or YaRN."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "yarn":
+        _refuse(
+            hf,
+            model_type,
+            "rope_parameters",
+            f"uses rope_type {rope_type!r}; MiniMind has plain RoPE and YaRN only",
+        )
+    if not rope.get("truncate", True):
+        _refuse(
+            hf, model_type, "rope_parameters", "uses YaRN with truncate=False; MiniMind truncates"
+        )
+    factor = float(rope["factor"])
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            _refuse(
+                hf,
+                model_type,
+                "rope_parameters",
+                "derives attention_factor from mscale; MiniMind needs it explicit",
+            )
+        attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0  # HF's default
+    original = int(rope["original_max_position_embeddings"])
+    return theta, {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": float(rope.get("beta_fast") or 32.0),
+        "beta_slow": float(rope.get("beta_slow") or 1.0),
+        "attention_factor": float(attention_factor),
+    }
+
+
+def _import_moe(hf: dict, model_type: str, intermediate_size: int) -> dict:
+    """MiniMind's MoE fields of a Qwen3-MoE, Qwen2-MoE or Mixtral config."""
+    top_k = hf.get("num_experts_per_tok", 2)
+    normalised = True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False))
+    n_shared = 0
+    if model_type == "qwen2_moe":
+        shared = hf.get("shared_expert_intermediate_size", 0)
+        if shared % intermediate_size:
+            _refuse(
+                hf,
+                model_type,
+                "shared_expert_intermediate_size",
+                "is not a multiple of "
+                f"moe_intermediate_size={intermediate_size}, so it is not a set "
+                "of MiniMind shared experts",
+            )
+        n_shared = shared // intermediate_size
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    return dict(
+        use_moe=True,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        n_shared_experts=n_shared,
+        scoring_func="softmax",
+        norm_topk_prob=normalised,
+        aux_loss_alpha=float(hf.get("router_aux_loss_coef", 0.01)),
+    )
 
 
 def read_config(path: PathLike) -> MiniMindConfig:

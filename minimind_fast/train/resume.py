@@ -164,8 +164,21 @@ def check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, source: str) -
             source,
             f"optimizer has {len(saved['param_groups'])} parameter groups, this run {len(groups)}",
         )
+    parameters = _saved_parameters(saved["param_groups"], groups, source)
+    for key, entry in saved["state"].items():
+        if key not in parameters or not isinstance(entry, dict):
+            raise _fail(source, f"optimizer state for parameter {key!r} matches no parameter")
+        for name, value in entry.items():
+            _check_state_entry(
+                f"optimizer.state[{key}].{name}", name, value, parameters[key], source
+            )
+
+
+def _saved_parameters(saved_groups: list, groups: list, source: str) -> dict:
+    """Map each saved parameter id to this run's parameter, group by group, checking each saved
+    group's size and hyperparameters."""
     parameters = {}
-    for index, (saved_group, group) in enumerate(zip(saved["param_groups"], groups)):
+    for index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
         ids = saved_group.get("params") if isinstance(saved_group, dict) else None
         if not isinstance(ids, list) or len(ids) != len(group["params"]):
             raise _fail(
@@ -179,26 +192,28 @@ def check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, source: str) -
                     source, f"optimizer param group {index} has {name}={saved_group[name]!r}"
                 )
         parameters.update(zip(ids, group["params"]))
-    for key, entry in saved["state"].items():
-        if key not in parameters or not isinstance(entry, dict):
-            raise _fail(source, f"optimizer state for parameter {key!r} matches no parameter")
-        parameter = parameters[key]
-        for name, value in entry.items():
-            where = f"optimizer.state[{key}].{name}"
-            if not isinstance(value, torch.Tensor):
-                if name != "step" or not _numbers(value):
-                    raise _fail(source, f"{where} is {type(value).__name__}, not a tensor")
-            elif name == "step":
-                if value.numel() != 1 or not bool(torch.isfinite(value).all()) or value.item() < 0:
-                    raise _fail(source, f"{where} is not one finite count")
-            elif name not in _ADAM_TENSORS:
-                raise _fail(source, f"{where} is not an AdamW state")
-            elif tuple(value.shape) != tuple(parameter.shape) or not value.is_floating_point():
-                raise _fail(
-                    source,
-                    f"{where} has shape {tuple(value.shape)} ({value.dtype}) but the parameter is "
-                    f"{tuple(parameter.shape)}",
-                )
+    return parameters
+
+
+def _check_state_entry(
+    where: str, name: str, value: Any, parameter: torch.Tensor, source: str
+) -> None:
+    """One entry of a parameter's saved AdamW state: a finite `step` count, or a floating moment
+    of the parameter's shape."""
+    if not isinstance(value, torch.Tensor):
+        if name != "step" or not _numbers(value):
+            raise _fail(source, f"{where} is {type(value).__name__}, not a tensor")
+    elif name == "step":
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()) or value.item() < 0:
+            raise _fail(source, f"{where} is not one finite count")
+    elif name not in _ADAM_TENSORS:
+        raise _fail(source, f"{where} is not an AdamW state")
+    elif tuple(value.shape) != tuple(parameter.shape) or not value.is_floating_point():
+        raise _fail(
+            source,
+            f"{where} has shape {tuple(value.shape)} ({value.dtype}) but the parameter is "
+            f"{tuple(parameter.shape)}",
+        )
 
 
 def _numbers(value) -> bool:
