@@ -114,7 +114,8 @@ class ResumableSampler(Sampler[int]):
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of {"input_ids": (T,), "labels": (T,)} into {"input_ids": (B, T), "labels": (B, T)}."""
+    """Stack a list of {"input_ids": (T,), "labels": (T,)} into
+    {"input_ids": (B, T), "labels": (B, T)}."""
     return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
@@ -125,7 +126,8 @@ def make_dataloader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader over `sampler` with `collate`; keeps the trailing partial batch (drop_last=False)."""
+    """DataLoader over `sampler` with `collate`; keeps the trailing partial batch
+    (drop_last=False)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     num_workers = _non_negative_int("num_workers", num_workers)

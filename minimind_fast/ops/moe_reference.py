@@ -6,10 +6,10 @@ Written for clarity, not speed.
   (model/model_minimind.py): softmax (or sigmoid) scores, top-k, renormalisation
   `w / (sum(w) + 1e-20)` whenever `norm_topk_prob`, top-1 included (MiniMind-3's and Qwen3-MoE's
   rule; MiniMind2 skipped it at top-1, which is norm_topk_prob=False here), and the statistics
-  its aux losses use (it argsorts where the op counts). Expert order: by logit, descending, stable (ties
-  -> lower expert id, NaN first, as torch.sort). Softmax and sigmoid are monotone, so this is the
-  top-k of the scores; ranking the logits keeps the choice exact on every device whatever exp()
-  rounds to.
+  its aux losses use (it argsorts where the op counts). Expert order: by logit, descending, stable
+  (ties -> lower expert id, NaN first, as torch.sort). Softmax and sigmoid are monotone, so this is
+  the top-k of the scores; ranking the logits keeps the choice exact on every device whatever
+  exp() rounds to.
 - `grouped_linear_reference`: one F.linear per contiguous row group.
 - `moe_experts_reference`: each SwiGLU expert on its slice of the rows (the split loop).
 

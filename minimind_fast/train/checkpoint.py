@@ -52,7 +52,8 @@ from .resume import FORMAT_VERSION
 
 
 class CheckpointError(RuntimeError):
-    """Writing to the run directory failed (disk full, permissions); the previous checkpoint is intact."""
+    """Writing to the run directory failed (disk full, permissions); the previous checkpoint is
+    intact."""
 
 
 def new_run_id() -> str:
@@ -117,8 +118,8 @@ def sweep_run_dir_debris(run_dir) -> None:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint directory, hiding it with a rename first, so a crash mid-delete never leaves a half checkpoint
-    that still looks like one."""
+    """Delete a checkpoint directory, hiding it with a rename first, so a crash mid-delete never
+    leaves a half checkpoint that still looks like one."""
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:6]}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -185,8 +186,8 @@ def save_checkpoint(
     except OSError as error:
         raise CheckpointError(
             f"saving checkpoint step {step} to {final} failed: "
-            f"{describe_write_error(error, root)}; the earlier checkpoints are intact. Free disk space "
-            "(or fix the cause), then continue with --from_resume 1"
+            f"{describe_write_error(error, root)}; the earlier checkpoints are intact. "
+            "Free disk space (or fix the cause), then continue with --from_resume 1"
         ) from error
     finally:
         if tmp is not None:

@@ -44,9 +44,9 @@ def check_tokenizer(tokenizer_dir: Path, checkpoint_dir: Optional[Path]) -> None
     current = tokenizer_file(tokenizer_dir)
     if saved is not None and saved.is_file() and saved.read_bytes() != current.read_bytes():
         raise ValueError(
-            f"the tokenizer {current} is not the one {checkpoint_dir} was trained with, so token ids "
-            f"would change meaning; pass --tokenizer_path {checkpoint_dir} (its copy), or start a new "
-            "run in another --save_dir"
+            f"the tokenizer {current} is not the one {checkpoint_dir} was trained with, "
+            f"so token ids would change meaning; pass --tokenizer_path {checkpoint_dir} "
+            "(its copy), or start a new run in another --save_dir"
         )
 
 
@@ -80,8 +80,9 @@ def build_data(args, config, context, resumed_from: Optional[Path] = None) -> Tr
     tokenizer_dir = tokenizer_file(tokenizer_dir).parent
     if cache.vocab_size > config.vocab_size:
         raise ValueError(
-            f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's vocab_size "
-            f"is {config.vocab_size}; pass --vocab_size {cache.vocab_size} or a smaller tokenizer"
+            f"the tokenizer in {tokenizer_dir} has {cache.vocab_size} tokens but the model's "
+            f"vocab_size is {config.vocab_size}; pass --vocab_size {cache.vocab_size} "
+            "or a smaller tokenizer"
         )
     train_ids, val_ids = split_documents(cache, args.val_fraction, args.seed)
     dataset_class = PackedDataset if args.packing else PaddedDataset

@@ -80,7 +80,8 @@ def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_name: Optional[str] = None, timeout_s: float = 1800.0) -> DistContext:
-    """Read torchrun's environment, pick the device, and init the process group when WORLD_SIZE > 1."""
+    """Read torchrun's environment, pick the device, and init the process group when
+    WORLD_SIZE > 1."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     device = resolve_device(device_name, local_rank)
@@ -171,7 +172,8 @@ def main_rank_first(context: DistContext) -> Iterator[None]:
 
 
 def all_reduce(values: torch.Tensor, context: DistContext, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce ('sum' or 'max') of a tensor on the training device; no-op on one rank."""
+    """In-place all-reduce ('sum' or 'max') of a tensor on the training device; no-op on one
+    rank."""
     if context.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return values

@@ -79,7 +79,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_record(record: dict[str, Any], total_steps: int, show_aux: bool = False) -> str:
-    """One log line: `epoch 1 step 50/205 | loss 5.1234 | lr 2.95e-03 | grad 0.812 | 7.1k tok/s ...`."""
+    """One log line:
+    `epoch 1 step 50/205 | loss 5.1234 | lr 2.95e-03 | grad 0.812 | 7.1k tok/s ...`."""
     parts = [
         f"epoch {record['epoch']} step {record['step']}/{total_steps}",
         f"loss {record['loss']:.4f}" + (f" aux {record['aux_loss']:.4f}" if show_aux else ""),

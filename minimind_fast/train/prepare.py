@@ -36,8 +36,8 @@ def open_run_dir(args, context, log=print) -> tuple[RunDirectory, list[Path]]:
             stale = run_dir.lock()
             if stale:
                 log(
-                    f"note: {run_dir.path} was locked by a run that did not exit cleanly (pid {stale.get('pid')} "
-                    f"on {stale.get('host')}); taking it over"
+                    f"note: {run_dir.path} was locked by a run that did not exit cleanly "
+                    f"(pid {stale.get('pid')} on {stale.get('host')}); taking it over"
                 )
             fresh = run_dir.choose_start(args.from_resume) is None
             if fresh and args.from_resume == "auto":
@@ -103,7 +103,8 @@ def _same_model(a: MiniMindConfig, b: MiniMindConfig) -> bool:
 def model_config(
     args, saved: Optional[dict], base: Optional[MiniMindConfig] = None
 ) -> MiniMindConfig:
-    """The resumed model's config; else --from_weight's (`base`); else the preset's with the flags."""
+    """The resumed model's config; else --from_weight's (`base`); else the preset's with the
+    flags."""
     if saved is not None:
         return MiniMindConfig.from_dict(saved["config"])
     if base is not None:
@@ -120,7 +121,8 @@ def model_config(
     if args.max_seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--max_seq_len {args.max_seq_len} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}; use --max_seq_len <= {config.max_position_embeddings}"
+            f"{config.max_position_embeddings}; "
+            f"use --max_seq_len <= {config.max_position_embeddings}"
         )
     return config
 
@@ -144,7 +146,8 @@ def resolve_from_weight(args, config) -> Path:
 def initial_weights(
     model: nn.Module, args, config, saved: Optional[dict], source, log=print
 ) -> None:
-    """Load the resumed weights, or --from_weight's (validate_state_dict refuses non-finite ones)."""
+    """Load the resumed weights, or --from_weight's (validate_state_dict refuses non-finite
+    ones)."""
     if saved is not None:
         weights, origin = validate_state_dict(saved["model"], config, source=str(source)), source
     elif args.from_weight.lower() != "none":
@@ -159,7 +162,8 @@ def initial_weights(
         ]
         if differ:
             log(
-                f"warning: {origin} was configured with {', '.join(differ)}; this run uses its own values"
+                f"warning: {origin} was configured with {', '.join(differ)}; "
+                "this run uses its own values"
             )
     else:
         return
@@ -185,9 +189,9 @@ def train_state(args, data, saved: Optional[dict], source, context, log=print) -
     state = TrainState.from_state_dict(saved["train_state"], str(source))
     if state.data_digest and state.data_digest != data.data_digest:
         raise ValueError(
-            f"{data.data_path} changed since {source} was saved (its content differs), so the saved "
-            "position would point into other data; restore the file, or start a new run (another "
-            "--save_dir) with --from_weight to continue these weights on the new data"
+            f"{data.data_path} changed since {source} was saved (its content differs), "
+            "so the saved position would point into other data; restore the file, or start a new "
+            "run (another --save_dir) with --from_weight to continue these weights on the new data"
         )
     if state.num_samples != data.num_samples:
         raise ValueError(
@@ -196,13 +200,14 @@ def train_state(args, data, saved: Optional[dict], source, context, log=print) -
         )
     state.data_digest = data.data_digest
     log(
-        f"resumed {source} at step {state.step} (epoch {state.epoch + 1}, {state.consumed} of {state.num_samples} "
-        "samples into it)"
+        f"resumed {source} at step {state.step} (epoch {state.epoch + 1}, "
+        f"{state.consumed} of {state.num_samples} samples into it)"
     )
     if saved["world_size"] != context.world_size:
         log(
-            f"warning: world size changed {saved['world_size']} -> {context.world_size}: continuing from the same "
-            f"{state.consumed} consumed samples; this run is not bit-identical to an uninterrupted one"
+            f"warning: world size changed {saved['world_size']} -> {context.world_size}: "
+            f"continuing from the same {state.consumed} consumed samples; "
+            "this run is not bit-identical to an uninterrupted one"
         )
     return state
 
@@ -225,8 +230,9 @@ def schedule(state: TrainState, args, world_size: int, resumed: bool, log=print)
         old = step_learning_rate(args, before, args.accumulation_steps, world_size)
         new = step_learning_rate(args, state, args.accumulation_steps, world_size)
         log(
-            f"note: the schedule now runs {total} steps with {warmup} warmup (was {before.total_steps}, "
-            f"{before.warmup_steps}): the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}"
+            f"note: the schedule now runs {total} steps with {warmup} warmup "
+            f"(was {before.total_steps}, {before.warmup_steps}): "
+            f"the learning rate of step {state.step + 1} moves {old:.3g} -> {new:.3g}"
         )
     state.total_steps, state.warmup_steps = total, warmup
     if resumed and state.step >= total:

@@ -235,9 +235,9 @@ class RunDirectory:
             )
         if existing and not list_checkpoints(self.path, healthy_only=False):
             raise RunDirError(
-                f"{self.flag} {self.path} already holds an earlier run with no checkpoint to resume "
-                f"({existing}); delete those files or start in another directory (nothing was "
-                "changed)"
+                f"{self.flag} {self.path} already holds an earlier run with no checkpoint to "
+                f"resume ({existing}); delete those files or start in another directory (nothing "
+                "was changed)"
             )
         if existing:
             raise RunDirError(
@@ -252,8 +252,8 @@ class RunDirectory:
         overwrite a weights file that is not its own."""
         if fresh and (self.path / mirror_name).exists():
             raise RunDirError(
-                f"{self.flag} {self.path} already has {mirror_name}, which this run would overwrite; "
-                "pick another directory or another --save_weight"
+                f"{self.flag} {self.path} already has {mirror_name}, which this run would "
+                "overwrite; pick another directory or another --save_weight"
             )
         self.run_id, self.mirror_name = run_id, mirror_name
         write_json_atomic(self.path / RUN_FILE, {"run_id": run_id, "mirror": mirror_name})
@@ -272,8 +272,9 @@ class RunDirectory:
                 copy_file_atomic(Path(saved) / self.mirror_name, target)
             except OSError as error:
                 raise checkpoint.CheckpointError(
-                    f"checkpoint {saved} is saved and complete, but updating {target} from it failed: "
-                    f"{describe_write_error(error, self.path)}; the previous {target.name} is intact"
+                    f"checkpoint {saved} is saved and complete, but updating {target} from it "
+                    f"failed: {describe_write_error(error, self.path)}; "
+                    f"the previous {target.name} is intact"
                 ) from error
         for path in self.rotate(keep):
             log(f"warning: could not delete old checkpoint {path}; delete it by hand")

@@ -23,7 +23,8 @@ def learning_rate_at(
     - step < warmup_steps: max_lr * (step + 1) / warmup_steps (linear; the last warmup step
       reaches max_lr, step 0 is never 0);
     - warmup_steps <= step <= total_steps: min_lr + (max_lr - min_lr) * (1 + cos(pi * p)) / 2
-      with p = (step - warmup_steps) / (total_steps - warmup_steps), so p=0 -> max_lr, p=1 -> min_lr;
+      with p = (step - warmup_steps) / (total_steps - warmup_steps), so p=0 -> max_lr,
+      p=1 -> min_lr;
     - step > total_steps: min_lr.
     """
     if step < 0:
@@ -32,14 +33,14 @@ def learning_rate_at(
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
         return min_lr
-    progress = (step - warmup_steps) / (
-        total_steps - warmup_steps
-    )  # > 0 here: warmup <= step < total
+    # > 0 here: warmup <= step < total
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def resolve_warmup_steps(total_steps: int, warmup_steps: Optional[int], warmup_ratio: float) -> int:
-    """--warmup_steps when given, else round(warmup_ratio * total_steps); never above total_steps."""
+    """--warmup_steps when given, else round(warmup_ratio * total_steps); never above
+    total_steps."""
     steps = warmup_steps if warmup_steps is not None else int(round(warmup_ratio * total_steps))
     return max(0, min(int(steps), int(total_steps)))
 

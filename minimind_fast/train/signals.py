@@ -46,7 +46,8 @@ class StopRequest:
             os._exit(EXIT_CODES[signum])
         self.signal = signum
         print(
-            f"{name}: finishing this optimizer step, then saving a checkpoint (send it again to exit at once)",
+            f"{name}: finishing this optimizer step, then saving a checkpoint "
+            "(send it again to exit at once)",
             file=sys.stderr,
             flush=True,
         )
