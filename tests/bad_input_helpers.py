@@ -25,7 +25,8 @@ TEMP_NAMES = (".tmp-", ".trash-", ".write-test")
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make tiny runs several times slower."""
+    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make tiny runs several
+    times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -25,8 +25,8 @@ from minimind_fast.train import resume
 
 WORDS = (
     "the model reads a token and writes the next one while the loss falls slowly over many steps "
-    "because gradients point downhill so small networks learn short patterns from plain english text "
-    "every document starts with a marker and ends with another marker"
+    "because gradients point downhill so small networks learn short patterns from plain english "
+    "text every document starts with a marker and ends with another marker"
 ).split()
 VOCAB_SIZE = 320
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """The tiny corpus and tokenizer; token caches go to a temp $MINIMIND_FAST_CACHE, not ~/.cache."""
+    """The tiny corpus and tokenizer; token caches go to a temp $MINIMIND_FAST_CACHE, not
+    ~/.cache."""
     root = tmp_path_factory.mktemp("pretrain_assets")
     previous = os.environ.get("MINIMIND_FAST_CACHE")
     os.environ["MINIMIND_FAST_CACHE"] = str(root / "cache")
@@ -190,7 +191,8 @@ def debris(run_dir: Path) -> list[Path]:
 
 
 def check_every_complete_checkpoint_loads(run_dir: Path) -> list[int]:
-    """Every checkpoint marked complete reads back whole and self-consistent; returns their steps."""
+    """Every checkpoint marked complete reads back whole and self-consistent; returns their
+    steps."""
     root = run_dir / checkpoints.CHECKPOINTS_DIR
     steps, config = [], None
     if root.is_dir():  # a step_* directory only ever appears by renaming a complete temp directory

@@ -30,7 +30,7 @@ from minimind_fast.data import reader
 from minimind_fast.tokenizer import train_tokenizer
 from minimind_fast.train import precision, resume
 
-# ---- CLI flags --------------------------------------------------------------------------------------
+# ---- CLI flags -----------------------------------------------------------------------------------
 
 CLI_CASES = {
     "batch-size-zero": (dict(batch_size=0), ["--batch_size", "0 must be >= 1"]),
@@ -85,7 +85,7 @@ def test_cli_bfloat16_on_a_device_without_it(assets, tmp_path, capsys, monkeypat
     assert_clean(tmp_path / "run")
 
 
-# ---- data -------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 
 
 def _enormous_line(tmp_path, monkeypatch):
@@ -212,7 +212,7 @@ def test_reader_never_holds_an_enormous_line(tmp_path, monkeypatch):
     assert all(len(doc) == 1001 for _, doc in pieces)
 
 
-# ---- tokenizer --------------------------------------------------------------------------------------
+# ---- tokenizer -----------------------------------------------------------------------------------
 
 
 def test_tokenizer_missing(assets, tmp_path, capsys):
@@ -253,7 +253,7 @@ def test_tokenizer_size_mismatch_with_the_resumed_config(assets, tmp_path, capsy
     assert latest == checkpoints.latest_checkpoint(run_dir)  # nothing was written
 
 
-# ---- numerics ---------------------------------------------------------------------------------------
+# ---- numerics ------------------------------------------------------------------------------------
 
 
 def test_fp16_overflow_is_absorbed_by_grad_scaler(assets, tmp_path, monkeypatch):

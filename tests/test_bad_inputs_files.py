@@ -31,7 +31,7 @@ from minimind_fast.interop import export_hf, load_weights
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.train import checkpoint, resume
 
-# ---- checkpoints ------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 
 class _Exploit:
@@ -197,7 +197,7 @@ def test_from_weight_accepts_an_exported_hf_directory(assets, tmp_path, capsys):
     assert first < [r["loss"] for r in read_metrics(source) if "loss" in r][0] - 0.3
 
 
-# ---- disk -------------------------------------------------------------------------------------------
+# ---- disk ----------------------------------------------------------------------------------------
 
 
 def test_disk_save_dir_not_writable(assets, tmp_path, capsys):
@@ -259,7 +259,8 @@ def test_disk_full_at_the_write_keeps_the_previous_checkpoint(
 
 
 def _limit_file_size(limit_bytes):
-    def apply():  # in the child: writes past the limit fail with EFBIG instead of killing it (SIGXFSZ)
+    # in the child: writes past the limit fail with EFBIG instead of killing it (SIGXFSZ)
+    def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
@@ -300,7 +301,7 @@ def test_disk_write_failure_for_real_in_a_subprocess(assets, tmp_path, limit, fr
     assert_clean(run_dir, empty=False)
 
 
-# ---- true subprocesses: what the user sees ----------------------------------------------------------
+# ---- true subprocesses: what the user sees -------------------------------------------------------
 
 
 def test_subprocess_user_errors_exit_2_without_traceback(assets, tmp_path):

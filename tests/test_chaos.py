@@ -44,6 +44,33 @@ KILLS = 12
 STEPS = 80
 
 
+def _wait_for_kill_moment(child: Child, mode: str, rng: random.Random, ckpt_root) -> bool:
+    """Wait for the moment `mode` kills `child` at; False if the run finished first."""
+    if mode == "startup":
+        deadline = child.started + rng.uniform(0.2, 3.0)
+        return child.wait_until(lambda: time.monotonic() >= deadline or child.training())
+    if mode == "step":
+        target = rng.randint(0, 4)
+        ready = child.wait_until(
+            lambda: child.training() and child.logged_step() >= child.resumed_step() + target
+        )
+        time.sleep(rng.uniform(0, 0.02))
+        return ready
+    # inside the 1st to 4th checkpoint write of this process
+    nth, seen = rng.randint(1, 4), set()
+
+    def in_nth_save():  # (or, should polling miss the short-lived temp dirs, 6 steps in)
+        if child.training() and ckpt_root.is_dir():
+            seen.update(n for n in os.listdir(ckpt_root) if n.startswith(".tmp-step"))
+        return (
+            len(seen) >= nth and any(n in seen for n in os.listdir(ckpt_root))
+        ) or child.logged_step() >= child.resumed_step() + 6
+
+    ready = child.wait_until(in_nth_save)
+    time.sleep(rng.uniform(0, 0.002))
+    return ready
+
+
 def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     rng = random.Random(SEED)
     flags = dict(
@@ -66,7 +93,9 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
     ckpt_root = run_dir / checkpoints.CHECKPOINTS_DIR
     modes = ["startup", "step", "save"] * (KILLS // 3)
     rng.shuffle(modes)
-    log = []  # (mode, resumed at (None: killed before), latest complete step after the kill, a write cut short)
+    # (mode, resumed at (None: killed before), latest complete step after the kill,
+    #  a write cut short)
+    log = []
     attempts = 0
     while len(log) < KILLS:
         attempts += 1
@@ -74,27 +103,7 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
         mode = modes[len(log)]
         before = set(debris(run_dir))
         child = Child(tiny_flags(assets, run_dir, **flags))
-        if mode == "startup":
-            deadline = child.started + rng.uniform(0.2, 3.0)
-            ready = child.wait_until(lambda: time.monotonic() >= deadline or child.training())
-        elif mode == "step":
-            target = rng.randint(0, 4)
-            ready = child.wait_until(
-                lambda: child.training() and child.logged_step() >= child.resumed_step() + target
-            )
-            time.sleep(rng.uniform(0, 0.02))
-        else:  # inside the 1st to 4th checkpoint write of this process
-            nth, seen = rng.randint(1, 4), set()
-
-            def in_nth_save():  # (or, should polling miss the short-lived temp dirs, 6 steps in)
-                if child.training() and ckpt_root.is_dir():
-                    seen.update(n for n in os.listdir(ckpt_root) if n.startswith(".tmp-step"))
-                return (
-                    len(seen) >= nth and any(n in seen for n in os.listdir(ckpt_root))
-                ) or child.logged_step() >= child.resumed_step() + 6
-
-            ready = child.wait_until(in_nth_save)
-            time.sleep(rng.uniform(0, 0.002))
+        ready = _wait_for_kill_moment(child, mode, rng, ckpt_root)
         if not ready:  # it finished before the kill: the run is complete
             assert child.finish() == 0, child.output()[-3000:]
             break
@@ -112,7 +121,8 @@ def test_kill_9_chaos_resumes_bit_identical(assets, tmp_path, no_orphans):
         )
     print(
         "\n".join(
-            f"kill {i + 1:2d}: {m:7s} {'before training' if r is None else f'resumed at {r:2d}':15s} -> "
+            f"kill {i + 1:2d}: {m:7s} "
+            f"{'before training' if r is None else f'resumed at {r:2d}':15s} -> "
             f"latest complete checkpoint {s:2d}{', a write cut short' if c else ''}"
             for i, (m, r, s, c) in enumerate(log)
         )

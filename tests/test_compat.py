@@ -52,5 +52,6 @@ def test_abort_process_group_exists():
     import torch.distributed as dist
 
     assert hasattr(dist.distributed_c10d, "_abort_process_group"), (
-        "torch.distributed lost _abort_process_group: a failed CUDA rank will wait for its peers at exit"
+        "torch.distributed lost _abort_process_group: a failed CUDA rank will wait for its peers "
+        "at exit"
     )

@@ -1,4 +1,5 @@
-"""Data pipeline: token cache (build, reuse, rebuild, races), datasets, sampler, loader, bad data."""
+"""Data pipeline: token cache (build, reuse, rebuild, races), datasets, sampler, loader, bad
+data."""
 
 import json
 import logging
@@ -104,7 +105,9 @@ def test_token_dtype():
 def test_txt_documents_split_on_blank_lines(tmp_path, tok_dir):
     data = tmp_path / "d.txt"
     data.write_bytes(
-        "first doc line one\nline two of it\n\n\n\nsecond doc 数据\r\n\r\nthird doc 🤖 ends".encode()
+        (
+            "first doc line one\nline two of it\n\n\n\nsecond doc 数据\r\n\r\nthird doc 🤖 ends"
+        ).encode()
     )
     cache = build_token_cache(data, tok_dir, tmp_path / "cache", progress=False)
     tok = load_tokenizer(tok_dir)
@@ -143,7 +146,8 @@ def test_reused_then_rebuilt_on_data_or_tokenizer_change(
 def test_a_given_digest_reopens_the_cache_without_reading_the_file(
     tmp_path, tok_dir, texts, cache, monkeypatch, build_counter
 ):
-    """DDP ranks other than 0 pass rank 0's digest: same cache, and the data file is never hashed."""
+    """DDP ranks other than 0 pass rank 0's digest: same cache, and the data file is never
+    hashed."""
     assert cache.data_digest == cache_module.file_digest(cache.meta["fingerprint"]["data_path"])
 
     def no_hashing(path, *args, **kwargs):
@@ -401,7 +405,8 @@ def test_summary_lists_first_lines_only(tmp_path, tok_dir, caplog):
         (
             "short.jsonl",
             '{"text": "a"}\n{"text": ""}\n',
-            r"no usable documents in .*short.jsonl: 2 too short \(< 2 tokens\) \(lines 1, 2\)\..*at least 2 tokens",
+            r"no usable documents in .*short.jsonl: 2 too short \(< 2 tokens\) "
+            r"\(lines 1, 2\)\..*at least 2 tokens",
         ),
         (
             "junk.jsonl",

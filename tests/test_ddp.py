@@ -1,5 +1,5 @@
-"""Two-process DDP (gloo, CPU) launched with torchrun matches one process with the same global batch;
-its checkpoint then resumes in one process from the same consumed-sample count."""
+"""Two-process DDP (gloo, CPU) launched with torchrun matches one process with the same global
+batch; its checkpoint then resumes in one process from the same consumed-sample count."""
 
 import os
 import socket

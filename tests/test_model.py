@@ -193,7 +193,7 @@ def test_triton_model_matches_reference_model(name):
     torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-6)
     for n in ref[3]:
         torch.testing.assert_close(
-            fused[3][n], ref[3][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}"
+            fused[3][n], ref[3][n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
         )
 
 

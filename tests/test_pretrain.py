@@ -13,11 +13,11 @@ from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.train import checkpoint, cli, optim, resume
 
 REQUIRED_FLAGS = (
-    "--epochs --batch_size --learning_rate --accumulation_steps --grad_clip --dtype --log_interval --save_interval "
-    "--hidden_size --num_hidden_layers --max_seq_len --use_moe --data_path --from_resume --use_wandb --use_compile "
-    "--save_dir --preset --warmup_steps --warmup_ratio --min_lr --weight_decay --max_steps --seed --packing "
-    "--num_workers --grad_checkpointing --tokenizer_path --eval_interval --from_weight --save_weight "
-    "--keep_checkpoints --device"
+    "--epochs --batch_size --learning_rate --accumulation_steps --grad_clip --dtype --log_interval "
+    "--save_interval --hidden_size --num_hidden_layers --max_seq_len --use_moe --data_path "
+    "--from_resume --use_wandb --use_compile --save_dir --preset --warmup_steps --warmup_ratio "
+    "--min_lr --weight_decay --max_steps --seed --packing --num_workers --grad_checkpointing "
+    "--tokenizer_path --eval_interval --from_weight --save_weight --keep_checkpoints --device"
 ).split()
 
 
@@ -95,7 +95,7 @@ def test_unwritable_save_dir(assets, tmp_path, capsys):
     assert "is not writable" in capsys.readouterr().err
 
 
-# ---- a whole run ----------------------------------------------------------------------------------
+# ---- a whole run ---------------------------------------------------------------------------------
 
 
 def test_run_logs_saves_evaluates_and_samples(assets, tmp_path, capsys):
@@ -242,7 +242,7 @@ def test_grad_checkpointing_gives_the_same_gradients(assets, tmp_path, monkeypat
         torch.testing.assert_close(with_, without, rtol=0, atol=1e-7)
 
 
-# ---- precision and failure paths ------------------------------------------------------------------
+# ---- precision and failure paths -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

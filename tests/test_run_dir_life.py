@@ -68,20 +68,20 @@ def test_random_life_of_a_run_directory(assets, tmp_path, no_orphans):
         if kind == "disk_full":
             child = Child(argv, preexec_fn=limit_file_size(rng.choice([30_000, 90_000, 250_000])))
             code = child.finish()
-            assert code in (1, 2), child.output()[
-                -2000:
-            ]  # a failed write (or refused start), one line
+            # a failed write (or refused start), one line
+            assert code in (1, 2), child.output()[-2000:]
             assert "error:" in child.output() and "Traceback" not in child.output()
         elif kind in ("kill9", "sigterm", "second_trainer"):
-            if (
-                kind == "second_trainer"
-            ):  # long enough to still hold the lock when the second starts
+            if kind == "second_trainer":
+                # long enough to still hold the lock when the second starts
                 argv = tiny_flags(
                     assets, run_dir, max_steps=budget + 10_000, from_resume=mode, **flags
                 )
             child = Child(argv)
             steps = rng.randint(0, 3)
-            running = child.wait_until(lambda: child.logged_step() >= steps, timeout=120)
+            running = child.wait_until(
+                lambda child=child, steps=steps: child.logged_step() >= steps, timeout=120
+            )
             if kind == "second_trainer" and running:
                 second = Child(
                     tiny_flags(assets, run_dir, max_steps=budget, from_resume="auto", **flags)

@@ -153,7 +153,7 @@ def test_rotation_keeps_the_newest_healthy_checkpoint(assets, tmp_path, monkeypa
     )
 
 
-# ---- 2. a fresh run never touches an earlier run's files -------------------------------------------
+# ---- 2. a fresh run never touches an earlier run's files -----------------------------------------
 
 
 def test_fresh_run_in_a_used_directory_is_refused_and_changes_nothing(assets, tmp_path, capsys):
@@ -167,7 +167,8 @@ def test_fresh_run_in_a_used_directory_is_refused_and_changes_nothing(assets, tm
 
 
 def test_rotation_only_deletes_this_runs_checkpoints(assets, tmp_path):
-    """A directory that also holds another run's checkpoint (an older layout): rotation leaves it."""
+    """A directory that also holds another run's checkpoint (an older layout): rotation leaves
+    it."""
     run_dir = healthy_run(assets, tmp_path / "run", steps=5)
     foreign = run_dir / "checkpoints" / "step_00000001"
     foreign.mkdir()
@@ -187,7 +188,7 @@ def test_rotation_only_deletes_this_runs_checkpoints(assets, tmp_path):
     assert names == ["step_00000001", "step_00000012"]
 
 
-# ---- 3. one trainer per directory --------------------------------------------------------------------
+# ---- 3. one trainer per directory ----------------------------------------------------------------
 
 
 def test_second_trainer_on_a_locked_directory_exits_at_once(assets, tmp_path, no_orphans):
@@ -204,7 +205,7 @@ def test_second_trainer_on_a_locked_directory_exits_at_once(assets, tmp_path, no
     assert "did not exit cleanly" in third.output() and f"pid {first.proc.pid}" in third.output()
 
 
-# ---- 4. non-finite state is refused ------------------------------------------------------------------
+# ---- 4. non-finite state is refused --------------------------------------------------------------
 
 
 def test_non_finite_initial_weights_are_refused(assets, tmp_path, capsys):
@@ -248,7 +249,7 @@ def test_a_save_with_non_finite_weights_is_refused(assets, tmp_path, monkeypatch
     ]
 
 
-# ---- 5. a crafted or stale resume.pt is a clear error, never a crash ----------------------------------
+# ---- 5. a crafted or stale resume.pt is a clear error, never a crash -----------------------------
 
 
 def _edit_resume_state(run_dir, edit):
@@ -302,7 +303,7 @@ def test_crafted_resume_state_is_a_one_line_error(assets, tmp_path, capsys, edit
     assert snapshot(run_dir) == before
 
 
-# ---- 6/7. resume keeps the run's own settings; changes are applied, warned about or refused ---------
+# ---- 6/7. resume keeps the run's own settings; changes are applied, warned about or refused ------
 
 
 def test_resume_restores_every_flag_and_the_data_path(assets, tmp_path, capsys):
@@ -396,7 +397,7 @@ def test_resume_with_another_batch_warns_and_keeps_the_data_order(assets, tmp_pa
     assert final_state(run_dir)["train_state"]["consumed"] == consumed + 2
 
 
-# ---- 8/9. wrong directories ------------------------------------------------------------------------
+# ---- 8/9. wrong directories ----------------------------------------------------------------------
 
 
 def test_resume_from_a_missing_or_checkpoint_directory_is_an_error(assets, tmp_path, capsys):
@@ -423,7 +424,7 @@ def test_an_exported_model_directory_is_not_a_save_dir(assets, tmp_path, capsys)
     assert snapshot(export) == before
 
 
-# ---- 10. signals -------------------------------------------------------------------------------------
+# ---- 10. signals ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -458,7 +459,7 @@ def test_second_signal_exits_at_once_and_keeps_checkpoints_whole(assets, tmp_pat
     check_every_complete_checkpoint_loads(run_dir)
 
 
-# ---- 11. save errors say what failed and what is intact ----------------------------------------------
+# ---- 11. save errors say what failed and what is intact ------------------------------------------
 
 
 def test_a_failed_mirror_update_says_the_checkpoint_is_intact(

@@ -1,4 +1,5 @@
-"""Tokenizer: exact byte-level round trip, MiniMind's special-token ids, transformers loading, errors, CLI."""
+"""Tokenizer: exact byte-level round trip, MiniMind's special-token ids, transformers loading,
+errors, CLI."""
 
 import json
 
@@ -9,7 +10,10 @@ from minimind_fast.tokenizer import load_tokenizer, main, train_tokenizer
 
 TRAIN_TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 4,
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    (
+        "def fibonacci(n):\n    if n < 2:\n        return n\n"
+        "    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+    ),
     "小型语言模型的预训练需要大量的文本数据。你好，世界！",
     "Return a new list containing all items from the iterable in ascending order.",
 ]

@@ -4,10 +4,10 @@ The Triton kernel is forced with backend="triton": on CPU it runs under TRITON_I
 tests/conftest.py) on small shapes; with a GPU the same tests run on CUDA, plus bigger shapes.
 
 Tolerance table (gradients: atol is relative to the largest reference gradient entry):
-  dtype     loss rtol   grad rtol   grad atol (x max|grad|)   why
-  float32   1e-5        1e-5        1e-5                      fp32 maths both sides; sum order only
-  bfloat16  1e-5        1.6e-2      1e-2                      loss in fp32 from the same inputs; grad
-  float16   1e-5        2e-3        1e-3                      rounded twice (kernel, upstream scale)
+  dtype     loss rtol   grad rtol   grad atol (x max|grad|)  why
+  float32   1e-5        1e-5        1e-5                     fp32 maths both sides; sum order only
+  bfloat16  1e-5        1.6e-2      1e-2                     loss in fp32 from the same inputs; grad
+  float16   1e-5        2e-3        1e-3                     rounded twice (kernel, upstream scale)
 Edge rows (masked -inf blocks, +inf, ignored non-finite rows) and float64 are checked against
 F.cross_entropy and gradcheck below; tests/ops/test_property_cross_entropy.py fuzzes the rest.
 """

@@ -1,4 +1,5 @@
-"""RMSNorm and fused add + RMSNorm: the Triton op against the PyTorch reference, forward and backward.
+"""RMSNorm and fused add + RMSNorm: the Triton op against the PyTorch reference, forward and
+backward.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with small shapes; the
 same tests run on CUDA (plus larger shapes) when a GPU is present.
@@ -155,8 +156,8 @@ def test_add_rms_norm_matches_reference(device, rows, hidden, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_add_rms_norm_mixed_dtypes_and_unused_residual_output(device):
-    """bf16 branch output + fp32 residual stream (AMP): updated is fp32, each grad in its input's dtype.
-    Only `normed` feeds the loss here, so the updated-residual gradient is absent (zero)."""
+    """bf16 branch output + fp32 residual stream (AMP): updated is fp32, each grad in its input's
+    dtype. Only `normed` feeds the loss here, so the updated-residual gradient is absent (zero)."""
     x = torch.randn(3, 7, 123, device=device, dtype=torch.bfloat16)
     residual = torch.randn(3, 7, 123, device=device)
     weight = 1 + 0.5 * torch.randn(123, device=device)

@@ -4,7 +4,8 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 
 same tests run on CUDA (plus larger shapes) when a GPU is present.
 
 Tolerance table: |actual - reference| <= rtol * |reference| + atol * max|reference|, per dtype.
-  float32   rtol 1e-5, atol 1e-5   (both compute x*cos +/- x'*sin in fp32; FMA contraction may differ)
+  float32   rtol 1e-5, atol 1e-5   (both compute x*cos +/- x'*sin in fp32; FMA contraction may
+                                    differ)
   float16   rtol 2e-3, atol 2e-3   (about 2 ulp of fp16)
   bfloat16  rtol 2e-2, atol 2e-2   (about 2.5 ulp of bf16; the Triton interpreter casts
                                     fp32 -> bf16 by truncation where a GPU rounds to nearest)
@@ -57,7 +58,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 
 
 def _run(fn, q, k, cos, sin, dq_rot=None, dk_rot=None):
-    """Forward on fresh leaves; backward with the given output grads (or sum() -> stride-0 grads)."""
+    """Forward on fresh leaves; backward with the given output grads (or sum() -> stride-0
+    grads)."""
     q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
     q_rot, k_rot = fn(q, k, cos, sin)
     if dq_rot is None:

@@ -2,16 +2,16 @@
 
 The interpreter tests (TRITON_INTERPRET=1) never run Triton's GPU compiler, so a kernel that the
 real pipeline rejects (a layout, a type, a size ptxas refuses) would first fail on a GPU. This test
-runs that pipeline, ttir -> ttgir -> llir -> ptx -> cubin with the ptxas bundled in the triton wheel,
-for `GPUTarget("cuda", 90, 32)` through `triton.compile(ASTSource(...))`: no driver, no GPU.
+runs that pipeline, ttir -> ttgir -> llir -> ptx -> cubin with the ptxas bundled in the triton
+wheel, for `GPUTarget("cuda", 90, 32)` through `triton.compile(ASTSource(...))`: no driver, no GPU.
 
 The launch arguments come from the launchers themselves, not from copied numbers: each case calls
 the real launcher (kernels/rmsnorm.py, rope.py, cross_entropy.py) on meta tensors with the
 `_*_kernel` globals swapped for a recorder and an H100's 132 SMs, then specialises the recorded
-arguments the way `JITFunction.run` does (Triton's `native_specialize_impl`: 16-byte aligned pointers
-and 16-divisible ints carry tt.divisibility, an int equal to 1 becomes a constexpr) and compiles
-with the launcher's num_warps. Each case asserts a cubin for sm_90 holding the kernel, and that its
-shared memory, threads and registers fit one sm_90 block.
+arguments the way `JITFunction.run` does (Triton's `native_specialize_impl`: 16-byte aligned
+pointers and 16-divisible ints carry tt.divisibility, an int equal to 1 becomes a constexpr) and
+compiles with the launcher's num_warps. Each case asserts a cubin for sm_90 holding the kernel, and
+that its shared memory, threads and registers fit one sm_90 block.
 
 Under TRITON_INTERPRET=1 `@triton.jit` yields interpreter functions that cannot be compiled, so the
 compiles run in child processes without it (this file is also their script, see `_worker_main`),
@@ -34,7 +34,8 @@ import pytest
 pytestmark = pytest.mark.slow  # about 90 compiles in 2 child processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SM90_SMS = 132  # H100 SXM and H200 both have 132 SMs (the persistent RMSNorm backward sizes its grid by it)
+# H100 SXM and H200 both have 132 SMs (the persistent RMSNorm backward sizes its grid by it)
+SM90_SMS = 132
 SM90_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on sm_90
 SM90_MAX_THREADS = 1024
 SM90_REGISTERS_PER_SM = 64 * 1024
@@ -165,7 +166,8 @@ def _record_launches(case):
 
 
 def _specialise(kernel, args, kwargs, backend):
-    """(signature, constexprs, attrs, options) as JITFunction.run builds them for these arguments."""
+    """(signature, constexprs, attrs, options) as JITFunction.run builds them for these
+    arguments."""
     try:
         from triton.runtime.jit import native_specialize_impl
     except ImportError:
@@ -177,7 +179,8 @@ def _specialise(kernel, args, kwargs, backend):
     unknown = set(options) - set(vars(backend.parse_options(dict(options))))
     if unknown:  # JITFunction.run raises on these too
         raise KeyError(
-            f"{kernel.__name__}: launch keywords {sorted(unknown)} are neither parameters nor options"
+            f"{kernel.__name__}: launch keywords {sorted(unknown)} are neither parameters "
+            "nor options"
         )
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
@@ -214,7 +217,8 @@ def _tool(name: str):
 
 
 def _compile(kernel, signature, constexprs, attrs, options, workdir: pathlib.Path) -> dict:
-    """Compile for sm_90 and describe the result: PTX entry/target, cubin, resources from ptxas and cuobjdump."""
+    """Compile for sm_90 and describe the result: PTX entry/target, cubin, resources from ptxas
+    and cuobjdump."""
     import contextlib
     import io
     import re
@@ -268,7 +272,8 @@ def _compile(kernel, signature, constexprs, attrs, options, workdir: pathlib.Pat
 
 
 def _worker_main(cases_path: str, out_path: str) -> None:
-    """Child process: compile the cases listed in cases_path, write {case_id: result} to out_path."""
+    """Child process: compile the cases listed in cases_path, write {case_id: result} to
+    out_path."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", (
         "the compile worker must run without the interpreter"
     )
@@ -444,7 +449,8 @@ def test_kernel_compiles_for_sm90(sm90, case):
 
 
 def test_every_kernel_has_a_case(sm90):
-    """A new `_*_kernel` in a kernel module must get a case here (helpers compile inside their callers)."""
+    """A new `_*_kernel` in a kernel module must get a case here (helpers compile inside their
+    callers)."""
     compiled = {result["kernel"] for result in sm90["cases"].values() if "error" not in result}
     assert set(sm90["kernels"]) == set(KERNEL_MODULES)
     for module_name, kernel_names in sm90["kernels"].items():
