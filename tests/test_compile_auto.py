@@ -160,13 +160,13 @@ def _patch(monkeypatch, tmp_path, timings):
 class _Run:
     """What Compiler.after_step reads from pretrain's Run."""
 
-    def __init__(self, setting, total_steps):
+    def __init__(self, setting, total_steps, rows=4):
         self.model = MiniMindForCausalLM(MiniMindConfig(**TINY))
         self.ddp, self.context = None, DistContext()
         self.autocast = torch.autocast("cpu", enabled=False)
         self.args = SimpleNamespace(use_compile=setting, batch_size=2, accumulation_steps=1)
         self.state = SimpleNamespace(total_steps=total_steps, step=0)
-        self.data = SimpleNamespace(sampler=range(4), loader=_Loader())
+        self.data = SimpleNamespace(sampler=range(rows), loader=_Loader())
         self.compiler = autocompile.Compiler(setting)
         self.train_model = self.compiler.start(self.model, None, self.data.loader, self.autocast,
                                                self.context, torch.float32, False)
@@ -206,6 +206,16 @@ def test_auto_short_run_stays_eager_without_compiling(monkeypatch, tmp_path):
     run_.steps([0.01, 0.01])
     assert run_.train_model is run_.model and run_.args.use_compile == 0
     assert run_.logged[0].startswith("compile: off (auto: 3 steps left x 0.01 s")
+
+
+@pytest.mark.parametrize("total_steps, two_shapes", [(10, True), (3, True), (2, False)])
+def test_auto_counts_the_short_last_batch_only_if_the_run_reaches_it(monkeypatch, tmp_path,
+                                                                      total_steps, two_shapes):
+    _patch(monkeypatch, tmp_path, [])
+    monkeypatch.setattr(autocompile, "compile_model", lambda *a: pytest.fail("compiled"))
+    run_ = _Run("auto", total_steps=total_steps, rows=5)  # batches of 2, 2, 1 per epoch
+    run_.steps([0.01, 0.01])
+    assert ("s x 2 shapes to compile" in run_.logged[0]) is two_shapes
 
 
 def test_auto_drops_a_compiled_call_that_is_not_faster(monkeypatch, tmp_path):

@@ -295,8 +295,10 @@ class Compiler:
         args, state, context = run.args, run.state, run.context
         steps_left = state.total_steps - state.step
         decision = None
-        if context.is_main:
-            shapes = shapes_in_run(len(run.data.sampler), args.batch_size,
+        if context.is_main:  # rows of this epoch left after the steps this process ran
+            rows_left = len(run.data.sampler) - self.steps_timed * args.accumulation_steps * \
+                args.batch_size
+            shapes = shapes_in_run(max(rows_left, 0), args.batch_size,
                                    steps_left * args.accumulation_steps)
             estimate = estimate_for(load_records(records_path()), self.key)
             decision = decide("auto", steps_left, step_s, estimate, shapes)
