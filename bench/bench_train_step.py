@@ -11,15 +11,16 @@ time minus a compiled step's is recorded as compile_s (cold or warm inductor cac
 
 Batches are synthesised: "packed" rows are all real tokens; "padded" rows hold one document of
 30-100% of the row (evenly spread: 35% padding on average) with pad ids and labels -100 after it.
-Useful tokens are the non -100 shifted labels. The lm_head and the loss run on every position,
-ignored ones included, so the FLOP rate counts all tokens (`tflops`) and the useful rate counts
-the useful ones (`useful_tflops`): padded rows do not look faster for the loss they skip.
+Useful tokens are the non -100 shifted labels.
 
-FLOPs per step = all tokens x (6 N + 6 L Hq D T): N are the matmul parameters (active ones for
-MoE: top-k + shared experts; the tied embedding counted once, as the lm_head), and the causal
-attention scores and values cost 2 x 2 L Hq D T/2 per token forward, x3 with the backward.
+FLOPs per step (`tflops`: the rate of the work done) = all tokens x (6 N' + 6 L Hq D T) + useful
+tokens x 6 V H: N' are the decoder's matmul parameters (active ones for MoE: top-k + shared
+experts), the causal attention scores and values cost 2 x 2 L Hq D T/2 per token forward, x3
+with the backward, and the lm_head (V x H, tied or not) counts only where a target is scored,
+since the fused loss skips the other rows: padded rows get no credit for work they skip.
+`useful_tflops` counts the useful tokens only, each at the full per-token cost.
 fraction_of_matmul is the step's FLOP rate over a plain matmul's (fp32 1024^3 on CPU, bf16
-8192^3 on CUDA), the two timed in alternating blocks (harness.fraction_of_matmul).
+8192^3 on CUDA), each step timed against matmuls right beside it (harness.paired_ratio).
 
 `test_minimind_trainer` compares this trainer with a stand-in for MiniMind's
 trainer/train_pretrain.py on its model for --hidden_size 512 --num_hidden_layers 8 (MiniMind-3's
@@ -42,8 +43,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from harness import (CUDA, DEVICE, FULL, fraction_of_matmul, interleaved_ratio, measure,
-                     ours_or_skip, record_flops, record_memory)
+from harness import (CUDA, DEVICE, FULL, fraction_of_matmul, measure, ours_or_skip,
+                     paired_ratio, record_flops, record_memory)
 from minimind_fast import ops
 from minimind_fast.constants import IGNORE_INDEX
 
@@ -112,14 +113,19 @@ def make_batch(batch: int, seq_len: int, vocab: int, data: str, pad_id: int):
     return input_ids.to(DEVICE), labels.to(DEVICE), useful
 
 
-def step_flops_per_token(model, config, seq_len: int) -> tuple[float, dict]:
+def step_flops(model, config, seq_len: int, tokens: int, scored: int) -> tuple[float, float, dict]:
+    """(FLOPs of a step, FLOPs per useful token, parameter counts). The decoder runs on every
+    token; the lm_head and the loss only need the scored ones (the fused loss skips the rest),
+    so only those are counted there: a padded batch gets no credit for the rows it skips."""
     from minimind_fast.model import count_parameters
 
     counts = count_parameters(model)
     matmul_params = counts["active"] - (0 if config.tie_word_embeddings else counts["embedding"])
+    lm_head = 6 * config.vocab_size * config.hidden_size
     heads = config.num_attention_heads
     attention = 6 * config.num_hidden_layers * heads * config.head_dim * seq_len
-    return 6 * matmul_params + attention, counts
+    body = 6 * matmul_params - lm_head + attention
+    return tokens * body + scored * lm_head, body + lm_head, counts
 
 
 def autocast():
@@ -190,10 +196,10 @@ def test_train_step(benchmark, case):
         first, second = timed_warmup(step, 2)
         benchmark.extra_info.update(compile_s=round(max(first - second, 0.0), 2))
     median = measure(benchmark, step, warmup=2 if CUDA else 1, min_rounds=3 if not CUDA else 5)
-    per_token, counts = step_flops_per_token(model, config, seq_len)
     tokens = batch * seq_len
-    record_flops(benchmark, per_token * tokens, median)
-    fraction = fraction_of_matmul(step, per_token * tokens, budget_s=2.0 if CUDA else 3.0)
+    flops, per_token, counts = step_flops(model, config, seq_len, tokens, useful)
+    record_flops(benchmark, flops, median)
+    fraction = fraction_of_matmul(step, flops, pairs=10 if CUDA else 8)
     benchmark.extra_info.update(
         fraction_of_matmul=round(fraction, 4), preset=case.preset, backend=case.backend,
         data=case.data, mode=case.mode, batch=batch, seq_len=seq_len, tokens=tokens,
@@ -206,7 +212,7 @@ def test_train_step(benchmark, case):
         name = torch.cuda.get_device_name(0)
         peak = next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
         if peak:
-            benchmark.extra_info.update(mfu=round(per_token * tokens / median / peak, 4),
+            benchmark.extra_info.update(mfu=round(flops / median / peak, 4),
                                         peak_flops=peak)
         record_memory(benchmark, step)
 
@@ -301,12 +307,11 @@ def test_minimind_trainer(benchmark):
         benchmark.extra_info.update(compile_s=round(max(first - second, 0.0), 2))
     median = measure(benchmark, step, warmup=0, min_rounds=2 if not CUDA else 5,
                      budget_s=None if CUDA else 0.0)
-    standin_over_ours = interleaved_ratio(standin, step, budget_s=2.0 if CUDA else 0.0,
-                                          block_s=0.2, min_blocks=4, min_calls=1, settle=False)
+    standin_over_ours = paired_ratio(standin, step, pairs=10 if CUDA else 3)
     tokens = rows * seq_len
     useful_ours, useful_theirs = rows * (seq_len - 1), rows * (seq_len - 1) * useful_fraction
-    per_token, _ = step_flops_per_token(ours, config, seq_len)
-    record_flops(benchmark, per_token * tokens, median)
+    flops, _, _ = step_flops(ours, config, seq_len, tokens, useful_ours)
+    record_flops(benchmark, flops, median)
     benchmark.extra_info.update(
         mode=mode, auto_compiles=decision.compile, auto_reason=decision.reason,
         standin_eager_first_s=round(standin_s, 3), tokens=tokens, seq_len=seq_len, batch=rows,

@@ -121,14 +121,41 @@ def matmul_baseline() -> tuple[Callable[[], object], float]:
     return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
-def fraction_of_matmul(step: Callable[[], object], step_flops: float, budget_s: float) -> float:
-    """The step's FLOP rate over the plain matmul's, both timed in alternating blocks
-    (interleaved_ratio), so that a load change on a shared machine moves both alike."""
+def paired_ratio(fn_slow: Callable[[], object], fn_fast: Callable[[], object], pairs: int = 8,
+                 budget_s: float = 0.0) -> float:
+    """Median over pairs of (one call of fn_slow) / (calls of fn_fast taking about as long),
+    the pairs' order alternating, for at least `pairs` pairs and about budget_s: each ratio is
+    taken over adjacent seconds, so a load that drifts on a shared machine cancels within a
+    pair, where medians of two long series still see it."""
+    def once(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    repeats = max(1, round(once(fn_slow) / max(once(fn_fast), 1e-7)))
+
+    def fast() -> float:
+        return sum(once(fn_fast) for _ in range(repeats)) / repeats
+
+    ratios: list[float] = []
+    start = time.perf_counter()
+    while len(ratios) < pairs or time.perf_counter() - start < budget_s:
+        if len(ratios) % 2:
+            slow_s, fast_s = once(fn_slow), fast()
+        else:
+            fast_s, slow_s = fast(), once(fn_slow)
+        ratios.append(slow_s / fast_s)
+    return sorted(ratios)[len(ratios) // 2]
+
+
+def fraction_of_matmul(step: Callable[[], object], step_flops: float, pairs: int = 8) -> float:
+    """The step's FLOP rate over the plain matmul's, each step timed against matmuls run right
+    before or after it (paired_ratio), so that a load change on a shared machine moves both."""
     matmul, matmul_flops = matmul_baseline()
     matmul()
-    step_over_matmul = interleaved_ratio(step, matmul, budget_s=budget_s, block_s=0.2,
-                                         min_blocks=6, min_calls=1, settle=False)
-    return step_flops / matmul_flops / step_over_matmul
+    return step_flops / matmul_flops / paired_ratio(step, matmul, pairs=pairs)
 
 
 def gpu_kernel_seconds(fn: Callable[[], object], calls: int = 5) -> Optional[float]:
