@@ -8,10 +8,11 @@ environment (torch/Triton versions, GPU, size profile) goes into the JSON's mach
 Host heap: glibc hands the top of its heap back to the kernel once more than M_TRIM_THRESHOLD
 is free there, and mmaps (then unmaps) every chunk above M_MMAP_THRESHOLD. Whether a benchmark's
 temporaries land there depends on the allocation history, so some processes page-fault all of
-them in again on every call and others never do: moe_route E64k8 forward+backward measured 1.8 ms
-in one process and 5.3 ms (1,800 page faults a call) in the next. The suite keeps freed memory in
-the process, as tcmalloc / jemalloc do (PyTorch's CPU performance guide recommends either), so
-that a number does not depend on which process it came from. It applies to every implementation.
+them in again on every call and others never do (moe_route E64k8 forward+backward took a
+thousand-odd page faults a call in some processes and none in others). The suite keeps freed
+memory in the process, as tcmalloc / jemalloc do (PyTorch's CPU performance guide recommends
+either), so that a number does not depend on which process it came from. It applies to every
+implementation.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ if PROFILE not in ("small", "full"):
 FULL = PROFILE == "full"
 # Op benchmarks run in the dtype a training step feeds them: bf16 under CUDA autocast, fp32 on CPU.
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-# Timed seconds per case (after warm-up); the CPU default keeps the whole suite under 3 minutes.
+# Timed seconds per case (after warm-up); the CPU default keeps a CI run short.
 BUDGET_S = float(os.environ.get("MINIMIND_BENCH_BUDGET", "0.4" if CUDA else "0.2"))
 MIN_ROUND_S = 1e-3 if CUDA else 0.0
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -87,8 +87,8 @@ def interleaved_ratio(fn_slow: Callable[[], object], fn_fast: Callable[[], objec
     block_s each, at least min_calls) for about budget_s: on a shared machine a load spike then
     slows both sides of the ratio, where two cases timed seconds apart can see different
     machines. With `settle`, the first call of every block is not counted: it runs in the caches
-    the other function left (up to +25% for moe_route at T=8192), and the ratio compares the two
-    in their steady state; calls that take seconds (a training step) need no settling."""
+    the other function left (moe_route at T=8192 runs measurably slower there), and the ratio
+    compares the two in their steady state; calls that take seconds need no settling."""
     def once(fn) -> float:
         sync()
         t0 = time.perf_counter()

@@ -305,7 +305,7 @@ def test_a_short_run_decides_eager_logs_why_and_keeps_the_choice(assets, tmp_pat
 @pytest.mark.slow
 def test_ddp_compiles_on_every_rank_and_matches_eager(assets, tmp_path):
     """torchrun, 2 gloo ranks: --use_compile 1 warms up under no_sync and trains to the eager
-    run's losses (inductor compiles the tiny model on each rank: about a minute on 2 cores)."""
+    run's losses (inductor compiles the tiny model on each rank)."""
     from test_ddp import torchrun
 
     losses = {}
