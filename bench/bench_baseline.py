@@ -9,9 +9,17 @@ in the STREAM benchmark.
 """
 import pytest
 import torch
-
-from harness import (CUDA, DEVICE, DTYPE, NORM_HIDDEN, NORM_ROWS, measure, record_bandwidth,
-                     record_flops, size)
+from harness import (
+    CUDA,
+    DEVICE,
+    DTYPE,
+    NORM_HIDDEN,
+    NORM_ROWS,
+    measure,
+    record_bandwidth,
+    record_flops,
+    size,
+)
 
 
 @pytest.mark.parametrize("case", [f"h{h}" for h in NORM_HIDDEN] + ["large"])
@@ -41,5 +49,6 @@ def test_matmul(benchmark, dtype):
     b = torch.randn(n, n, device=DEVICE, dtype=torch_dtype)
     out = torch.empty(n, n, device=DEVICE, dtype=torch_dtype)
     median = measure(benchmark, lambda: torch.mm(a, b, out=out))
-    benchmark.extra_info.update(n=n, dtype=dtype, tf32=bool(CUDA and torch.backends.cuda.matmul.allow_tf32))
+    tf32 = bool(CUDA and torch.backends.cuda.matmul.allow_tf32)
+    benchmark.extra_info.update(n=n, dtype=dtype, tf32=tf32)
     record_flops(benchmark, 2 * n**3, median)

@@ -42,9 +42,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from harness import (
+    CUDA,
+    DEVICE,
+    FULL,
+    fraction_of_matmul,
+    measure,
+    ours_or_skip,
+    paired_ratio,
+    record_flops,
+    record_memory,
+)
 
-from harness import (CUDA, DEVICE, FULL, fraction_of_matmul, measure, ours_or_skip,
-                     paired_ratio, record_flops, record_memory)
 from minimind_fast import ops
 from minimind_fast.constants import IGNORE_INDEX
 

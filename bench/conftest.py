@@ -39,7 +39,8 @@ def _keep_freed_host_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
         # 256 MiB where glibc takes it (2.36 does), else its documented maximum, 32 MiB on 64-bit
-        mmap_set = libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20)
+        mmap_set = (libc.mallopt(m_mmap_threshold, 256 << 20)
+                    or libc.mallopt(m_mmap_threshold, 32 << 20))
         trim_set = libc.mallopt(m_trim_threshold, 1 << 30)
         return bool(mmap_set and trim_set)
     except (OSError, AttributeError):

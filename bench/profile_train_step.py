@@ -106,8 +106,12 @@ def loader_seconds(batch: int, seq_len: int, batches: int = 50) -> float | None:
     import numpy as np
 
     from minimind_fast.corpus import default_corpus_name
-    from minimind_fast.data import (PackedDataset, ResumableSampler, build_token_cache,
-                                    make_dataloader)
+    from minimind_fast.data import (
+        PackedDataset,
+        ResumableSampler,
+        build_token_cache,
+        make_dataloader,
+    )
     from minimind_fast.data.tokenizer import default_tokenizer_path
     from minimind_fast.paths import default_cache_dir
 
