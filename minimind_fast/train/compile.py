@@ -275,12 +275,15 @@ class Compiler:
 
     def start(self, model, ddp, loader, autocast, context, dtype, grad_checkpointing):
         """The module the loop starts with."""
+        decision = decide(self.setting, 0, 0.0, FIRST_GUESS)
+        if self.setting == 0:
+            self.report = CompileReport(decision)
+            return ddp if ddp is not None else model
         self.batch = first_batch(loader, loader.batch_size or 1)
         self.key = signature(model.config, self.batch, dtype, context.device, context.world_size,
                              grad_checkpointing)
         if self.setting == "auto":
             return ddp if ddp is not None else model
-        decision = decide(self.setting, 0, 0.0, FIRST_GUESS)
         train_model, self.report = switch(decision, self.setting, model, ddp, self.batch, autocast,
                                           context, self.key)
         return train_model
