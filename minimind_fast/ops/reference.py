@@ -134,12 +134,26 @@ def _row_losses(
     """(loss (N,), lse (N,)) of logits x (N, V) in the math dtype, ignored rows already zeroed:
     loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, 0 where ignored."""
     lse = _logsumexp(x)
-    loss = lse - x.gather(1, safe_targets[:, None]).squeeze(1)
+    mean = x.mean(-1) if label_smoothing > 0.0 else None
+    target = x.gather(1, safe_targets[:, None]).squeeze(1)
+    return _losses(lse, target, mean, valid, label_smoothing, z_loss_scale), lse
+
+
+def _losses(
+    lse: Tensor,
+    target: Tensor,
+    mean: Optional[Tensor],
+    valid: Tensor,
+    label_smoothing: float,
+    z_loss_scale: float,
+) -> Tensor:
+    """Per-row losses (N,) from lse, the target logit and (with label smoothing) the mean logit."""
+    loss = lse - target
     if label_smoothing > 0.0:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x.mean(-1))
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean)
     if z_loss_scale > 0.0:
         loss = loss + z_loss_scale * lse.square()
-    return torch.where(valid, loss, 0.0), lse
+    return torch.where(valid, loss, 0.0)
 
 
 def _valid_and_safe(targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -199,12 +213,20 @@ def cross_entropy_loss_and_grad(
     x = logits.to(dtype)
     valid, safe_targets = _valid_and_safe(targets, ignore_index)
     x.masked_fill_(~valid[:, None], 0.0)
-    loss, lse = _row_losses(x, safe_targets, valid, label_smoothing, z_loss_scale)
     if not compute_grad:
-        return loss, None
+        return _row_losses(x, safe_targets, valid, label_smoothing, z_loss_scale)[0], None
+    # One exp pass, in x's own memory: e = exp(x - max) gives lse (its row sums) and the
+    # softmax (e / sum e) that the gradient needs.
+    row_max = x.amax(-1, keepdim=True)
+    target = x.gather(1, safe_targets[:, None]).squeeze(1)
+    mean = x.mean(-1) if label_smoothing > 0.0 else None
+    e = x.sub_(row_max).exp_()
+    total = e.sum(-1)
+    lse = row_max.squeeze(-1) + total.log()
+    loss = _losses(lse, target, mean, valid, label_smoothing, z_loss_scale)
     row_coeff = valid.to(dtype) if row_scale is None else valid * row_scale.to(dtype)
     p_coeff = row_coeff * (1.0 + 2.0 * z_loss_scale * lse) if z_loss_scale > 0.0 else row_coeff
-    grad = x.sub_(lse[:, None]).exp_().mul_(p_coeff[:, None])
+    grad = e.mul_((p_coeff / total)[:, None])
     if label_smoothing > 0.0:
         grad.sub_((label_smoothing / x.shape[1]) * row_coeff[:, None])
     grad.scatter_add_(1, safe_targets[:, None], (-(1.0 - label_smoothing) * row_coeff)[:, None])

@@ -579,7 +579,8 @@ def test_peak_memory_cpu_quarter_of_unfused():
 @pytest.mark.parametrize("fraction", [8 / 4096, 0.25, 0.6, 1.0])
 def test_peak_memory_cpu_skipped_rows_hold_no_more(fraction):
     """The forward (the chunk loop: logits, dh, dW) holds no more memory when ignored rows are
-    skipped (gathered a chunk at a time) than when every row runs, however few are ignored."""
+    skipped (gathered a chunk at a time) than when every row runs, however few are ignored, but
+    for the O(N) index of the kept rows."""
     hidden, weight, targets = make_case(4096, 192, 1600, ignore="none")
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -591,7 +592,11 @@ def test_peak_memory_cpu_skipped_rows_hold_no_more(fraction):
         )
         for t in (targets, ignored)
     )
-    assert skipped <= every_row, f"{skipped / 2**20:.2f} MiB vs {every_row / 2**20:.2f} MiB"
+    # The kept rows' index and targets (int64, O(N)) are the only extra: never a (chunk, V) block.
+    index_bytes = 2 * 8 * 4096
+    assert skipped <= every_row + index_bytes, (
+        f"{skipped / 2**20:.2f} MiB vs {every_row / 2**20:.2f} MiB"
+    )
 
 
 @pytest.mark.slow
